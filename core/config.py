@@ -1,0 +1,199 @@
+"""The one typed run configuration.
+
+``RunConfig`` is what a coordinator writes (TOML file plus command-line overrides), what
+Flower carries to every node as its run config (flat, hyphenated scalar keys), and what
+every part of medgen reads back. Recipe-specific options travel under ``options.<name>``
+and are parsed by the recipe's own ``Options`` dataclass (models/recipe.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+Scalar = bool | int | float | str
+
+ACCOUNTANTS = ("prv", "rdp")
+
+
+class ConfigError(ValueError):
+    """A run-config field is missing, mistyped or out of range; the message names it."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # what to train
+    recipe: str = "dp-cgan"
+    num_rounds: int = 10
+    local_steps: int = 20
+    batch_size: int = 32
+    image_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    # record-level DP per site; the unit is the patient (docs/privacy.md)
+    target_epsilon: float = 10.0
+    delta: float = 1e-5
+    accountant: str = "prv"
+    max_grad_norm: float = 1.0
+    # federation: site names in index order (a site's index is its conditioning id)
+    sites: str = "A,B,C,D"
+    min_sites: int = 2
+    round_timeout: float = 3600.0
+    # where things are (simulation fills data-root/state-root; deployment uses node config)
+    data_root: str = ""
+    state_root: str = ""
+    run_dir: str = "runs/latest"
+    resume: bool = True
+    # evaluation on the coordinator's held-out data (never on a site's training data)
+    eval_every: int = 1
+    eval_samples: int = 64
+    # recipe-specific options, parsed by the recipe (see models/recipe.py)
+    options: Mapping[str, Scalar] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.num_rounds >= 1, "num-rounds", "must be >= 1")
+        _require(self.local_steps >= 1, "local-steps", "must be >= 1")
+        _require(self.batch_size >= 1, "batch-size", "must be >= 1")
+        _require(16 <= self.image_size <= 256 and self.image_size % 16 == 0, "image-size",
+                 "must be a multiple of 16 between 16 and 256")
+        _require(self.target_epsilon > 0, "target-epsilon", "must be > 0")
+        _require(0 < self.delta < 1, "delta", "must be in (0, 1)")
+        _require(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {ACCOUNTANTS}")
+        _require(self.max_grad_norm > 0, "max-grad-norm", "must be > 0")
+        _require(self.min_sites >= 1, "min-sites", "must be >= 1")
+        _require(len(self.site_names) >= 1 and len(set(self.site_names)) == len(self.site_names),
+                 "sites", "must be a comma-separated list of distinct site names")
+        _require(self.eval_every >= 0, "eval-every", "must be >= 0 (0 disables evaluation)")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                 "device", "must be 'auto', 'cpu' or 'cuda[:N]'")
+
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.sites.split(",") if name.strip())
+
+    # -- Flower run config (flat scalar dict, hyphenated keys) -------------------------
+    def to_run_config(self) -> dict[str, Scalar]:
+        flat: dict[str, Scalar] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "options":
+                for key, option in value.items():
+                    flat[f"options.{key}"] = option
+            else:
+                flat[_key(f.name)] = value
+        return flat
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        known = {_key(f.name): f for f in fields(cls) if f.name != "options"}
+        values: dict[str, Any] = {}
+        options: dict[str, Scalar] = {}
+        for key, value in run_config.items():
+            if key.startswith("options."):
+                options[key[len("options."):]] = value
+            elif key in known:
+                values[known[key].name] = _coerce(key, value, known[key].type)
+            else:
+                raise ConfigError(f"unknown run-config key '{key}'; known keys: "
+                                  f"{', '.join(sorted(known))}, options.<name>")
+        return cls(**values, options=options)
+
+    # -- files and overrides --------------------------------------------------------
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> "RunConfig":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        flat = _flatten(data)
+        flat.update(overrides or {})
+        try:
+            return cls.from_run_config(flat)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_toml(self) -> str:
+        lines, option_lines = [], []
+        for key, value in self.to_run_config().items():
+            target = option_lines if key.startswith("options.") else lines
+            name = key.split(".", 1)[1] if key.startswith("options.") else key
+            target.append(f"{name} = {_toml_value(value)}")
+        text = "\n".join(lines) + "\n"
+        if option_lines:
+            text += "\n[options]\n" + "\n".join(option_lines) + "\n"
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Scalar]:
+    """Parse ``key=value`` command-line overrides; values are TOML scalars or bare strings."""
+    out: dict[str, Scalar] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _require(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"run-config field '{key}' {why}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(annotation))
+    if kind is None:
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"run-config field '{key}' must be true or false, got {value!r}")
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    if isinstance(value, str) and kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"run-config field '{key}' must be {kind.__name__}, got {value!r}")
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{full}."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def _toml_value(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

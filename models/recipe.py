@@ -1,0 +1,110 @@
+"""The one abstraction: a recipe is a generative method, trained locally at a site.
+
+A recipe owns its networks as ONE ``nn.Module`` (so one ArrayRecord travels), says
+which of its sub-modules see real images (those are DP-trained through
+``PrivateTraining``, everything else must be post-processing), which state-dict keys are
+shared with the federation (the rest stays on the node), the local training step,
+sampling, and nothing else. Client, server, privacy and evaluation code never branch on
+the recipe name: they call these methods.
+
+Contract for ``train_local``:
+- real records come only from ``data`` (this site's patients), and only through the
+  loader returned by ``private.make_private`` (Poisson sampling, per-patient clipping,
+  noise, accounting);
+- every other network update consumes only ``public`` inputs or generated samples;
+- it takes exactly ``steps`` private optimizer steps (the client charged the ledger for
+  them before calling) and returns scalar metrics (losses), never tensors.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from medgen.config import ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class RecipeOptions:
+    """Base for a recipe's own options (``options.<name>`` keys in the run config)."""
+
+    @classmethod
+    def from_mapping(cls, recipe: str, values: Mapping[str, Any]) -> "RecipeOptions":
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        parsed = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"recipe '{recipe}' has no option '{key}'; "
+                                  f"its options: {', '.join(sorted(known)) or '(none)'}")
+            default = getattr(cls, known[key].name, None)
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ConfigError(f"options.{key} must be true or false, got {value!r}")
+            if isinstance(default, float) and isinstance(value, int):
+                value = float(value)
+            parsed[known[key].name] = value
+        return cls(**parsed)
+
+
+class Recipe(ABC):
+    """Base class; subclasses set ``name``, ``Options`` and implement the methods."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[RecipeOptions]] = RecipeOptions
+    #: dotted names of the sub-modules that see real images (trained with DP-SGD)
+    private_modules: ClassVar[tuple[str, ...]] = ()
+    #: state-dict key prefixes that leave the site; None means every key
+    shared_prefixes: ClassVar[tuple[str, ...] | None] = None
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.options = self.Options.from_mapping(self.name, config.options)
+        self.num_sites = len(config.site_names)
+
+    @abstractmethod
+    def build(self) -> nn.Module:
+        """All networks of the recipe in one module, deterministically initialised."""
+
+    @abstractmethod
+    def train_local(self, model: nn.Module, data: "torch.utils.data.Dataset",
+                    public: "PublicData", private: "PrivateTraining", site_index: int,
+                    steps: int, local_state: dict[str, Any], device: torch.device) -> dict[str, float]:
+        """Train in place for ``steps`` private steps; return scalar metrics."""
+
+    @abstractmethod
+    def sample(self, model: nn.Module, label_maps: torch.Tensor, site_index: torch.Tensor,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images [N,1,H,W] in [-1, 1] for integer label maps [N,H,W] and site ids [N]."""
+
+    # -- what travels ---------------------------------------------------------------
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        keys = list(model.state_dict().keys())
+        if self.shared_prefixes is None:
+            return keys
+        return [k for k in keys if k.startswith(self.shared_prefixes)]
+
+    def shared_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        state = model.state_dict()
+        return {k: state[k] for k in self.shared_keys(model)}
+
+    def local_only_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        shared = set(self.shared_keys(model))
+        return {k: v for k, v in model.state_dict().items() if k not in shared}
+
+
+@dataclass(frozen=True)
+class PublicData:
+    """Inputs any site may use at no privacy cost: label maps from a public anatomy bank."""
+
+    label_maps: torch.Tensor  # [M,H,W] int64, values index medgen.TISSUE_CLASSES
+
+    def draw(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        index = torch.randint(0, self.label_maps.shape[0], (n,), generator=generator)
+        return self.label_maps[index]
+
+
+if False:  # typing only; avoids an import cycle at run time
+    from medgen.privacy.dp_sgd import PrivateTraining  # noqa: F401

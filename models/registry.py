@@ -1,0 +1,26 @@
+"""Recipes by name: the extension point. Adding a method = one file + one line here."""
+
+from __future__ import annotations
+
+import importlib
+
+from medgen.config import ConfigError, RunConfig
+from medgen.models.recipe import Recipe
+
+# name -> "module:Class"; imported lazily so a recipe's heavy imports cost only its users
+RECIPES: dict[str, str] = {
+    "dp-cgan": "medgen.models.dp_cgan:DPConditionalGAN",
+}
+
+
+def recipe_class(name: str) -> type[Recipe]:
+    try:
+        target = RECIPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown recipe '{name}'; available: {', '.join(sorted(RECIPES))}") from None
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_recipe(config: RunConfig) -> Recipe:
+    return recipe_class(config.recipe)(config)
