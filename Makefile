@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine (README):
+#   make demo   builds .venv, then runs a 4-site federated DP simulation on the embedded default
+#   make test   builds .venv, then runs the whole test suite (what CI runs: .ci/run)
+# torch==2.13.0 is installed FIRST, on its own: with torch already present, the resolver
+# never pulls the multi-GB CUDA wheels an unpinned torch brings in.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.medgen-installed
+RUN    ?= runs/demo
+
+.PHONY: demo test bench clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/medgen-server simulate --out $(RUN)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run_all
+
+clean-demo:
+	rm -rf $(RUN)
