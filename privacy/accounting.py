@@ -1,0 +1,123 @@
+"""Privacy accounting over Opacus accountants, with the accountant always named.
+
+The accountant state is Opacus' own tiny history: a list of
+``(noise_multiplier, sample_rate, steps)`` triples. Everything here is a pure function of
+that history, so epsilon can be recomputed exactly at any time from what the ledger
+stores (docs/privacy.md). ``PrivacyEngine()`` defaults to PRV while
+``get_noise_multiplier()`` defaults to RDP (DP.md): every function here takes the
+accountant name explicitly and refuses anything but "prv" or "rdp".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from medgen.config import ACCOUNTANTS
+
+History = list[tuple[float, float, int]]
+
+_ACCOUNTANT_CLASSES: dict[str, type[IAccountant]] = {"prv": PRVAccountant, "rdp": RDPAccountant}
+
+
+def make_accountant(name: str) -> IAccountant:
+    """A fresh Opacus accountant for ``name`` ("prv" or "rdp")."""
+    if name not in _ACCOUNTANT_CLASSES:
+        raise ValueError(f"privacy field 'accountant' must be one of {ACCOUNTANTS}, got {name!r}")
+    return _ACCOUNTANT_CLASSES[name]()
+
+
+def sample_rate_for(num_records: int, batch_size: int) -> float:
+    """Opacus' Poisson sample rate for a loader over ``num_records`` at ``batch_size``.
+
+    ``PrivacyEngine.make_private`` uses ``1 / len(data_loader)`` with ``drop_last=False``,
+    i.e. ``1 / ceil(N / B)`` (2,000 records at batch 32: q = 1/63). Plans must use the
+    same number or the accounting would not match the sampling actually done.
+    """
+    if num_records < 1:
+        raise ValueError(f"privacy field 'num_records' must be >= 1, got {num_records}")
+    if batch_size < 1:
+        raise ValueError(f"privacy field 'batch_size' must be >= 1, got {batch_size}")
+    return 1.0 / math.ceil(num_records / batch_size)
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float,
+                    total_steps: int, accountant: str) -> float:
+    """Noise multiplier reaching ``target_epsilon`` after ``total_steps`` steps at ``sample_rate``.
+
+    Calibrate ONCE for the whole schedule (rounds x local steps), never per round.
+    """
+    make_accountant(accountant)  # validates the name with our error message
+    _check_positive("target_epsilon", target_epsilon)
+    if not 0 < delta < 1:
+        raise ValueError(f"privacy field 'delta' must be in (0, 1), got {delta}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"privacy field 'sample_rate' must be in (0, 1], got {sample_rate}")
+    if total_steps < 1:
+        raise ValueError(f"privacy field 'total_steps' must be >= 1, got {total_steps}")
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                      sample_rate=sample_rate, steps=int(total_steps),
+                                      accountant=accountant))
+
+
+def epsilon_of(history: Iterable[tuple[float, float, int]], delta: float, accountant: str) -> float:
+    """Epsilon spent by ``history`` at ``delta`` under the named accountant (0.0 if empty)."""
+    acct = make_accountant(accountant)
+    acct.history = normalize_history(history)
+    if not acct.history:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in acct.history):
+        return math.inf  # a noiseless step releases the clipped gradient itself: no guarantee
+    return float(acct.get_epsilon(delta=delta))
+
+
+def project_epsilon(history: Iterable[tuple[float, float, int]], noise_multiplier: float,
+                    sample_rate: float, steps: int, delta: float, accountant: str) -> float:
+    """Epsilon if ``steps`` more steps at (``noise_multiplier``, ``sample_rate``) were taken."""
+    if steps < 0:
+        raise ValueError(f"privacy field 'steps' must be >= 0, got {steps}")
+    return epsilon_of(extend_history(history, noise_multiplier, sample_rate, steps), delta, accountant)
+
+
+def extend_history(history: Iterable[tuple[float, float, int]], noise_multiplier: float,
+                   sample_rate: float, steps: int) -> History:
+    """``history`` plus ``steps`` steps, merged exactly as Opacus' ``step()`` merges them."""
+    out = normalize_history(history)
+    if steps == 0:
+        return out
+    if out and out[-1][0] == noise_multiplier and out[-1][1] == sample_rate:
+        out[-1] = (out[-1][0], out[-1][1], out[-1][2] + int(steps))
+    else:
+        out.append((float(noise_multiplier), float(sample_rate), int(steps)))
+    return out
+
+
+def normalize_history(history: Iterable[tuple[float, float, int]]) -> History:
+    """A validated copy as a list of (float, float, int) tuples (JSON gives lists back)."""
+    out: History = []
+    for i, entry in enumerate(history):
+        if len(entry) != 3:
+            raise ValueError(f"privacy history entry {i} must be (noise_multiplier, sample_rate, "
+                             f"steps), got {entry!r}")
+        sigma, q, steps = float(entry[0]), float(entry[1]), entry[2]
+        if isinstance(steps, float) and steps.is_integer():
+            steps = int(steps)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"privacy history entry {i}: steps must be an integer >= 1, got {steps!r}")
+        if not (sigma >= 0 and math.isfinite(sigma)) or not 0 < q <= 1:
+            raise ValueError(f"privacy history entry {i}: need noise_multiplier >= 0 and "
+                             f"sample_rate in (0, 1], got {entry!r}")
+        out.append((sigma, q, int(steps)))
+    return out
+
+
+def history_steps(history: Iterable[tuple[float, float, int]]) -> int:
+    return sum(int(entry[2]) for entry in history)
+
+
+def _check_positive(field: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"privacy field '{field}' must be > 0, got {value}")
