@@ -273,7 +273,7 @@ class _Record:
 
 def _site_params(image_size: int, readers: Sequence[Reader], kind: str) -> dict:
     return {"kind": kind, "image_size": int(image_size), "normalisation": NORMALISATION_VERSION,
-            "percentiles": [LOW_PERCENTILE, HIGH_PERCENTILE], "readers": [r.name for r in readers]}
+            "percentiles": [LOW_PERCENTILE, HIGH_PERCENTILE], "readers": [getattr(r, "cache_token", r.name) for r in readers]}
 
 
 def load_site(site_dir: str | Path, image_size: int, cache_dir: str | Path | None = None,
