@@ -1,0 +1,217 @@
+"""Centralised evaluation of a generator on the coordinator's held-out data.
+
+``Evaluator.prepare`` loads heldout/fit and heldout/test, trains (or loads from cache)
+the feature extractor and the site classifier on heldout/fit ONLY, and precomputes the
+real reference features and the real-vs-real floors. ``evaluate`` then scores a recipe's
+model per site (see heldout_split.py for the like-for-like design):
+
+    fd/<site>        FD_medgenenc-v1(G(maps of half 1, site), real half 2)
+    fd_floor/<site>  FD_medgenenc-v1(real half 1, real half 2), same N, same anatomy
+    kid/<site>, kid_lo/<site>, kid_hi/<site>   KID and its 95 % bootstrap interval
+    kid_floor/<site> KID(real half 1, real half 2)
+    site_acc/<site>  site-classifier accuracy on G(., site) labelled with that site
+    nonfinite/<site> fraction of generated pixels that were NaN/inf (set to 0 before scoring)
+    n_gen/<site>, n_ref/<site>, seed/<site>    sample counts and the sampling seed
+    fd_mean, fd_floor_mean, kid_mean, site_acc_mean   means over sites
+Keys for means carry no "/" so they can never collide with a site name.
+
+Conditioning: generation uses held-out TEST label maps (the conditioning half), never a
+site's training data; that costs no privacy and lets FD compare like with like.
+The evaluator's training seed is fixed (not the run seed), so every run evaluated on
+the same held-out data and medgen version uses byte-identical evaluator weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import medgen
+from medgen.atomic import atomic_torch_save, atomic_write_json
+from medgen.config import ConfigError, RunConfig
+from medgen.evaluation.feature_metrics import frechet_distance, kid, kid_with_ci
+from medgen.evaluation.heldout_split import (SplitSite, load_split, split_by_subject,
+                                             state_dict_sha256, tensors_sha256)
+from medgen.evaluation.networks import (FeatureNet, SiteClassifier, TrainSettings,
+                                        train_feature_net, train_site_classifier)
+from medgen.evaluation.sample_grid import render_grid
+
+logger = logging.getLogger(__name__)
+
+EXTRACTOR_VERSION = "medgenenc-v1"
+EVALUATOR_SEED = 0          # fixed on purpose: comparable across runs (module docstring)
+KID_BOOTSTRAP = 200
+GRID_COLUMNS = 6
+
+
+@dataclass
+class Evaluator:
+    config: RunConfig
+    sites: tuple[str, ...]
+    extractor: FeatureNet
+    classifier: SiteClassifier
+    extractor_sha256: str
+    classifier_sha256: str
+    floor: dict[str, float]
+    kid_floor: dict[str, float]
+    classifier_real_acc: dict[str, float]
+    split: dict[str, SplitSite] = field(repr=False)
+    ref_features: dict[str, torch.Tensor] = field(repr=False)
+    num_eval: dict[str, int]
+    cache_path: Path
+    extractor_name: str = f"FD_{EXTRACTOR_VERSION}"
+
+    # -- preparation --------------------------------------------------------------------
+    @classmethod
+    def prepare(cls, config: RunConfig, heldout_root: Path, cache_dir: Path,
+                settings: TrainSettings | None = None) -> "Evaluator":
+        settings = settings or TrainSettings()
+        if config.eval_samples < 2:
+            raise ConfigError(f"run-config field 'eval-samples' is {config.eval_samples}; a feature "
+                              "distance needs at least 2 generated images per site")
+        sites, size = config.site_names, config.image_size
+        heldout_root, cache_dir = Path(heldout_root), Path(cache_dir)
+        fit = load_split(heldout_root, "fit", size, sites, cache_dir)
+        test = load_split(heldout_root, "test", size, sites, cache_dir)
+        fit_images = torch.cat([fit[s].images for s in sites])
+        fit_labels = torch.cat([fit[s].labels for s in sites])
+        fit_sites = torch.cat([torch.full((len(fit[s].images),), k) for k, s in enumerate(sites)])
+        key = _cache_key(settings, size, sites, tensors_sha256(fit_images, fit_labels, fit_sites))
+        cache_path = cache_dir / f"evaluator-{key[:32]}.pt"
+        nets = _load_cached(cache_path, key, len(sites), settings)
+        if nets is None:
+            start = time.perf_counter()
+            extractor = train_feature_net(fit_images, fit_labels, fit_sites, len(sites), settings, EVALUATOR_SEED)
+            classifier = train_site_classifier(fit_images, fit_sites, len(sites), settings, EVALUATOR_SEED)
+            seconds = time.perf_counter() - start
+            atomic_torch_save(cache_path, {
+                "key": key, "extractor": extractor.state_dict(), "classifier": classifier.state_dict(),
+                "extractor_sha256": state_dict_sha256(extractor),
+                "classifier_sha256": state_dict_sha256(classifier), "train_seconds": seconds})
+            logger.info("trained evaluation networks on %d held-out fit images in %.1f s; cached at %s",
+                        len(fit_images), seconds, cache_path)
+        else:
+            extractor, classifier = nets
+        split = {s: split_by_subject(s, test[s]) for s in sites}
+        num_eval = {s: min(config.eval_samples, len(split[s].cond_images)) for s in sites}
+        ref = {s: extractor.features(split[s].ref_images) for s in sites}
+        floor, kid_floor, real_acc = {}, {}, {}
+        for k, s in enumerate(sites):
+            cond_feats = extractor.features(split[s].cond_images[:num_eval[s]])
+            floor[s] = frechet_distance(cond_feats, ref[s])
+            kid_floor[s] = kid(cond_feats, ref[s])
+            real_acc[s] = float((classifier.predict(test[s].images) == k).float().mean())
+        return cls(config=config, sites=sites, extractor=extractor, classifier=classifier,
+                   extractor_sha256=state_dict_sha256(extractor),
+                   classifier_sha256=state_dict_sha256(classifier), floor=floor,
+                   kid_floor=kid_floor, classifier_real_acc=real_acc, split=split,
+                   ref_features=ref, num_eval=num_eval, cache_path=cache_path)
+
+    # -- scoring ------------------------------------------------------------------------
+    def sampling_seed(self, server_round: int, site_index: int, purpose: str = "eval") -> int:
+        """Deterministic per (run seed, round, site, purpose); 48 bits so it is exact as a float."""
+        text = f"{purpose}:{self.config.seed}:{server_round}:{site_index}".encode()
+        return int.from_bytes(hashlib.sha256(text).digest()[:6], "big")
+
+    @torch.no_grad()
+    def generate(self, recipe: Any, model: torch.nn.Module, label_maps: torch.Tensor,
+                 site_index: int, seed: int) -> tuple[torch.Tensor, float]:
+        """Images [N,1,H,W] on the CPU (non-finite pixels zeroed) and the non-finite fraction."""
+        was_training = model.training
+        model.eval()
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        sites = torch.full((len(label_maps),), site_index, dtype=torch.long, device=device)
+        try:
+            images = recipe.sample(model, label_maps.to(device), sites, generator=generator)
+        finally:
+            model.train(was_training)
+        images = images.detach().to("cpu", torch.float32)
+        expected = (len(label_maps), 1, *label_maps.shape[-2:])
+        if tuple(images.shape) != expected:
+            raise ValueError(f"recipe '{getattr(recipe, 'name', type(recipe).__name__)}'.sample returned "
+                             f"shape {tuple(images.shape)}; expected {expected} ([N,1,H,W])")
+        finite = torch.isfinite(images)
+        nonfinite = 1.0 - float(finite.float().mean())
+        return torch.where(finite, images, torch.zeros_like(images)).clamp(-1, 1), nonfinite
+
+    def evaluate(self, recipe: Any, model: torch.nn.Module, server_round: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for k, site in enumerate(self.sites):
+            n, seed = self.num_eval[site], self.sampling_seed(server_round, k)
+            images, nonfinite = self.generate(recipe, model, self.split[site].cond_labels[:n], k, seed)
+            feats = self.extractor.features(images)
+            estimate = kid_with_ci(feats, self.ref_features[site], bootstrap=KID_BOOTSTRAP, seed=seed)
+            metrics.update({
+                f"fd/{site}": frechet_distance(feats, self.ref_features[site]),
+                f"fd_floor/{site}": self.floor[site],
+                f"kid/{site}": estimate.value, f"kid_lo/{site}": estimate.low,
+                f"kid_hi/{site}": estimate.high, f"kid_floor/{site}": self.kid_floor[site],
+                f"site_acc/{site}": float((self.classifier.predict(images) == k).float().mean()),
+                f"nonfinite/{site}": nonfinite, f"n_gen/{site}": float(n),
+                f"n_ref/{site}": float(len(self.ref_features[site])), f"seed/{site}": float(seed)})
+        for name in ("fd", "fd_floor", "kid", "site_acc"):
+            metrics[f"{name}_mean"] = sum(metrics[f"{name}/{s}"] for s in self.sites) / len(self.sites)
+        return metrics
+
+    def write_sample_grid(self, recipe: Any, model: torch.nn.Module, server_round: int,
+                          path: Path) -> None:
+        """PNG: a header row of label maps, then one row per site (its paired real scan first)."""
+        first = self.split[self.sites[0]]
+        cols = min(GRID_COLUMNS, len(first.cond_labels))
+        maps = first.cond_labels[:cols]
+        rows = []
+        for k, site in enumerate(self.sites):
+            images, _ = self.generate(recipe, model, maps, k, self.sampling_seed(server_round, k, "grid"))
+            rows.append((site, self.split[site].cond_images[0, 0], images[:, 0]))
+        render_grid(maps, rows, Path(path))
+
+    # -- provenance -----------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """What the report prints about the evaluator (JSON-serialisable)."""
+        return {"extractor_name": self.extractor_name, "extractor_sha256": self.extractor_sha256,
+                "classifier_sha256": self.classifier_sha256, "evaluator_seed": EVALUATOR_SEED,
+                "medgen_version": medgen.__version__, "sites": list(self.sites),
+                "floor": self.floor, "kid_floor": self.kid_floor,
+                "classifier_real_acc": self.classifier_real_acc, "num_eval": self.num_eval,
+                "num_ref": {s: len(v) for s, v in self.ref_features.items()},
+                "kid_bootstrap": KID_BOOTSTRAP, "cache_file": self.cache_path.name,
+                "conditioning": "label maps of half of the heldout/test subjects; reference: "
+                                "real images of the other half"}
+
+    def write_info(self, path: Path) -> None:
+        atomic_write_json(path, self.info())
+
+
+def _cache_key(settings: TrainSettings, image_size: int, sites: tuple[str, ...], data_sha256: str) -> str:
+    payload = {"extractor": EXTRACTOR_VERSION, "medgen": medgen.__version__, "torch": torch.__version__,
+               "settings": settings.as_dict(), "image_size": image_size, "sites": list(sites),
+               "seed": EVALUATOR_SEED, "data": data_sha256}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _load_cached(path: Path, key: str, num_sites: int,
+                 settings: TrainSettings) -> tuple[FeatureNet, SiteClassifier] | None:
+    """Cached nets, or None (absent, unreadable or failing its hash: retrain; a cache is derivable)."""
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        extractor = FeatureNet(num_sites, settings.widths, settings.feature_dim)
+        extractor.load_state_dict(blob["extractor"])
+        classifier = SiteClassifier(num_sites, settings.widths)
+        classifier.load_state_dict(blob["classifier"])
+        if (blob["key"] != key or state_dict_sha256(extractor) != blob["extractor_sha256"]
+                or state_dict_sha256(classifier) != blob["classifier_sha256"]):
+            raise ValueError("key or weight hash mismatch")
+    except Exception as err:  # noqa: BLE001 - any damage means: rebuild it
+        logger.warning("evaluator cache %s is unusable (%s); retraining", path, err)
+        return None
+    return extractor.eval(), classifier.eval()

@@ -1,0 +1,69 @@
+"""A PNG grid of generated samples: the same anatomy rendered in every site's style.
+
+Layout (cells of the image size, enlarged to at least 64 px with nearest neighbour):
+
+    (legend)      label map 1   label map 2   ...
+    site A real   G(map 1, A)   G(map 2, A)   ...
+    site B real   G(map 1, B)   G(map 2, B)   ...
+
+The first column of a site row is that site's real held-out scan of the anatomy of
+label map 1, so its style can be compared with the generated row at a glance.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from medgen.atomic import atomic_write_bytes
+
+# background, CSF, GM, WM (medgen.TISSUE_CLASSES)
+LABEL_COLOURS = np.array([[0, 0, 0], [60, 120, 230], [150, 150, 150], [245, 245, 235]], dtype=np.uint8)
+MIN_CELL = 64
+GAP = 2
+MARGIN = 40
+
+
+def _gray(image: torch.Tensor) -> np.ndarray:
+    """[-1, 1] image -> uint8 RGB."""
+    values = ((image.clamp(-1, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+    return np.repeat(values[..., None], 3, axis=-1)
+
+
+def _labels(label_map: torch.Tensor) -> np.ndarray:
+    return LABEL_COLOURS[label_map.clamp(0, len(LABEL_COLOURS) - 1).numpy()]
+
+
+def render_grid(label_maps: torch.Tensor, rows: list[tuple[str, torch.Tensor, torch.Tensor]],
+                path: Path) -> None:
+    """label_maps [C,H,W]; rows: (site name, real image [H,W], generated [C,H,W]); atomic PNG."""
+    cols, height, width = label_maps.shape
+    scale = max(1, -(-MIN_CELL // max(height, width)))
+    cell_h, cell_w = height * scale, width * scale
+    canvas = Image.new("RGB", (MARGIN + (cols + 1) * (cell_w + GAP), (len(rows) + 1) * (cell_h + GAP)),
+                       (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+
+    def paste(rgb: np.ndarray, row: int, col: int) -> None:
+        tile = Image.fromarray(rgb).resize((cell_w, cell_h), Image.NEAREST)
+        canvas.paste(tile, (MARGIN + col * (cell_w + GAP), row * (cell_h + GAP)))
+
+    draw.text((2, cell_h // 2), "maps", fill=(0, 0, 0), font=font)
+    draw.text((MARGIN + 2, 2), "real", fill=(0, 0, 0), font=font)
+    for c in range(cols):
+        paste(_labels(label_maps[c]), 0, c + 1)
+    for r, (site, real, generated) in enumerate(rows, start=1):
+        if generated.shape != label_maps.shape:
+            raise ValueError(f"site {site}: generated {tuple(generated.shape)} vs maps {tuple(label_maps.shape)}")
+        draw.text((2, r * (cell_h + GAP) + cell_h // 2), str(site)[:6], fill=(0, 0, 0), font=font)
+        paste(_gray(real), r, 0)
+        for c in range(cols):
+            paste(_gray(generated[c]), r, c + 1)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
