@@ -1,0 +1,151 @@
+"""The ClientApp: one round of local DP training at one site.
+
+Per train message: resolve the node (client/node.py) -> replayed request? send the stored
+reply (client/local_state.py) -> load the site's data (cached tensors) and the public
+anatomy bank -> ledger: plan once, check the budget (refuse with an error reply if the
+round would exceed it, without training) -> recipe.train_local through PrivateTraining ->
+ledger.commit_round -> persist local state -> reply.
+
+The reply is ONE ArrayRecord (the recipe's shared weights) and ONE MetricRecord of
+scalars (num-examples, epsilon, delta, site-index, steps, the recipe's public-input
+metrics). Nothing else: no strings, no paths, no patient ids, no images. Errors go back
+as a Flower Error whose reason is a fixed, path-free sentence (full detail stays in the
+node's log), because exception texts may name local files.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any
+
+import torch
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from medgen.client.local_state import (LocalState, ReplyStore, StoredReply, load_local_state,
+                                       request_id, save_local_state)
+from medgen.client.node import NodeSetup, resolve_node
+from medgen.config import RunConfig
+from medgen.privacy.client_dp import client_clipping_mod
+from medgen.privacy.message_audit import outbox_mod
+from medgen.privacy.secagg import secure_aggregation_mod
+from medgen.deploy.allowlist import NOT_ALLOWED, AllowListError, NotAllowed, enforce_node_allow_list
+
+log = logging.getLogger(__name__)
+
+BUDGET_EXCEEDED = 4001  # Flower's own error codes stop at 8; ours are recognisable
+TRAINING_FAILED = 4002
+
+app = ClientApp()
+
+
+# outbox_mod outermost: it records exactly what leaves the node (privacy/message_audit.py)
+@app.train(mods=[outbox_mod, secure_aggregation_mod, client_clipping_mod])
+def train(msg: Message, context: Context) -> Message:
+    site = "unknown"
+    try:
+        config = RunConfig.from_run_config(context.run_config)
+        node = resolve_node(config, context.node_config)
+        site = node.site
+        # the hospital's allow-list (deploy/allowlist.py): refuse before data, ledger or training
+        enforce_node_allow_list(context.node_config, config, msg.content.config_records.get("config"))
+        if node.simulated:
+            torch.set_num_threads(1)  # 2 cores, 2 clients at once: oversubscribing is costly
+        return Message(train_round(config, node, msg.content), reply_to=msg)
+    except (NotAllowed, AllowListError) as err:
+        log.warning("site %s: %s", site, err)  # AllowListError names the local file: log only
+        reason = str(err) if isinstance(err, NotAllowed) else \
+            "refused: this hospital's allow-list file is unreadable (see the node log)"
+        return Message(Error(NOT_ALLOWED, f"site {site}: {reason}"), reply_to=msg)
+    except Exception as err:  # noqa: BLE001 - every failure becomes a clean error reply
+        from medgen.privacy.ledger import BudgetExceeded
+        if isinstance(err, BudgetExceeded):
+            log.warning("%s", err)
+            return Message(Error(BUDGET_EXCEEDED, f"site {site}: refused to train, its privacy "
+                                 "budget would be exceeded (see the node log)"), reply_to=msg)
+        log.error("site %s: training failed:\n%s", site, traceback.format_exc())
+        return Message(Error(TRAINING_FAILED, f"site {site}: training failed with "
+                             f"{type(err).__name__} (details in the node log)"), reply_to=msg)
+
+
+def train_round(config: RunConfig, node: NodeSetup, content: RecordDict) -> RecordDict:
+    """Train one round at this node; returns the reply content (replayed if seen before)."""
+    from medgen.client.site_data import PatientDataset, load_public_bank, load_site
+    from medgen.models.registry import build_recipe
+    from medgen.privacy.dp_sgd import PrivateTraining
+    from medgen.privacy.ledger import PrivacyLedger
+
+    incoming = content["arrays"]
+    settings = content["config"]
+    run_key, server_round = str(settings["run-key"]), int(settings["absolute-round"])
+    request = request_id(run_key, server_round, incoming)
+    replies = ReplyStore(node.replies_dir)
+    stored = replies.load(request)
+    if stored is not None:
+        log.info("site %s: round %d already answered; replaying the stored reply (no new "
+                 "training, no new privacy cost)", node.site, server_round)
+        return _reply(stored)
+
+    recipe = build_recipe(config)
+    model = recipe.build()
+    shared = incoming.to_torch_state_dict()
+    expected = set(recipe.shared_keys(model))
+    if set(shared) != expected:
+        raise ValueError(f"incoming weights do not match recipe {config.recipe!r}: "
+                         f"{len(set(shared) ^ expected)} keys differ")
+    local = load_local_state(node.local_state_path, run_key)
+    model.load_state_dict({**model.state_dict(), **local.weights, **shared})
+
+    data = load_site(node.data_dir, config.image_size, cache_dir=node.cache_dir)
+    public = load_public_bank(node.public_dir, config.image_size)
+    ledger = PrivacyLedger.open(node.ledger_path, site=node.site)
+    cap = node.target_epsilon(config)
+    plan = ledger.ensure_plan(target_epsilon=cap, delta=config.delta, accountant=config.accountant,
+                              sample_rate=min(1.0, config.batch_size / data.num_patients),
+                              total_steps=config.num_rounds * config.local_steps,
+                              max_grad_norm=config.max_grad_norm)
+    ledger.check_budget(config.local_steps, cap)  # raises BudgetExceeded: no training at all
+
+    seed = _round_seed(config, node, server_round)
+    private = PrivateTraining(plan, ledger.history, seed=seed if node.simulated else None)
+    dataset = PatientDataset(data, generator_seed=seed)
+    recipe_metrics = recipe.train_local(model, dataset, public, private, node.site_index,
+                                        config.local_steps, local.recipe_state, _device(config))
+    epsilon = ledger.commit_round(run_id=request, server_round=server_round,
+                                  history=private.history, steps=private.steps_taken)
+    model.cpu()
+    save_local_state(node.local_state_path,
+                     LocalState(run_key, recipe.local_only_state(model), local.recipe_state))
+    metrics: dict[str, float | int] = {
+        **{k: float(v) for k, v in recipe_metrics.items() if _is_scalar(v)},
+        "num-examples": int(data.num_patients), "epsilon": float(epsilon),
+        "delta": float(plan.delta), "site-index": int(node.site_index),
+        "steps": int(private.steps_taken),
+    }
+    reply = StoredReply({k: v.detach().cpu() for k, v in recipe.shared_state(model).items()}, metrics)
+    replies.save(request, reply)
+    log.info("site %s: round %d trained %d steps, epsilon %.3f (delta %g, %s accountant, unit "
+             "patient)", node.site, server_round, private.steps_taken, epsilon, plan.delta,
+             plan.accountant)
+    return _reply(reply)
+
+
+def _reply(reply: StoredReply) -> RecordDict:
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in reply.arrays.items()})
+    return RecordDict({"arrays": arrays, "metrics": MetricRecord(dict(reply.metrics))})
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _round_seed(config: RunConfig, node: NodeSetup, server_round: int) -> int:
+    # distinct per (run seed, site, round): reproducible simulations, fresh draws per round
+    return (config.seed * 1_000_003 + node.site_index * 10_007 + server_round) % 2**31
+
+
+def _device(config: RunConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)

@@ -1,0 +1,140 @@
+"""Network building blocks shared by the recipes (2D, small, DP-compatible).
+
+Every block that may end up inside a network trained with DP-SGD uses only layers that
+Opacus' hook-based per-sample gradients support (Conv2d, Linear, Embedding, GroupNorm):
+no BatchNorm (Opacus refuses it) and no spectral norm (no grad-sample mode supports it,
+DP.md traps 4 and 5). Generator-only blocks follow the same rule so a recipe can move
+them behind DP-SGD without surprises.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import SPADE
+from torch import nn
+
+
+def one_hot_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Integer label maps [N,H,W] -> float one-hot maps [N,num_classes,H,W]."""
+    if labels.dim() != 3:
+        raise ValueError(f"label maps must have shape [N,H,W], got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"label maps must be integer tensors, got dtype {labels.dtype}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"label values must lie in 0..{num_classes - 1} (medgen.TISSUE_CLASSES), "
+                         f"got {int(labels.min())}..{int(labels.max())}")
+    return F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).to(torch.float32)
+
+
+def group_count(channels: int, preferred: int = 8) -> int:
+    """Largest group count <= ``preferred`` that divides ``channels`` (for GroupNorm)."""
+    for groups in range(min(preferred, channels), 0, -1):
+        if channels % groups == 0:
+            return groups
+    return 1
+
+
+class SiteSPADE(nn.Module):
+    """SPADE normalisation modulated by a label map AND a site code.
+
+    MONAI's ``SPADE`` predicts a per-pixel scale and shift from a semantic map. We feed it
+    the one-hot tissue map concatenated with the site code broadcast over the image: the
+    first (shared) conv then adds a site-dependent bias to its hidden features before the
+    nonlinearity, so the predicted scale/shift depend on (tissue class, site) jointly,
+    which is what a scanner's contrast is (site C inverts what site A does per tissue).
+    The parameter-free base norm is GroupNorm (per-sample, no batch statistics).
+    """
+
+    def __init__(self, channels: int, label_channels: int, site_channels: int, hidden: int,
+                 kernel_size: int = 3):
+        super().__init__()
+        self.spade = SPADE(label_nc=label_channels + site_channels, norm_nc=channels,
+                           kernel_size=kernel_size, spatial_dims=2, hidden_channels=hidden,
+                           norm="GROUP", norm_params={"num_groups": group_count(channels),
+                                                      "affine": False})
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, site_code: torch.Tensor) -> torch.Tensor:
+        # resize the label map first (nearest, as SPADE does), then append the site code
+        labels = F.interpolate(labels, size=x.shape[2:], mode="nearest")
+        site_map = site_code[:, :, None, None].expand(-1, -1, *x.shape[2:])
+        return self.spade(x, torch.cat([labels, site_map], dim=1))
+
+
+class SPADEUpBlock(nn.Module):
+    """[Upsample x2 (nearest)], 3x3 conv, SiteSPADE, LeakyReLU: one generator stage."""
+
+    def __init__(self, in_channels: int, out_channels: int, label_channels: int,
+                 site_channels: int, hidden: int, spade_kernel: int = 3, upsample: bool = True):
+        super().__init__()
+        self.upsample = upsample
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm = SiteSPADE(out_channels, label_channels, site_channels, hidden, spade_kernel)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, site_code: torch.Tensor) -> torch.Tensor:
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return F.leaky_relu(self.norm(self.conv(x), labels, site_code), 0.2)
+
+
+class ScannerHead(nn.Module):
+    """Half-resolution features -> full-resolution single-channel image (pre-activation).
+
+    A transposed conv brings the features to full resolution without materialising a
+    wide full-resolution feature map (the costly part of a generator on a CPU). The sharp
+    per-pixel part of a scan is then added directly: a per-(site, tissue class) intensity
+    offset and a per-(site, tissue class) noise level times per-pixel noise, i.e. the
+    scanner's contrast and noise as lookups on the full-resolution label map.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, num_sites: int):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, 1, 4, stride=2, padding=1)
+        self.class_offset = nn.Embedding(num_sites, num_classes)
+        self.class_noise = nn.Embedding(num_sites, num_classes)
+        with torch.no_grad():  # start near zero: a saturated tanh would stall early training
+            self.up.weight.mul_(0.1)
+        nn.init.zeros_(self.class_offset.weight)
+        nn.init.zeros_(self.class_noise.weight)  # noise is learned only if D asks for it
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, site: torch.Tensor,
+                pixel_noise: torch.Tensor) -> torch.Tensor:
+        offset = torch.einsum("nchw,nc->nhw", labels, self.class_offset(site))
+        noise_level = torch.einsum("nchw,nc->nhw", labels, self.class_noise(site))
+        return self.up(x) + (offset + noise_level * pixel_noise[:, 0]).unsqueeze(1)
+
+
+class DownBlock(nn.Module):
+    """4x4 stride-2 conv, optional GroupNorm, LeakyReLU: one discriminator stage."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1)
+        self.norm = nn.GroupNorm(group_count(out_channels), out_channels) if norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(self.norm(self.conv(x)), 0.2)
+
+
+class ProjectionHead(nn.Module):
+    """Projection-discriminator output (Miyato & Koyama 2018): psi(h) + <embed(y), h>.
+
+    ``h`` is a feature map [N,C,H,W] (one logit per patch, PatchGAN-style: local
+    realism gets a local signal) or a pooled vector [N,C]; ``y`` the class (site) id [N].
+    The class enters through an inner product instead of input concatenation, which
+    keeps the class signal from being ignored. Linear and Embedding have Opacus
+    per-sample gradients (Linear over any number of middle dims).
+    """
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(channels, 1)
+        self.embed = nn.Embedding(num_classes, channels)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def forward(self, features: torch.Tensor, class_id: torch.Tensor) -> torch.Tensor:
+        """Logits [N,H,W] for a feature map, [N] for a vector."""
+        if features.dim() == 4:
+            features = features.permute(0, 2, 3, 1)  # channels last for the Linear
+        code = self.embed(class_id).view(features.shape[0], *([1] * (features.dim() - 2)), -1)
+        return self.linear(features).squeeze(-1) + (code * features).sum(dim=-1)

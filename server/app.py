@@ -1,0 +1,196 @@
+"""The ServerApp: validated FedAvg rounds, a checkpoint after every round, evaluation on
+the coordinator's held-out data, the report at the end.
+
+Resume: if run-dir holds a checkpoint with the same config hash (server/checkpoint.py),
+training continues from its absolute round with its run key, so clients can recognise a
+replayed round (client/local_state.py) and ledgers are not charged twice. Only the
+remaining ``num-rounds - checkpoint round`` rounds run.
+
+The run directory (server/run_log.py) receives config.toml, metrics.jsonl, sample grids,
+the checkpoint, privacy.json, report.html and finally the DONE marker with the status,
+which is how ``medgen-server simulate`` learns that the run ended (``flwr run`` returns as
+soon as the run is submitted, and exits 0 even when every ClientApp failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+import medgen
+from medgen.config import ConfigError, RunConfig
+from medgen.models.recipe import Recipe
+from medgen.server.checkpoint import checkpoint_for_resume, new_checkpoint, save_checkpoint
+from medgen.server.run_log import RunDir, read_metrics
+from medgen.server.strategy import ValidatingFedAvg
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = RunConfig.from_run_config(context.run_config)
+    run_server(grid, config)
+
+
+def run_server(grid: Grid, config: RunConfig) -> None:
+    """Run (or resume) the whole training; always leaves a DONE marker with the status."""
+    run_dir = RunDir(Path(config.run_dir))
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    run_dir.clear_done()
+    try:
+        final_round = _train(grid, config, run_dir)
+    except BaseException as err:
+        log.error("server run failed:\n%s", traceback.format_exc())
+        _finish(config, run_dir)
+        run_dir.write_done("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    report = _finish(config, run_dir)
+    run_dir.write_done("ok", final_round=final_round, report=str(report) if report else None)
+
+
+def _train(grid: Grid, config: RunConfig, run_dir: RunDir) -> int:
+    from medgen.models.registry import build_recipe
+
+    recipe = build_recipe(config)
+    model = recipe.build()
+    checkpoint = checkpoint_for_resume(run_dir.path, config)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint.shared_state, strict=False)
+        start, run_key = checkpoint.server_round, checkpoint.run_key
+        log.info("resuming from the checkpoint of round %d", start)
+    else:
+        start, run_key = 0, uuid.uuid4().hex
+    run_dir.write_config(config)
+    run_dir.restart_metrics(start)
+    remaining = config.num_rounds - start
+    if remaining <= 0:
+        log.info("checkpoint is at round %d >= num-rounds %d: nothing to train", start, config.num_rounds)
+        return start
+
+    initial = ArrayRecord(recipe.shared_state(model))
+    from medgen.privacy.client_dp import ClientLevelDP
+    from medgen.privacy.robust import RobustAggregator, RobustSettings
+
+    round_end = RoundEnd(config, recipe, run_dir, run_key, start, _evaluator(config))
+    train_config = ConfigRecord({"run-key": run_key,
+                                 # hospitals check it against their own (deploy/allowlist.py)
+                                 "medgen-version": medgen.__version__})
+    client_dp = ClientLevelDP.from_config(config)  # None unless client-dp-noise-multiplier > 0
+    if config.secure_aggregation:  # SecAgg+ (privacy/secagg.py): the server sees only the sum
+        from medgen.privacy.secagg import SecAggSettings, SecureAggregationRounds
+
+        SecureAggregationRounds(SecAggSettings.from_config(config), config.site_names, config.min_sites,
+                                run_log=run_dir, round_offset=start, client_dp=client_dp
+                                ).run(grid, initial, remaining, dict(train_config), on_round_end=round_end)
+        return config.num_rounds
+    strategy = ValidatingFedAvg(expected=initial, site_names=config.site_names,
+                                min_sites=config.min_sites, run_dir=run_dir, round_offset=start,
+                                aggregator=RobustAggregator(RobustSettings.from_config(config)))
+    if client_dp is not None:
+        strategy = client_dp.wrap(strategy)
+    strategy.start(grid, initial, num_rounds=remaining, timeout=config.round_timeout,
+                   train_config=train_config, evaluate_fn=round_end)
+    return config.num_rounds
+
+
+@dataclass
+class RoundEnd:
+    """Flower's evaluate_fn, called after aggregation of every round: checkpoint, evaluate."""
+
+    config: RunConfig
+    recipe: Recipe
+    run_dir: RunDir
+    run_key: str
+    round_offset: int
+    evaluator: Any = None
+    model: Any = field(init=False, default=None)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None  # Flower also calls it before round 1; nothing new to save
+        absolute = self.round_offset + server_round
+        shared = arrays.to_torch_state_dict()
+        save_checkpoint(self.run_dir.path, new_checkpoint(shared, absolute, self.config, self.run_key))
+        if self.evaluator is None or not self._due(absolute):
+            return None
+        if self.model is None:
+            self.model = self.recipe.build()
+        self.model.load_state_dict(shared, strict=False)
+        try:
+            metrics = {k: float(v) for k, v in self.evaluator.evaluate(self.recipe, self.model, absolute).items()}
+            self.evaluator.write_sample_grid(self.recipe, self.model, absolute,
+                                             self.run_dir.sample_grid(absolute))
+        except Exception:  # noqa: BLE001 - a broken evaluation must not cost the training run
+            log.error("round %d: evaluation failed (training goes on; the checkpoint is saved):\n%s",
+                      absolute, traceback.format_exc())
+            return None
+        self.run_dir.log_eval(absolute, metrics)
+        return MetricRecord(metrics)
+
+    def _due(self, absolute: int) -> bool:
+        every = self.config.eval_every
+        return absolute % every == 0 or absolute == self.config.num_rounds
+
+
+def _evaluator(config: RunConfig) -> Any:
+    if config.eval_every == 0:
+        return None
+    heldout = Path(config.data_root) / "heldout" if config.data_root else None
+    if heldout is None or not heldout.is_dir():
+        raise ConfigError(f"run-config field 'eval-every' is {config.eval_every} but there is no "
+                          f"held-out data at {heldout or '<data-root>/heldout'}; set eval-every=0 "
+                          "or point data-root at a data root with heldout/")
+    from medgen.evaluation.evaluator import Evaluator
+
+    return Evaluator.prepare(config, heldout, Path(config.run_dir) / "cache" / "evaluator")
+
+
+def _finish(config: RunConfig, run_dir: RunDir) -> Path | None:
+    """privacy.json from the sites' reported metrics, then the HTML report (best effort)."""
+    from medgen.atomic import atomic_write_json
+
+    try:
+        existing = {}
+        if run_dir.privacy.exists():
+            import json
+            existing = json.loads(run_dir.privacy.read_text())
+        atomic_write_json(run_dir.privacy, {**existing, **privacy_from_metrics(run_dir, config)})
+    except Exception:  # noqa: BLE001 - a summary must not hide the run's own status
+        log.error("could not write %s:\n%s", run_dir.privacy, traceback.format_exc())
+    try:
+        from medgen.evaluation.report import write_report
+        return write_report(run_dir.path)
+    except Exception:  # noqa: BLE001
+        log.error("could not write the report:\n%s", traceback.format_exc())
+        return None
+
+
+def privacy_from_metrics(run_dir: RunDir, config: RunConfig) -> dict[str, Any]:
+    """Per-site epsilon as the sites reported it (the last round each site trained)."""
+    sites: dict[str, dict[str, Any]] = {}
+    for record in read_metrics(run_dir.metrics):
+        if record.get("kind") != "train":
+            continue
+        for site, metrics in record.get("per_site", {}).items():
+            sites[site] = {"epsilon": metrics.get("epsilon"), "delta": metrics.get("delta"),
+                           "last_round": record["round"],
+                           "rounds": sites.get(site, {}).get("rounds", 0) + 1}
+    from medgen.privacy.client_dp import site_level_guarantee
+
+    out = {"unit": "patient", "accountant": config.accountant, "delta": config.delta,
+           "target_epsilon": config.target_epsilon, "reported_by_sites": sites,
+           "max_epsilon": max((s["epsilon"] or 0.0 for s in sites.values()), default=0.0)}
+    client_level = site_level_guarantee(read_metrics(run_dir.metrics), config)
+    if client_level is not None:  # a separate guarantee, unit = the site
+        out["client_level"] = client_level
+    return out

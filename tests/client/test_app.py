@@ -1,0 +1,106 @@
+"""The ClientApp called directly with a Message and a Context: what leaves the node, budget
+refusal, and replay of a repeated request (no second charge)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from medgen.client.app import BUDGET_EXCEEDED, app
+from medgen.config import RunConfig
+from medgen.models.registry import build_recipe
+
+OPTIONS = {"gen-width": 4, "disc-width": 4, "noise-dim": 8, "spade-hidden": 4}
+
+
+def _config(federation, state_root, num_rounds=1) -> RunConfig:
+    return RunConfig(num_rounds=num_rounds, local_steps=2, batch_size=2, image_size=32, sites="A,B",
+                     accountant="rdp",  # calibration at tiny sizes: rdp ~2 s, prv ~8 s here
+                     data_root=str(federation), state_root=str(state_root), eval_every=0,
+                     target_epsilon=5.0, options=OPTIONS)
+
+
+def _message(config: RunConfig, server_round: int, run_key: str = "run-1") -> Message:
+    recipe = build_recipe(config)
+    shared = recipe.shared_state(recipe.build())
+    content = RecordDict({"arrays": ArrayRecord(shared),
+                          "config": ConfigRecord({"run-key": run_key, "absolute-round": server_round,
+                                                  "server-round": server_round})})
+    return Message(content, dst_node_id=7, message_type="train")
+
+
+def _context(config: RunConfig, partition: int = 1) -> Context:
+    return Context(run_id=1, node_id=7, node_config={"partition-id": partition, "num-partitions": 2},
+                   state=RecordDict(), run_config=config.to_run_config())
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def config(tiny_federation, tmp_path) -> RunConfig:
+    return _config(tiny_federation, tmp_path / "state")
+
+
+def test_reply_holds_only_shared_weights_and_scalars(config, flower_task_identity):
+    reply = app(_message(config, 1), _context(config))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    content = reply.content
+    assert len(content.config_records) == 0
+    assert list(content.array_records) == ["arrays"] and list(content.metric_records) == ["metrics"]
+    assert len(content) == 2
+    recipe = build_recipe(config)
+    arrays = content["arrays"]
+    assert sorted(arrays) == sorted(recipe.shared_keys(recipe.build()))
+    assert all(k.startswith("gen.") for k in arrays)  # the private discriminator stays home
+    for key, array in arrays.items():
+        value = array.numpy()
+        assert np.all(np.isfinite(value))
+        # no image-like payload: nothing shaped like a batch of 32x32 images or label maps
+        assert tuple(value.shape[-2:]) != (32, 32), key
+    metrics = content["metrics"]
+    for key, value in metrics.items():
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), key
+    assert metrics["site-index"] == 1 and metrics["num-examples"] == 8 and metrics["steps"] == 2
+    assert 0 < metrics["epsilon"] <= config.target_epsilon + 1e-6
+
+
+def test_over_budget_site_refuses_without_training(config, flower_task_identity):
+    node_state = config.state_root + "/B"
+    first = app(_message(config, 1), _context(config))  # plan: 1 round x 2 steps, spent now
+    assert not first.has_error()
+    from pathlib import Path
+    ledger, local = Path(node_state) / "privacy_ledger.json", Path(node_state) / "local_state.pt"
+    before = (_digest(ledger), _digest(local))
+    refused = app(_message(config, 2), _context(config))  # a round beyond the planned schedule
+    assert refused.has_error() and refused.error.code == BUDGET_EXCEEDED
+    assert "budget" in refused.error.reason and node_state not in refused.error.reason  # no paths
+    assert (_digest(ledger), _digest(local)) == before  # ledger unchanged, nothing trained
+
+
+def test_replayed_request_is_answered_from_store_without_charge(config, flower_task_identity):
+    config = config.replace(num_rounds=3)
+    first = app(_message(config, 1), _context(config, partition=0))
+    from pathlib import Path
+    ledger = Path(config.state_root) / "A" / "privacy_ledger.json"
+    charged = _digest(ledger)
+    again = app(_message(config, 1), _context(config, partition=0))   # coordinator restarted
+    assert _digest(ledger) == charged                                 # not charged twice
+    for key in first.content["arrays"]:
+        np.testing.assert_array_equal(first.content["arrays"][key].numpy(), again.content["arrays"][key].numpy())
+    assert dict(first.content["metrics"]) == dict(again.content["metrics"])
+    # a different run key is a different request: it trains and is charged
+    app(_message(config, 1, run_key="run-2"), _context(config, partition=0))
+    assert _digest(ledger) != charged
+
+
+def test_failure_reply_names_no_paths(tiny_federation, tmp_path, flower_task_identity):
+    config = _config(tmp_path / "no-such-root", tmp_path / "state")
+    reply = app(_message(config, 1), _context(config))
+    assert reply.has_error()
+    assert str(tmp_path) not in reply.error.reason and "node log" in reply.error.reason
