@@ -17,6 +17,7 @@ from typing import Any, Mapping
 Scalar = bool | int | float | str
 
 ACCOUNTANTS = ("prv", "rdp")
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
 
 
 class ConfigError(ValueError):
@@ -50,6 +51,15 @@ class RunConfig:
     # evaluation on the coordinator's held-out data (never on a site's training data)
     eval_every: int = 1
     eval_samples: int = 64
+    # security (docs/security.md): SecAgg+ (server never sees one site's update),
+    # robust aggregation (privacy/robust.py), optional client-level DP (unit: the site)
+    secure_aggregation: bool = False
+    secagg_max_dropped: int = 1
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2
+    norm_outlier_mads: float = 3.0
+    client_dp_noise_multiplier: float = 0.0
+    client_dp_clipping_norm: float = 1.0
     # recipe-specific options, parsed by the recipe (see models/recipe.py)
     options: Mapping[str, Scalar] = field(default_factory=dict)
 
@@ -67,6 +77,15 @@ class RunConfig:
         _require(len(self.site_names) >= 1 and len(set(self.site_names)) == len(self.site_names),
                  "sites", "must be a comma-separated list of distinct site names")
         _require(self.eval_every >= 0, "eval-every", "must be >= 0 (0 disables evaluation)")
+        _require(self.secagg_max_dropped >= 0, "secagg-max-dropped", "must be >= 0")
+        _require(self.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}")
+        _require(0.0 <= self.trim_fraction < 0.5, "trim-fraction", "must be in [0, 0.5)")
+        _require(self.norm_outlier_mads >= 0, "norm-outlier-mads", "must be >= 0 (0 disables it)")
+        _require(self.client_dp_noise_multiplier >= 0, "client-dp-noise-multiplier",
+                 "must be >= 0 (0 disables client-level DP)")
+        _require(self.client_dp_clipping_norm > 0, "client-dp-clipping-norm", "must be > 0")
+        _require(not (self.secure_aggregation and self.aggregation != "mean"), "aggregation",
+                 "must be 'mean' with secure-aggregation = true (the server only sees the sum)")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  "device", "must be 'auto', 'cpu' or 'cuda[:N]'")
 

@@ -152,7 +152,10 @@ def _evaluator(config: RunConfig) -> Any:
                           "or point data-root at a data root with heldout/")
     from medgen.evaluation.evaluator import Evaluator
 
-    return Evaluator.prepare(config, heldout, Path(config.run_dir) / "cache" / "evaluator")
+    # cached beside the held-out data it was trained on, so later runs pay nothing
+    evaluator = Evaluator.prepare(config, heldout, Path(config.data_root) / "cache" / "evaluator")
+    evaluator.write_info(Path(config.run_dir) / "evaluator.json")  # weight hashes for the report
+    return evaluator
 
 
 def _finish(config: RunConfig, run_dir: RunDir) -> Path | None:

@@ -1,0 +1,155 @@
+"""Client-level DP: an optional extra layer whose unit is the SITE, reported separately
+from the record-level guarantee (unit: the patient, privacy/ledger.py).
+
+Record-level DP-SGD at each site protects one patient against everyone outside the site.
+Client-level DP (McMahan et al. 2018, "DP-FedAvg"; Flower's central DP wrappers with
+fixed clipping) protects a whole site's participation: each site's update
+``w_site - w_global`` is clipped to L2 norm C on the site (``client_clipping_mod``, the
+rule of Flower's ``fixedclipping_mod``), and the server adds Gaussian noise of standard deviation
+z * C / K to the aggregate (K = the configured number of sites). It trusts the server to
+add the noise (or, with secure aggregation, to add it to the unmasked sum).
+
+Exact statement. Neighbouring federations differ by one site's update added or removed,
+with the aggregation weights otherwise fixed. medgen's FedAvg weights sites by
+num-examples n_i, so one site moves the weighted mean by at most C * max(n) / sum(n), not
+C / K: the noise multiplier that actually protects a site in a round is
+``z_eff = z * sum(n) / (K * max(n))`` (= z when all sites are equal). Every site
+takes part in every round (no sampling, no amplification), so the guarantee composes
+``rounds`` Gaussian mechanisms at sample rate 1, accounted with the run's named
+accountant (Opacus "rdp" or "prv"). ``site_level_guarantee`` computes it from the
+per-round num-examples the run log already holds.
+
+Flower's wrapper skips the whole round when any site replies with an error (a site over
+its privacy budget would stall training); ``SiteLevelFixedClipping`` instead lets the
+inner strategy validate and exclude replies as usual (logged), then adds the noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Error, Message
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_stdv
+
+from medgen.config import RunConfig
+from medgen.privacy.accounting import epsilon_of
+
+UNIT = "site"
+CLIPPING_REFUSED = 4014  # medgen error codes: client/app.py, deploy/allowlist.py, privacy/*
+
+
+@dataclass(frozen=True)
+class ClientLevelDP:
+    noise_multiplier: float
+    clipping_norm: float
+    num_sites: int
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> "ClientLevelDP | None":
+        """None when the run does not ask for it (client-dp-noise-multiplier = 0)."""
+        if config.client_dp_noise_multiplier == 0:
+            return None
+        return cls(config.client_dp_noise_multiplier, config.client_dp_clipping_norm,
+                   len(config.site_names))
+
+    @property
+    def noise_std(self) -> float:
+        return compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sites)
+
+    def wrap(self, strategy) -> "SiteLevelFixedClipping":
+        return SiteLevelFixedClipping(strategy, self.noise_multiplier, self.clipping_norm, self.num_sites)
+
+
+class SiteLevelFixedClipping(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed-clipping wrapper, with exclusions left to the wrapped
+    strategy (which validates, logs and drops bad or error replies) instead of skipping
+    the round on the first error reply."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        arrays, metrics = self.strategy.aggregate_train(server_round, list(replies))
+        if arrays:
+            arrays = self._add_noise_to_aggregated_arrays(arrays)
+            if metrics is not None:
+                metrics["client-dp-noise-std"] = self.noise_std_value
+        return arrays, metrics
+
+    @property
+    def noise_std_value(self) -> float:
+        return compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+
+
+def client_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Client mod: when the request carries a clipping norm (client-level DP is on), clip
+    the site's update ``reply - request`` to that L2 norm over the floating-point arrays.
+
+    The same rule as Flower's ``fixedclipping_mod`` (the tests use it as the oracle), but
+    integer arrays (counters) pass through unchanged instead of failing the cast, and a
+    request without a clipping norm passes through instead of being refused.
+    """
+    norm = _clipping_norm(msg)
+    if norm is None:
+        return call_next(msg, context)
+    before = {k: a.numpy().copy() for k, a in next(iter(msg.content.array_records.values())).items()}
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    name, arrays = next(iter(reply.content.array_records.items()))
+    if set(arrays.keys()) != set(before):
+        return Message(Error(CLIPPING_REFUSED, "client-level clipping: the trained weights do not match the "
+                             "request's arrays"), reply_to=msg)
+    values = {k: arrays[k].numpy() for k in arrays.keys()}
+    floats = [k for k, v in values.items() if np.issubdtype(v.dtype, np.floating)]
+    updates = {k: values[k].astype(np.float64) - before[k].astype(np.float64) for k in floats}
+    total = math.sqrt(sum(float(np.sum(u ** 2)) for u in updates.values()))
+    scale = min(1.0, norm / total) if total > 0 else 1.0
+    clipped = {k: (before[k] + updates[k] * scale).astype(values[k].dtype) if k in updates else values[k]
+               for k in arrays.keys()}
+    reply.content[name] = ArrayRecord({k: Array(np.asarray(v)) for k, v in clipped.items()})
+    return reply
+
+
+def _clipping_norm(msg: Message) -> float | None:
+    if msg.metadata.message_type != "train":
+        return None
+    for record in msg.content.config_records.values():
+        if KEY_CLIPPING_NORM in record:
+            return float(record[KEY_CLIPPING_NORM])
+    return None
+
+
+def effective_noise_multiplier(noise_multiplier: float, num_sites: int, num_examples: Sequence[float]) -> float:
+    """z_eff = z * sum(n) / (K * max(n)) for a round aggregated with weights n."""
+    if not num_examples or min(num_examples) <= 0:
+        raise ValueError("client-level DP: every aggregated site needs num-examples > 0")
+    return noise_multiplier * sum(num_examples) / (num_sites * max(num_examples))
+
+
+def site_level_epsilon(rounds: Sequence[Sequence[float]], dp: ClientLevelDP, delta: float,
+                       accountant: str) -> float:
+    """Epsilon per site after the given rounds (each: the num-examples of its sites)."""
+    history = [(effective_noise_multiplier(dp.noise_multiplier, dp.num_sites, r), 1.0, 1) for r in rounds]
+    return epsilon_of(history, delta, accountant) if history else 0.0
+
+
+def site_level_guarantee(train_records: Iterable[dict], config: RunConfig) -> dict | None:
+    """The client-level statement for privacy.json, from the run log's train records."""
+    dp = ClientLevelDP.from_config(config)
+    if dp is None:
+        return None
+    rounds = [[float(m["num-examples"]) for m in record["per_site"].values()]
+              for record in train_records
+              if record.get("kind") == "train" and record.get("per_site")
+              and not record.get("aggregate", {}).get("kept-previous-weights")]
+    epsilon = site_level_epsilon(rounds, dp, config.delta, config.accountant)
+    return {"unit": UNIT, "mechanism": "Gaussian on the aggregate, updates clipped on the site",
+            "noise_multiplier": dp.noise_multiplier, "clipping_norm": dp.clipping_norm,
+            "num_sites": dp.num_sites, "noise_std": dp.noise_std, "rounds": len(rounds),
+            "sample_rate": 1.0, "accountant": config.accountant, "delta": config.delta,
+            "epsilon": epsilon if math.isfinite(epsilon) else None,
+            "neighbouring": "one site's update added or removed, weights fixed; "
+                            "sensitivity C * max(n) / sum(n)"}
