@@ -1,0 +1,143 @@
+"""``medgen-client``: a hospital joins a medgen federation (or checks its data first).
+
+    medgen-client data check /data/mri                       # read-only: what is usable
+    medgen-client --server fl.example.org:9092 --data /data/mri --state /var/lib/medgen \\
+        --key keys/site-a --ca ca.crt --site A --epsilon-cap 3 --allow allow.toml
+
+The second form checks everything it can locally (files exist, the key is private, the
+allow-list parses), writes the node configuration to STATE/node-config.toml and then
+replaces itself with ``flower-supernode``: TLS verified against the federation's CA,
+authenticated with the hospital's key, no run-time dependency installation (the node
+runs the medgen it has installed; the app bundle is only a shim, FLOWER.md). Training
+requests run in fresh processes; the privacy ledger, caches and replies stay in STATE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import stat
+import sys
+from pathlib import Path
+
+DEFAULT_PORT = 9094
+
+
+class ClientSetupError(ValueError):
+    """Something a hospital must fix before its node can start; the message says what."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medgen-client",
+        description="Join a medgen federation as a hospital: trains the coordinator's generator on "
+        "this site's images with differential privacy; only model weights and aggregate numbers "
+        "leave the site. Check the data first with `medgen-client data check DIR`.",
+        epilog="Files you receive from the coordinator: the CA certificate (--ca) and the server "
+        "address. The key pair you create yourself (`medgen-server pki node-key --out keys --name "
+        "site-a`); send only the .pub file to the coordinator. Stop the node with Ctrl-C.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--server", required=True, metavar="HOST:PORT",
+                   help="the coordinator's SuperLink, as named in its certificate")
+    p.add_argument("--data", required=True, type=Path, metavar="DIR",
+                   help="this site's images (read only, never modified or sent)")
+    p.add_argument("--state", required=True, type=Path, metavar="DIR",
+                   help="persistent node folder: privacy ledger, caches, local model parts "
+                   "(keep it and back it up: the ledger remembers privacy already spent)")
+    p.add_argument("--key", required=True, type=Path, metavar="FILE",
+                   help="this node's private key (OpenSSH format, mode 0600)")
+    p.add_argument("--ca", required=True, type=Path, metavar="CA.crt",
+                   help="the federation's CA certificate, to verify the server")
+    p.add_argument("--site", metavar="NAME", help="this site's name in the run config's `sites` "
+                   "(default: the key file's name)")
+    p.add_argument("--public", type=Path, metavar="DIR", help="public anatomy bank (label maps, "
+                   "no patient data); default: a `public` folder next to --data")
+    p.add_argument("--epsilon-cap", type=float, metavar="EPS", help="this site's own privacy "
+                   "ceiling; the node plans for min(cap, the run's target) and refuses beyond it")
+    p.add_argument("--allow", type=Path, metavar="FILE", help="allow-list (TOML): approved medgen "
+                   "release, recipes and run settings; other runs are refused (docs/deployment.md)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help="local port for the node's app processes (one per node on a host)")
+    p.add_argument("--max-retries", type=int, metavar="N",
+                   help="give up after N failed connection attempts (default: retry forever)")
+    p.add_argument("--max-wait-time", type=float, metavar="SECONDS",
+                   help="give up reconnecting after this long (default: never)")
+    p.add_argument("--dry-run", action="store_true", help="check and print the command, do not start")
+    return p
+
+
+def node_settings(args: argparse.Namespace) -> dict[str, object]:
+    """Validate the hospital's inputs; return the node-config keys (client/node.py)."""
+    data = args.data.resolve()
+    if not data.is_dir():
+        raise ClientSetupError(f"--data {args.data} is not a folder; point it at the site's images "
+                               "(check it with `medgen-client data check DIR`)")
+    public = (args.public or data.parent / "public").resolve()
+    if not public.is_dir():
+        raise ClientSetupError(f"public anatomy bank {public} not found; pass --public DIR")
+    for flag, path in (("--ca", args.ca), ("--key", args.key)):
+        if not path.is_file():
+            raise ClientSetupError(f"{flag} {path} does not exist")
+    mode = stat.S_IMODE(args.key.stat().st_mode)
+    if mode & 0o077:
+        raise ClientSetupError(f"--key {args.key} is readable by others (mode {mode:o}); "
+                               f"run `chmod 600 {args.key}`")
+    if args.epsilon_cap is not None and not (args.epsilon_cap > 0 and math.isfinite(args.epsilon_cap)):
+        raise ClientSetupError(f"--epsilon-cap must be a positive number, got {args.epsilon_cap}")
+    allow = None
+    if args.allow is not None:
+        from medgen.deploy.allowlist import AllowList, AllowListError
+
+        try:
+            AllowList.load(args.allow)  # fail now, not at the first round
+        except AllowListError as err:
+            raise ClientSetupError(str(err)) from None
+        allow = str(args.allow.resolve())
+    state = args.state.resolve()
+    return {"site": args.site or args.key.name, "data-dir": str(data), "state-dir": str(state),
+            "public-dir": str(public), "epsilon-cap": args.epsilon_cap, "allow-list": allow}
+
+
+def start(args: argparse.Namespace) -> int:
+    from medgen.atomic import atomic_write_text
+    from medgen.deploy.launch import NodeLaunch, flower_env, node_config_toml, supernode_command
+
+    settings = node_settings(args)
+    state = Path(str(settings["state-dir"]))
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    node_config = atomic_write_text(state / "node-config.toml", node_config_toml(settings))
+    command = supernode_command(NodeLaunch(server=args.server, ca_cert=args.ca, key=args.key,
+                                           node_config=node_config, port=args.port,
+                                           max_retries=args.max_retries,
+                                           max_wait_time=args.max_wait_time))
+    cap = settings["epsilon-cap"]
+    print(f"site {settings['site']}: joining {args.server}; data {settings['data-dir']}; state {state}; "
+          f"epsilon cap {cap if cap is not None else 'none (the run target applies)'}; allow-list "
+          f"{settings['allow-list'] or 'none (every run of the installed medgen)'}", flush=True)
+    print(" ".join(command), flush=True)
+    if args.dry_run:
+        return 0
+    os.execve(command[0], command, flower_env())
+    return 1  # not reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["data", "check"]:
+        from medgen.client.data_check import main as data_check
+
+        return data_check(argv[2:])
+    if argv[:1] == ["data"]:
+        print("usage: medgen-client data check DIR [--image-size N] [--json]", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(argv)
+    try:
+        return start(args)
+    except ClientSetupError as err:
+        print(f"medgen-client: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

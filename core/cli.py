@@ -1,0 +1,46 @@
+"""``medgen``: the tools that are neither the coordinator's server nor a hospital's node.
+
+    medgen audit RUN_DIR ...      membership-inference audit of a run (privacy/audit_cli.py)
+    medgen translate ...          translate a hospital's own files into another site's style
+    medgen sim build ...          build a simulated federation on disk (sim/cli.py)
+    medgen data check DIR         what medgen can use in a folder, read-only (client/data_check.py)
+
+Each subcommand is owned by its package; this file only dispatches, so `--help` of each
+subcommand is the owner's own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "audit": ("medgen.privacy.audit_cli", "membership-inference audit of finished runs"),
+    "translate": ("medgen.client.translate", "translate NIfTI/DICOM files into a target site's style"),
+    "sim": ("medgen.sim.cli", "build the simulated federation (`medgen sim build --help`)"),
+    "data": ("medgen.client.data_check", "`medgen data check DIR`: usable vs skipped files, read-only"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+        print("usage: medgen {" + ",".join(COMMANDS) + "} ...\n\n" + "\n".join(lines))
+        if args and args[0] not in ("-h", "--help"):
+            print(f"\nmedgen: unknown command '{args[0]}'", file=sys.stderr)
+            return 2
+        return 0
+    command, rest = args[0], args[1:]
+    if command == "data":  # `medgen data check DIR`: the checker's own argv starts at DIR
+        if not rest or rest[0] != "check":
+            print("usage: medgen data check DIR [--image-size N] [--json]", file=sys.stderr)
+            return 2
+        rest = rest[1:]
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
