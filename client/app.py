@@ -74,6 +74,7 @@ def train_round(config: RunConfig, node: NodeSetup, content: RecordDict) -> Reco
     from medgen.client.site_data import PatientDataset, load_public_bank, load_site
     from medgen.models.registry import build_recipe
     from medgen.privacy.dp_sgd import PrivateTraining
+    from medgen.privacy.accounting import sample_rate_for
     from medgen.privacy.ledger import PrivacyLedger
 
     incoming = content["arrays"]
@@ -102,7 +103,7 @@ def train_round(config: RunConfig, node: NodeSetup, content: RecordDict) -> Reco
     ledger = PrivacyLedger.open(node.ledger_path, site=node.site)
     cap = node.target_epsilon(config)
     plan = ledger.ensure_plan(target_epsilon=cap, delta=config.delta, accountant=config.accountant,
-                              sample_rate=min(1.0, config.batch_size / data.num_patients),
+                              sample_rate=sample_rate_for(data.num_patients, config.batch_size),
                               total_steps=config.num_rounds * config.local_steps,
                               max_grad_norm=config.max_grad_norm)
     ledger.check_budget(config.local_steps, cap)  # raises BudgetExceeded: no training at all

@@ -80,7 +80,7 @@ class SPADEUpBlock(nn.Module):
 class ScannerHead(nn.Module):
     """Half-resolution features -> full-resolution single-channel image (pre-activation).
 
-    A transposed conv brings the features to full resolution without materialising a
+    Upsampling plus one conv brings the features to full resolution without materialising a
     wide full-resolution feature map (the costly part of a generator on a CPU). The sharp
     per-pixel part of a scan is then added directly: a per-(site, tissue class) intensity
     offset and a per-(site, tissue class) noise level times per-pixel noise, i.e. the
@@ -89,11 +89,14 @@ class ScannerHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, num_sites: int):
         super().__init__()
-        self.up = nn.ConvTranspose2d(in_channels, 1, 4, stride=2, padding=1)
+        # nearest upsampling then a 3x3 conv: a stride-2 transposed conv printed a
+        # checkerboard into every sample of the first demo runs
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                nn.Conv2d(in_channels, 1, 3, padding=1))
         self.class_offset = nn.Embedding(num_sites, num_classes)
         self.class_noise = nn.Embedding(num_sites, num_classes)
         with torch.no_grad():  # start near zero: a saturated tanh would stall early training
-            self.up.weight.mul_(0.1)
+            self.up[1].weight.mul_(0.1)
         nn.init.zeros_(self.class_offset.weight)
         nn.init.zeros_(self.class_noise.weight)  # noise is learned only if D asks for it
 

@@ -221,6 +221,9 @@ class DPConditionalGAN(Recipe):
     Options: ClassVar[type[RecipeOptions]] = CGANOptions
     private_modules: ClassVar[tuple[str, ...]] = ("disc",)
     shared_prefixes: ClassVar[tuple[str, ...] | None] = ("gen.",)
+    # the site code and the per-(site, tissue) contrast/noise tables: row k is trained at site k only
+    site_indexed_keys: ClassVar[tuple[str, ...]] = (
+        "gen.site_embed.weight", "gen.head.class_offset.weight", "gen.head.class_noise.weight")
 
     def __init__(self, config: RunConfig):
         super().__init__(config)

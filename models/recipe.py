@@ -58,6 +58,10 @@ class Recipe(ABC):
     private_modules: ClassVar[tuple[str, ...]] = ()
     #: state-dict key prefixes that leave the site; None means every key
     shared_prefixes: ClassVar[tuple[str, ...] | None] = None
+    #: shared keys whose first dimension is indexed by site id (a site embedding, a per-site
+    #: contrast table): only site k trains row k, so the server takes row k from site k's
+    #: replies alone instead of averaging it with K-1 untouched copies (server/strategy.py)
+    site_indexed_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: RunConfig):
         self.config = config

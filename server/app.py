@@ -95,7 +95,8 @@ def _train(grid: Grid, config: RunConfig, run_dir: RunDir) -> int:
         return config.num_rounds
     strategy = ValidatingFedAvg(expected=initial, site_names=config.site_names,
                                 min_sites=config.min_sites, run_dir=run_dir, round_offset=start,
-                                aggregator=RobustAggregator(RobustSettings.from_config(config)))
+                                aggregator=RobustAggregator(RobustSettings.from_config(config)),
+                                site_indexed_keys=recipe.site_indexed_keys)
     if client_dp is not None:
         strategy = client_dp.wrap(strategy)
     strategy.start(grid, initial, num_rounds=remaining, timeout=config.round_timeout,
@@ -116,11 +117,15 @@ class RoundEnd:
     model: Any = field(init=False, default=None)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:
-            return None  # Flower also calls it before round 1; nothing new to save
         absolute = self.round_offset + server_round
         shared = arrays.to_torch_state_dict()
-        save_checkpoint(self.run_dir.path, new_checkpoint(shared, absolute, self.config, self.run_key))
+        if server_round == 0:
+            # Flower calls it before round 1: nothing new to save, but a fresh run evaluates
+            # the untrained generator, the baseline every later FD is read against
+            if self.round_offset > 0:
+                return None
+        else:
+            save_checkpoint(self.run_dir.path, new_checkpoint(shared, absolute, self.config, self.run_key))
         if self.evaluator is None or not self._due(absolute):
             return None
         if self.model is None:
@@ -139,7 +144,7 @@ class RoundEnd:
 
     def _due(self, absolute: int) -> bool:
         every = self.config.eval_every
-        return absolute % every == 0 or absolute == self.config.num_rounds
+        return absolute == 0 or absolute % every == 0 or absolute == self.config.num_rounds
 
 
 def _evaluator(config: RunConfig) -> Any:

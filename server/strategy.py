@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from medgen.server.run_log import RunDir
 
@@ -147,6 +148,29 @@ def weighted_average(replies: list[AcceptedReply], specs: Mapping[str, ArraySpec
     return out
 
 
+def site_rows_from_own_site(averaged: Mapping[str, np.ndarray], replies: list[AcceptedReply],
+                            current: Mapping[str, np.ndarray], keys: tuple[str, ...],
+                            site_names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Row k of a site-indexed array comes from site k's replies only.
+
+    A recipe's per-site rows (a site embedding, a per-site contrast table) are trained only
+    at their own site; averaging them with K-1 untouched copies would shrink that site's
+    update K-fold. Rows of sites that did not answer keep the current global value.
+    """
+    out = dict(averaged)
+    index = {name: i for i, name in enumerate(site_names)}
+    for key in keys:
+        rows = np.array(current[key], copy=True)
+        for site, position in index.items():
+            own = [r for r in replies if r.site == site]
+            if own:
+                total = sum(r.num_examples for r in own)
+                rows[position] = sum(np.asarray(r.arrays[key][position], dtype=np.float64)
+                                     * (r.num_examples / total) for r in own)
+        out[key] = rows.astype(np.asarray(averaged[key]).dtype)
+    return out
+
+
 def aggregate_site_metrics(replies: list[AcceptedReply]) -> dict[str, float]:
     """epsilon/delta: max over sites; other metrics: num-examples-weighted mean."""
     total = sum(r.num_examples for r in replies)
@@ -170,15 +194,18 @@ class ValidatingFedAvg(FedAvg):
     """
 
     def __init__(self, *, expected: ArrayRecord, site_names: tuple[str, ...], min_sites: int,
-                 run_dir: RunDir | None, round_offset: int = 0, aggregator: Any = None) -> None:
+                 run_dir: RunDir | None, round_offset: int = 0, aggregator: Any = None,
+                 site_indexed_keys: tuple[str, ...] = ()) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_sites,
                          min_available_nodes=min_sites)
         # robust aggregation (medgen.privacy.robust.RobustAggregator): screen() rejects
         # updates far outside the round's distribution, combine() replaces the mean
         self.aggregator = aggregator
+        self.site_indexed_keys = tuple(site_indexed_keys)
         self.current: dict[str, np.ndarray] | None = None  # this round's global weights
         self.specs = specs_of(expected)
         self.validator = ReplyValidator(self.specs, site_names)
+        self.site_names = tuple(site_names)
         self.min_sites = min_sites
         self.run_dir = run_dir
         self.round_offset = round_offset
@@ -189,8 +216,16 @@ class ValidatingFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         config["absolute-round"] = self.absolute(server_round)
+        config["server-round"] = server_round
         self.current = {k: a.numpy() for k, a in arrays.items()}
-        return super().configure_train(server_round, arrays, config, grid)
+        # Wait for min-sites only, then send to every node online NOW. FedAvg counts the
+        # online nodes and then waits for that many again, so a hospital leaving in
+        # between stalls the round until it returns (seen in the deployment e2e test).
+        sample_nodes(grid, self.min_sites, self.min_sites)
+        node_ids = list(grid.get_node_ids())
+        log.info("round %d: sending to %d site(s)", config["absolute-round"], len(node_ids))
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, node_ids, MessageType.TRAIN)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -214,6 +249,9 @@ class ValidatingFedAvg(FedAvg):
             return None, None
         averaged = (self.aggregator.combine(accepted, self.specs) if self.aggregator is not None
                     else weighted_average(accepted, self.specs))
+        if self.site_indexed_keys:
+            averaged = site_rows_from_own_site(averaged, accepted, self.current,
+                                               self.site_indexed_keys, self.site_names)
         metrics = aggregate_site_metrics(accepted)
         self._log(round_, per_site, excluded, metrics)
         return (ArrayRecord({k: Array(v) for k, v in averaged.items()}),

@@ -155,3 +155,25 @@ def test_validator_is_usable_alone():
     validator = ReplyValidator(specs_of(ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})), SITES)
     verdict = validator.check(reply(5, update(1.0), metrics(3, 4, 1.0)))
     assert verdict.site == "D" and verdict.num_examples == 4
+
+
+def test_site_indexed_rows_come_from_their_own_site_only():
+    """Oracle: row k = weighted mean of site k's rows; other keys = plain FedAvg; rows of a
+    silent site keep the current global value."""
+    from medgen.server.strategy import AcceptedReply, site_rows_from_own_site, weighted_average, specs_of
+    from flwr.app import Array, ArrayRecord
+
+    current = {"table": np.zeros((3, 2), np.float32), "w": np.zeros(2, np.float32)}
+    def reply(site, n, table, w):
+        return AcceptedReply(site=site, num_examples=n, metrics={},
+                             arrays={"table": np.asarray(table, np.float32), "w": np.asarray(w, np.float32)})
+    replies = [reply("A", 1, [[1, 1], [9, 9], [9, 9]], [1, 1]),
+               reply("A", 3, [[5, 5], [9, 9], [9, 9]], [3, 3]),
+               reply("B", 4, [[9, 9], [2, 4], [9, 9]], [0, 8])]
+    specs = specs_of(ArrayRecord({k: Array(v) for k, v in current.items()}))
+    averaged = site_rows_from_own_site(weighted_average(replies, specs), replies, current,
+                                       ("table",), ("A", "B", "C"))
+    np.testing.assert_allclose(averaged["table"], [[4, 4], [2, 4], [0, 0]])  # (1*1+3*5)/4 = 4
+    np.testing.assert_allclose(averaged["w"], [(1 + 9 + 0) / 8, (1 + 9 + 32) / 8])
+    plain = weighted_average(replies, specs)["table"]
+    assert not np.allclose(plain, averaged["table"])  # plain FedAvg would dilute the rows
