@@ -26,9 +26,10 @@ from medgen.client.app import train_round
 from medgen.client.node import resolve_node
 from medgen.config import RunConfig, parse_overrides
 from medgen.models.registry import build_recipe
+from medgen.server.strategy import AcceptedReply, site_rows_from_own_site, specs_of, weighted_average
 
 
-def run_inprocess(config: RunConfig, evaluate: bool = False) -> dict:
+def run_inprocess(config: RunConfig, evaluate: bool = False, site_rows: bool = True) -> dict:
     """FedAvg over `train_round` calls in one process; returns timings (and eval metrics)."""
     recipe = build_recipe(config)
     model = recipe.build()
@@ -48,9 +49,14 @@ def run_inprocess(config: RunConfig, evaluate: bool = False) -> dict:
             reply = train_round(config, node, content)
             replies.append(({k: a.numpy() for k, a in reply["arrays"].items()},
                             float(reply["metrics"]["num-examples"]), dict(reply["metrics"])))
-        total = sum(w for _, w, _ in replies)
-        shared = {k: sum(arrays[k].astype(np.float64) * (w / total) for arrays, w, _ in replies
-                         ).astype(shared[k].dtype) for k in shared}
+        # the server's own arithmetic: FedAvg, then site-indexed rows from their own site
+        accepted = [AcceptedReply(site=sites[int(m["site-index"])], num_examples=w, arrays=arrays,
+                                  metrics={}) for arrays, w, m in replies]
+        specs = specs_of(ArrayRecord({k: Array(v) for k, v in shared.items()}))
+        averaged = weighted_average(accepted, specs)
+        if recipe.site_indexed_keys and site_rows:
+            averaged = site_rows_from_own_site(averaged, accepted, shared, recipe.site_indexed_keys, sites)
+        shared = averaged
         epsilon = max(m["epsilon"] for _, _, m in replies)
         per_round.append(time.perf_counter() - t0)
         print(f"central round {server_round}/{config.num_rounds}: {per_round[-1]:.1f} s, max eps {epsilon:.2f}")
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-flower", action="store_true")
     parser.add_argument("--eval", action="store_true", help="score the central run's final generator")
     parser.add_argument("--name", default="federated_vs_central")
+    parser.add_argument("--no-site-rows", action="store_true",
+                        help="plain FedAvg on site-indexed rows too (ablation)")
     args = parser.parse_args(argv)
 
     from medgen.sim.config import SimConfig
@@ -101,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # what each simulated client gets (client-resources-num-cpus=1)
         central_config = base.replace(data_root=str(data_root.resolve()), state_root=str(work / "central-state"),
                                       run_dir=str(work / "central-run"))
-        central = run_inprocess(central_config, evaluate=args.eval)
+        central = run_inprocess(central_config, evaluate=args.eval, site_rows=not args.no_site_rows)
         payload = {"config": central_config.to_run_config(), "central_one_process": central}
         if not args.skip_flower:
             flower_config = base.replace(data_root=str(data_root.resolve()), state_root=str(work / "flower-state"),

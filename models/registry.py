@@ -10,6 +10,8 @@ from medgen.models.recipe import Recipe
 # name -> "module:Class"; imported lazily so a recipe's heavy imports cost only its users
 RECIPES: dict[str, str] = {
     "dp-cgan": "medgen.models.dp_cgan:DPConditionalGAN",
+    "cddpm": "medgen.models.cddpm:ConditionalDDPM",
+    "bridge-translate": "medgen.models.bridge_translate:BridgeTranslator",
 }
 
 

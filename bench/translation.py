@@ -1,0 +1,303 @@
+"""bridge-translate: train it federated in-process, evaluate it on ground truth, time it.
+
+    python -m bench.translation train    --data-root D --run-dir R [--rounds 10 --local-steps 20]
+    python -m bench.translation evaluate --data-root D --run-dir R
+    python -m bench.translation adapt    --data-root D --run-dir R
+    python -m bench.translation timing   --data-root D
+
+``train`` runs the recipe's REAL local training (train_local with PrivateTraining: Poisson
+sampling of patients, per-patient clipping, noise calibrated once for the whole schedule
+at the target epsilon, the accountant named) for every site in turn, then FedAvg of the
+shared keys (cgan.gen.*, seg.*), round after round, in one process: what
+``medgen-server simulate --set recipe=bridge-translate`` does with Flower, minus the
+transport. It writes R/config.toml and R/checkpoint.pt in the server's format (so
+``medgen translate --run-dir R`` and the evaluator read it) and R/privacy.json.
+
+``evaluate`` writes R/translation.json and R/translation/*.png (evaluation/translation.py):
+identity, HM, inverted HM, bridge-gan (x -> S -> G), bridge (texture carried, DP styles),
+and the non-private ceiling bridge-central (the same translation with styles measured
+centrally on real labelled heldout/fit images, no DP).
+
+``adapt`` writes R/adaptation.json (evaluation/adaptation.py): a UNet trained on site A's
+labelled images, tested on every site without adaptation, on bridge-translated inputs,
+with heavy intensity augmentation only, and in-domain; plus S itself.
+
+``timing`` writes bench/results/translation.json: DP vs non-private step time of every
+private network (D), the public S step, and the time of one round at 4 sites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from medgen.atomic import atomic_write_json, atomic_write_text
+from medgen.config import RunConfig
+
+OPTIONS = {"gen-width": 16, "disc-width": 16, "seg-steps-per-round": 10, "seg-pretrain-steps": 0}
+
+
+def _config(args) -> RunConfig:
+    options = dict(OPTIONS)
+    for item in args.option or []:
+        key, _, value = item.partition("=")
+        options[key] = type(OPTIONS.get(key, 0.0))(value) if key in OPTIONS else float(value)
+    return RunConfig(recipe="bridge-translate", image_size=args.image_size, batch_size=args.batch_size,
+                     local_steps=args.local_steps, num_rounds=args.rounds, seed=args.seed,
+                     target_epsilon=args.epsilon, accountant="prv", sites=args.sites,
+                     run_dir=str(args.run_dir), options=options)
+
+
+def _sites(config: RunConfig, data_root: Path, cache: Path):
+    from medgen.client.site_data import load_public_bank, load_site
+
+    public = load_public_bank(data_root / "public", config.image_size)
+    sites = [load_site(data_root / "sites" / s, config.image_size, cache_dir=cache) for s in config.site_names]
+    return public, sites
+
+
+def train(args) -> None:
+    from medgen.client.site_data import PatientDataset
+    from medgen.models.registry import build_recipe
+    from medgen.privacy.accounting import calibrate_noise, epsilon_of, sample_rate_for
+    from medgen.privacy.dp_sgd import PrivateTraining
+    from medgen.privacy.ledger import PrivacyPlan
+    from medgen.server.checkpoint import new_checkpoint, save_checkpoint
+
+    torch.set_num_threads(1)
+    config = _config(args)
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.toml", config.to_toml())
+    recipe = build_recipe(config)
+    public, sites = _sites(config, Path(args.data_root), run_dir / "cache")
+    total = config.num_rounds * config.local_steps
+    plans = []
+    for site in sites:
+        q = sample_rate_for(site.num_patients, config.batch_size)
+        sigma = calibrate_noise(config.target_epsilon, config.delta, q, total, config.accountant)
+        plans.append(PrivacyPlan(config.target_epsilon, config.delta, config.accountant, q, total,
+                                 sigma, config.max_grad_norm))
+    global_model = recipe.build()
+    if args.seg_init:  # S pretrained (set options seg-pretrain-steps=0 then) on public renderings only (zero privacy cost), e.g. by the coordinator
+        global_model.seg.load_state_dict(torch.load(args.seg_init, map_location="cpu", weights_only=True))
+    local_models = [copy.deepcopy(global_model) for _ in sites]
+    states: list[dict] = [{} for _ in sites]
+    histories: list[list] = [[] for _ in sites]
+    log = []
+    for r in range(config.num_rounds):
+        start, shared = time.perf_counter(), []
+        for k, site in enumerate(sites):
+            model = local_models[k]
+            model.load_state_dict({**model.state_dict(), **recipe.shared_state(global_model)})
+            private = PrivateTraining(plans[k], histories[k], seed=config.seed * 1000 + r * 10 + k)
+            data = PatientDataset(site, generator_seed=config.seed * 100_000 + r * 100 + k)
+            metrics = recipe.train_local(model, data, public, private, k, config.local_steps, states[k], "cpu")
+            histories[k] = [list(h) for h in private.history]
+            shared.append(recipe.shared_state(model))
+        averaged = {key: torch.stack([s[key].float() for s in shared]).mean(0).to(shared[0][key].dtype)
+                    for key in shared[0]}
+        global_model.load_state_dict({**global_model.state_dict(), **averaged})
+        save_checkpoint(run_dir, new_checkpoint(recipe.shared_state(global_model), r + 1, config, "bench"))
+        # the PRV accountant takes seconds per call: compute each distinct history once
+        by_history: dict[str, float] = {}
+        for h in histories:
+            key = json.dumps(h)
+            if key not in by_history:
+                by_history[key] = epsilon_of(h, config.delta, config.accountant)
+        eps = {s: by_history[json.dumps(histories[k])] for k, s in enumerate(config.site_names)}
+        log.append({"round": r + 1, "seconds": time.perf_counter() - start, "epsilon": eps, **metrics})
+        print(json.dumps(log[-1]), flush=True)
+        atomic_write_json(run_dir / "privacy.json", {
+            "accountant": config.accountant, "delta": config.delta, "unit": "patient",
+            "sampling": "Poisson", "plans": [p.to_json() for p in plans], "epsilon": eps,
+            "histories": histories, "rounds": log})
+
+
+def load_trained(run_dir: Path):
+    """(recipe, model) from a run directory written by the server or by ``train``."""
+    from medgen.models.registry import build_recipe
+    from medgen.server.checkpoint import load_checkpoint
+
+    config = RunConfig.from_toml(run_dir / "config.toml")
+    recipe = build_recipe(config)
+    model = recipe.build()
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoint.pt does not exist: train first")
+    missing = set(recipe.shared_keys(model)) - set(checkpoint.shared_state)
+    if missing:
+        raise ValueError(f"checkpoint in {run_dir} lacks {sorted(missing)[:3]}...: not a {config.recipe} run")
+    model.load_state_dict({**model.state_dict(), **checkpoint.shared_state})
+    return recipe, model.eval()
+
+
+def evaluate(args) -> None:
+    from medgen.client.site_data import load_heldout, load_public_bank
+    from medgen.evaluation.translation import (acceptance, classical_baselines, evaluate_translation,
+                                               train_target_segmenters,
+                                               write_translation_outputs)
+    from medgen.models.bridge_translate import style_from_images, translate
+
+    torch.set_num_threads(1)
+    run_dir, root = Path(args.run_dir), Path(args.data_root)
+    recipe, model = load_trained(run_dir)
+    size = recipe.config.image_size
+    public = load_public_bank(root / "public", size)
+    fit = load_heldout(root, "fit", size, cache_dir=run_dir / "cache")
+    test = load_heldout(root, "test", size, cache_dir=run_dir / "cache")
+    dp_styles = recipe.site_styles(model, public, seed=args.seed)
+    central = {s: style_from_images(h.images, h.labels) for s, h in fit.items()}
+    names = list(recipe.config.site_names)
+    translators = dict(classical_baselines(fit))
+    translators["bridge-gan"] = lambda x, s, t: recipe.gan_translate(model, x, names.index(t),
+                                                                     torch.Generator().manual_seed(0))
+    translators["bridge"] = lambda x, s, t: translate(model.seg, x, dp_styles[s], dp_styles[t])
+    translators["bridge-central"] = lambda x, s, t: translate(model.seg, x, central[s], central[t])
+    seg_path = run_dir / "target_segmenters.pt"  # trained on heldout/fit: reused if present
+    if seg_path.exists():
+        from medgen.models.segmenter import SegmenterSettings, build_segmenter
+
+        segmenters = {}
+        for site, state in torch.load(seg_path, map_location="cpu", weights_only=True).items():
+            segmenters[site] = build_segmenter(SegmenterSettings(channels=(8, 16, 32, 64)))
+            segmenters[site].load_state_dict(state)
+            segmenters[site].eval()
+    else:
+        segmenters = train_target_segmenters(fit, seed=args.seed)
+        torch.save({k: v.state_dict() for k, v in segmenters.items()}, seg_path)
+    results = evaluate_translation(test, translators, segmenters)
+    results["acceptance"] = {m: acceptance(results, m) for m in ("bridge", "bridge-central", "bridge-gan")}
+    results["styles"] = {"dp": {s: v.to_dict() for s, v in dp_styles.items()},
+                         "central": {s: v.to_dict() for s, v in central.items()}}
+    results["commands"] = {"dp": f"python -m bench.translation train --data-root {root} --run-dir {run_dir}",
+                           "evaluate": f"python -m bench.translation evaluate --data-root {root} --run-dir {run_dir}"}
+    privacy = run_dir / "privacy.json"
+    if privacy.exists():
+        results["epsilon"] = json.loads(privacy.read_text())["epsilon"]
+    write_translation_outputs(run_dir, results, test, translators)
+    for pair, row in results["pairs"].items():
+        print(pair, "  ".join(f"{m} {v['psnr']:.1f}/{v['ssim']:.2f}/{v.get('dice_fraction', float('nan')):.2f}"
+                              for m, v in row.items()), flush=True)
+
+
+def adapt(args) -> None:
+    from medgen.client.site_data import load_heldout, load_public_bank, load_site
+    from medgen.evaluation.adaptation import evaluate_adaptation
+    from medgen.models.bridge_translate import translate
+    from medgen.models.segmenter import SegmenterSettings
+
+    torch.set_num_threads(1)
+    run_dir, root = Path(args.run_dir), Path(args.data_root)
+    recipe, model = load_trained(run_dir)
+    size = recipe.config.image_size
+    public = load_public_bank(root / "public", size)
+    styles = recipe.site_styles(model, public, seed=args.seed)
+    test = load_heldout(root, "test", size, cache_dir=run_dir / "cache")
+    train_sets = {}
+    for site in recipe.config.site_names:
+        data = load_site(root / "sites" / site, size, cache_dir=run_dir / "cache")
+        train_sets[site] = (data.images, data.labels)
+    results = evaluate_adaptation(
+        "A", train_sets, test, lambda x, s, t: translate(model.seg, x, styles[s], styles[t]),
+        SegmenterSettings(steps=args.seg_steps, channels=(8, 16, 32, 64)), seed=args.seed,
+        contrast_agnostic=model.seg)
+    results["command"] = f"python -m bench.translation adapt --data-root {root} --run-dir {run_dir}"
+    atomic_write_json(run_dir / "adaptation.json", results)
+    print(json.dumps(results, indent=1))
+
+
+def timing(args) -> None:
+    from bench.common import interleaved, write_result
+    from medgen.client.site_data import PatientDataset
+    from medgen.models.dp_cgan import disc_loss
+    from medgen.models.registry import build_recipe
+    from medgen.models.blocks import one_hot_labels
+    from medgen.privacy.accounting import sample_rate_for
+    from medgen.privacy.dp_sgd import PrivateTraining
+    from medgen.privacy.ledger import PrivacyPlan
+
+    torch.set_num_threads(1)
+    args.rounds, args.local_steps = 1, args.local_steps
+    config = _config(args)
+    recipe = build_recipe(config)
+    public, sites = _sites(config, Path(args.data_root), Path(args.run_dir) / "cache")
+    model = recipe.build()
+    data = PatientDataset(sites[0], generator_seed=0)
+    q = sample_rate_for(len(data), config.batch_size)
+    plan = PrivacyPlan(10.0, 1e-5, "prv", q, 100, 1.0, 1.0)
+    images, labels = sites[0].images[:config.batch_size], sites[0].labels[:config.batch_size]
+    onehot = one_hot_labels(labels, 4)
+    site = torch.zeros(images.shape[0], dtype=torch.long)
+    plain_disc = copy.deepcopy(model.cgan.disc)
+    plain_opt = torch.optim.Adam(plain_disc.parameters(), lr=2e-4)
+    private = PrivateTraining(plan, [], seed=0)
+    dp_disc, dp_opt, _ = private.make_private(model.cgan.disc, torch.optim.Adam(model.cgan.disc.parameters()),
+                                              data, config.batch_size)
+
+    def plain_step():
+        plain_opt.zero_grad()
+        disc_loss(plain_disc(images, onehot, site), True, "nonsat").mean().backward()
+        plain_opt.step()
+
+    def dp_step():
+        dp_opt.zero_grad()
+        disc_loss(dp_disc(images, onehot, site), True, "nonsat").mean().backward()
+        dp_opt.step()
+
+    def seg_step():
+        recipe.public_segmenter_update(model, public, 0, {}, 0, torch.device("cpu"))
+
+    steps = interleaved({"disc_nonprivate": plain_step, "disc_dp": dp_step}, repeats=args.repeats)
+    private.close()
+    s_cost = interleaved({"seg_public_round": seg_step}, repeats=2, warmup=1)
+    rounds = []
+    for k, s in enumerate(sites):
+        start = time.perf_counter()
+        recipe.train_local(model, PatientDataset(s, generator_seed=k), public,
+                           PrivateTraining(PrivacyPlan(10.0, 1e-5, "prv", sample_rate_for(s.num_patients, config.batch_size),
+                                                       100, 1.0, 1.0), [], seed=k),
+                           k, config.local_steps, {}, "cpu")
+        rounds.append(time.perf_counter() - start)
+    write_result("translation", {
+        "config": config.to_run_config(),
+        "private_networks": {"cgan.disc": {**steps, "dp_over_nonprivate":
+                                           steps["disc_dp"]["median_s"] / steps["disc_nonprivate"]["median_s"]}},
+        "public_networks": {"seg (per round, seg-steps-per-round steps)": s_cost["seg_public_round"]},
+        "round_seconds_per_site": rounds,
+        "round_seconds_4_sites_sequential": sum(rounds),
+        "round_seconds_4_sites_2_parallel": max(sum(rounds[0::2]), sum(rounds[1::2])),
+        "note": "1 torch thread per process; machine shared with other jobs (timings are upper bounds)"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.translation", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("train", "evaluate", "adapt", "timing"))
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--run-dir", default="runs/bridge-translate")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--local-steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--epsilon", type=float, default=10.0)
+    parser.add_argument("--sites", default="A,B,C,D")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--seg-steps", type=int, default=300, help="adapt: steps per segmenter")
+    parser.add_argument("--seg-init", help="state dict of a segmenter pretrained on public data "
+                        "(models.segmenter.train_contrast_agnostic) to start S from")
+    parser.add_argument("--option", action="append", help="recipe option KEY=VALUE (repeatable)")
+    args = parser.parse_args(argv)
+    {"train": train, "evaluate": evaluate, "adapt": adapt, "timing": timing}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""cddpm: a conditional DDPM that paints a tissue label map in a chosen site's scanner style.
+
+The Med-cDiff way (METHODS.md #4): the condition is concatenated channel-wise with the
+noisy image x_t and a U-Net (MONAI ``DiffusionModelUNet``) predicts the noise, trained
+with the plain noise MSE. Here the condition is the one-hot tissue map (mask-to-image
+synthesis) and the site enters as a class embedding (``num_class_embeds`` = number of
+sites), added to the timestep embedding of every residual block: one network renders any
+anatomy in any site's style. Sampling is deterministic DDIM with ``sample-steps`` steps.
+
+Privacy (unit = one patient = one dataset item; accountant named in the PrivacyPlan):
+  1. The denoiser is the only network, and it reads private records (a site's images
+     AND their label maps) in every training step, so all of it is the private module
+     (``private_modules = ("denoiser",)``) and trained only through ``PrivateTraining``:
+     Poisson sampling of patients, one clipped gradient per patient, Gaussian noise,
+     accounting. Each released set of weights is a DP release; everything travels
+     (``shared_prefixes = None``); Adam's moments (functions of the noised gradients,
+     post-processing) stay on the node.
+  2. Noise multiplicity (DPDM, Dockhorn et al. 2023): each record's loss is the MEAN over
+     ``noise-draws`` (timestep, noise) draws before clipping, so a patient still yields
+     exactly ONE per-sample gradient of norm <= C. It lowers the gradient variance at no
+     privacy cost. The draws come from a seeded generator independent of the data.
+  3. Sampling is post-processing: ``sample`` reads only the released weights, label maps
+     from the PUBLIC anatomy bank (or any public/atlas map), a site id, and fresh noise.
+     So labelled synthetic pairs (image, public map) in any site's style cost no further
+     privacy, and a segmenter trained on them (evaluation/utility.py) needs no DP.
+  4. Metrics: losses on the private batch are un-noised functions of private data and
+     would leave the site outside the accounting, so they are NOT returned; only step
+     counts and wall time (observable anyway as reply latency).
+
+Per-sample gradients, two interchangeable paths (``grad-sample-mode``), both checked
+against the per-record autograd oracle in tests/models/test_cddpm.py:
+  - "hooks": Opacus' hook-based per-sample gradients (every layer of the UNet here is
+    Conv2d, GroupNorm, Linear or Embedding, all supported). Needs noise-draws = 1: with K
+    draws the activations would carry N*K rows and Opacus would clip per draw, not per
+    patient. PrivateTraining installs the channels_last guard (DP.md) on every conv.
+  - "vmap": per-record gradients by ``torch.func`` (vmap over records of grad of the
+    record's mean loss over its K draws), written into ``p.grad_sample``; Opacus runs in
+    "no_op" mode and still clips, noises and accounts (DP.md trap 6 pattern).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDPMScheduler
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from medgen import TISSUE_CLASSES
+from medgen.config import ConfigError
+from medgen.models.blocks import one_hot_labels
+from medgen.models.recipe import PublicData, Recipe, RecipeOptions
+
+NUM_CLASSES = len(TISSUE_CLASSES)
+SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
+PREDICTIONS = ("epsilon", "sample", "v_prediction")
+GRAD_MODES = ("hooks", "vmap")
+SAMPLE_CHUNK = 64  # images per denoiser call while sampling (bounds memory)
+
+
+# -- options -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CDDPMOptions(RecipeOptions):
+    channels: str = "16,32,64"      # UNet level widths; each level halves the resolution
+    res_blocks: int = 1
+    norm_groups: int = 8
+    train_timesteps: int = 1000
+    schedule: str = "linear_beta"
+    prediction: str = "sample"       # x0-prediction: learns far faster under DP (see docs)
+    sample_steps: int = 20          # DDIM steps when sampling (evaluation, synthetic data)
+    noise_draws: int = 1            # DPDM noise multiplicity K (needs grad-sample-mode vmap if > 1)
+    grad_sample_mode: str = "vmap"
+    lr: float = 2e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+
+    def __post_init__(self) -> None:
+        widths = self.channel_widths  # validates the string
+        for key in ("res_blocks", "norm_groups", "train_timesteps", "sample_steps", "noise_draws"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"options.{_opt(key)} must be an integer >= 1, got {getattr(self, key)!r}")
+        bad = [w for w in widths if w % self.norm_groups]
+        if bad:
+            raise ConfigError(f"options.channels {bad} not divisible by options.norm-groups "
+                              f"{self.norm_groups} (GroupNorm needs it)")
+        if self.sample_steps > self.train_timesteps:
+            raise ConfigError(f"options.sample-steps ({self.sample_steps}) must be <= "
+                              f"options.train-timesteps ({self.train_timesteps})")
+        for key, allowed in (("schedule", SCHEDULES), ("prediction", PREDICTIONS),
+                             ("grad_sample_mode", GRAD_MODES)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"options.{_opt(key)} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.grad_sample_mode == "hooks" and self.noise_draws != 1:
+            raise ConfigError("options.noise-draws > 1 needs options.grad-sample-mode = \"vmap\": "
+                              "Opacus hooks would clip each noise draw separately, not each patient")
+        if not self.lr > 0:
+            raise ConfigError("options.lr must be > 0")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"options.{key} must be in [0, 1)")
+
+    @property
+    def channel_widths(self) -> tuple[int, ...]:
+        try:
+            widths = tuple(int(w) for w in str(self.channels).split(","))
+        except ValueError:
+            raise ConfigError(f"options.channels must be comma-separated integers like \"16,32,64\", "
+                              f"got {self.channels!r}") from None
+        if not widths or min(widths) < 1:
+            raise ConfigError(f"options.channels must list positive widths, got {self.channels!r}")
+        return widths
+
+
+def _opt(name: str) -> str:
+    return name.replace("_", "-")
+
+
+# -- the network ---------------------------------------------------------------------
+class DenoiserNetwork(nn.Module):
+    """One module so one state_dict travels: ``denoiser.*`` (all of it, a DP release)."""
+
+    def __init__(self, denoiser: DiffusionModelUNet):
+        super().__init__()
+        self.denoiser = denoiser
+
+
+def build_denoiser(options: CDDPMOptions, num_sites: int) -> DiffusionModelUNet:
+    widths = options.channel_widths
+    return DiffusionModelUNet(
+        spatial_dims=2, in_channels=1 + NUM_CLASSES, out_channels=1, channels=widths,
+        num_res_blocks=options.res_blocks, attention_levels=(False,) * len(widths),
+        norm_num_groups=options.norm_groups, num_class_embeds=num_sites)
+
+
+def denoiser_input(x_t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    """Med-cDiff conditioning: the condition channels concatenated to the noisy image."""
+    return torch.cat([x_t, condition], dim=1)
+
+
+# -- the per-record loss (shared by the fast paths and the oracle) --------------------
+def record_losses(denoiser: nn.Module, x_t: torch.Tensor, condition: torch.Tensor,
+                  site: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Loss of each record, the mean over its K draws: [N].
+
+    x_t, target: [N,K,1,H,W]; condition: one-hot map [N,C,H,W]; site: [N]; t: [N,K].
+    The K draws of a record are rows of ONE batch inside the forward, and their losses
+    are averaged per record here, so a record has one loss and one gradient.
+    """
+    n, k = t.shape
+    inputs = denoiser_input(x_t.flatten(0, 1), condition.repeat_interleave(k, dim=0))
+    pred = denoiser(inputs, t.flatten(), class_labels=site.repeat_interleave(k))
+    per_draw = (pred - target.flatten(0, 1)).square().mean(dim=(1, 2, 3))
+    return per_draw.view(n, k).mean(dim=1)
+
+
+def vmap_per_sample_grads(denoiser: nn.Module, x_t: torch.Tensor, condition: torch.Tensor,
+                          site: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
+                          ) -> dict[str, torch.Tensor]:
+    """Per-record gradients {name: [N, *param.shape]} of ``record_losses`` via torch.func."""
+    params = {name: p.detach() for name, p in denoiser.named_parameters() if p.requires_grad}
+
+    def one_record(p, x_t1, cond1, site1, t1, target1):
+        return record_losses(lambda *a, **kw: functional_call(denoiser, p, a, kw),
+                             x_t1[None], cond1[None], site1[None], t1[None], target1[None])[0]
+
+    return vmap(grad(one_record), in_dims=(None, 0, 0, 0, 0, 0))(params, x_t, condition, site, t, target)
+
+
+# -- noise schedule and DDIM sampling ------------------------------------------------
+def alphas_cumprod(options: CDDPMOptions) -> torch.Tensor:
+    """alpha-bar_t of MONAI's schedule (float64 CPU; cast where used)."""
+    scheduler = DDPMScheduler(num_train_timesteps=options.train_timesteps, schedule=options.schedule,
+                              prediction_type=options.prediction)
+    return scheduler.alphas_cumprod.to(torch.float64)
+
+
+def training_target(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor, prediction: str) -> torch.Tensor:
+    if prediction == "epsilon":
+        return noise
+    if prediction == "sample":
+        return x0
+    return abar.sqrt() * noise - (1 - abar).sqrt() * x0  # v-prediction
+
+
+def ddim_timesteps(train_timesteps: int, steps: int) -> list[int]:
+    """Evenly spaced, strictly decreasing timesteps from T-1 down to 0."""
+    return sorted({round(v) for v in torch.linspace(train_timesteps - 1, 0, steps).tolist()}, reverse=True)
+
+
+def ddim_step(model_out: torch.Tensor, x_t: torch.Tensor, abar_t: float, abar_prev: float,
+              prediction: str) -> torch.Tensor:
+    """Deterministic DDIM update (eta = 0) from timestep t to the NEXT timestep in the list.
+
+    Written out rather than MONAI's DDIMScheduler.step, which steps to t - T // n and so
+    disagrees with its own rounded linspace timesteps when n does not divide T.
+    """
+    a_t, a_prev = torch.tensor(abar_t, dtype=x_t.dtype), torch.tensor(abar_prev, dtype=x_t.dtype)
+    if prediction == "epsilon":
+        x0 = (x_t - (1 - a_t).sqrt() * model_out) / a_t.sqrt()
+    elif prediction == "sample":
+        x0 = model_out
+    else:
+        x0 = a_t.sqrt() * x_t - (1 - a_t).sqrt() * model_out
+    x0 = x0.clamp(-1.0, 1.0)
+    eps = (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+
+def _cpu_copy(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+# -- the recipe ----------------------------------------------------------------------
+class ConditionalDDPM(Recipe):
+    """Mask-to-image conditional DDPM, DP-SGD on the whole denoiser; see the module docstring."""
+
+    name: ClassVar[str] = "cddpm"
+    Options: ClassVar[type[RecipeOptions]] = CDDPMOptions
+    private_modules: ClassVar[tuple[str, ...]] = ("denoiser",)
+    shared_prefixes: ClassVar[tuple[str, ...] | None] = None
+
+    def __init__(self, config):
+        super().__init__(config)
+        depth = len(self.options.channel_widths) - 1
+        if config.image_size % (2 ** depth):
+            raise ConfigError(f"image-size {config.image_size} is not divisible by 2^{depth} "
+                              f"(options.channels has {depth + 1} levels)")
+        self.abar = alphas_cumprod(self.options)
+
+    def build(self) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):  # deterministic, global RNG untouched
+            torch.manual_seed(self.config.seed)
+            return DenoiserNetwork(build_denoiser(self.options, self.num_sites))
+
+    # -- training ---------------------------------------------------------------------
+    def train_local(self, model, data, public, private, site_index, steps, local_state, device):
+        o = self.options
+        self._check_inputs(site_index, steps)
+        device = torch.device(device)
+        model.to(device).train()
+        rounds_done = int(local_state.get("rounds_trained", 0))
+        rng = torch.Generator().manual_seed(
+            (self.config.seed * 1_000_003 + site_index * 10_007 + rounds_done) % 2**63)
+        opt = torch.optim.Adam(model.denoiser.parameters(), lr=o.lr, betas=(o.beta1, o.beta2))
+        if "opt_denoiser" in local_state:
+            try:
+                opt.load_state_dict(local_state["opt_denoiser"])
+            except (ValueError, KeyError) as err:
+                raise RuntimeError(f"local_state['opt_denoiser'] does not match the denoiser ({err}); "
+                                   "the recipe options changed: delete this node's local state") from None
+        mode = "no_op" if o.grad_sample_mode == "vmap" else "hooks"
+        wrapped, dp_opt, loader = private.make_private(model.denoiser, opt, data, self.config.batch_size,
+                                                       grad_sample_mode=mode)
+        start, taken = time.perf_counter(), 0
+        try:
+            batches = iter(loader)
+            for _ in range(steps):
+                try:
+                    batch = next(batches)
+                except StopIteration:  # the Poisson loader's "epoch" ended: start another
+                    batches = iter(loader)
+                    batch = next(batches)
+                dp_opt.zero_grad(set_to_none=True)
+                images, labels = self._real_batch(batch, device)
+                if images.shape[0] > 0:  # empty Poisson batch: step() takes a noise-only step
+                    self.private_backward(model.denoiser, wrapped, images, labels, site_index, rng)
+                private.step(dp_opt)
+                taken += 1
+        finally:
+            dp_opt.zero_grad(set_to_none=True)
+            if hasattr(wrapped, "to_standard_module"):
+                wrapped.to_standard_module()
+            private.close()
+        local_state["opt_denoiser"] = _cpu_copy(opt.state_dict())
+        local_state["rounds_trained"] = rounds_done + 1
+        return {"denoiser_steps": float(taken), "noise_draws": float(o.noise_draws),
+                "seconds": time.perf_counter() - start}
+
+    def draw_training_noise(self, images: torch.Tensor, rng: torch.Generator
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, t, target) for K draws per record: [N,K,1,H,W], [N,K], [N,K,1,H,W].
+
+        Timesteps and noise come from ``rng`` (seeded, data-independent), on the CPU.
+        """
+        n, k = images.shape[0], self.options.noise_draws
+        t = torch.randint(0, self.options.train_timesteps, (n, k), generator=rng)
+        noise = torch.randn((n, k, *images.shape[1:]), generator=rng).to(images.device)
+        abar = self.abar[t].to(images.device, images.dtype)[..., None, None, None]
+        x0 = images.unsqueeze(1)
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        target = training_target(x0.expand_as(noise), noise, abar, self.options.prediction)
+        return x_t, t.to(images.device), target
+
+    def private_backward(self, denoiser: nn.Module, wrapped: nn.Module, images: torch.Tensor,
+                         labels: torch.Tensor, site_index: int, rng: torch.Generator) -> None:
+        """Fill ``p.grad_sample`` of the denoiser with one gradient per record (the private batch)."""
+        x_t, t, target = self.draw_training_noise(images, rng)
+        condition = one_hot_labels(labels, NUM_CLASSES).to(images.device)
+        site = torch.full((images.shape[0],), site_index, dtype=torch.long, device=images.device)
+        if self.options.grad_sample_mode == "hooks":
+            record_losses(wrapped, x_t, condition, site, t, target).mean().backward()
+            return
+        grads = vmap_per_sample_grads(denoiser, x_t, condition, site, t, target)
+        for name, p in denoiser.named_parameters():
+            if p.requires_grad:
+                p.grad_sample = grads[name]
+
+    def _real_batch(self, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.config.image_size
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise ValueError("cddpm needs dataset items (image [1,H,W], label map [H,W]); "
+                             f"got a batch of type {type(batch).__name__}")
+        images, labels = batch[0], batch[1]
+        if images.shape[1:] != (1, size, size) or labels.shape[1:] != (size, size):
+            raise ValueError(f"site batch has images {tuple(images.shape[1:])} and labels "
+                             f"{tuple(labels.shape[1:])}; expected (1, {size}, {size}) and "
+                             f"({size}, {size}) for image-size {size}: reload the site data")
+        return images.to(device, torch.float32), labels.to(device)
+
+    def _check_inputs(self, site_index: int, steps: int) -> None:
+        if not 0 <= site_index < self.num_sites:
+            raise ValueError(f"site_index {site_index} out of range for sites {self.config.site_names}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+
+    # -- sampling (post-processing of the released denoiser) ---------------------------
+    def sample(self, model, label_maps, site_index, generator=None, steps: int | None = None):
+        """Images [N,1,H,W] in [-1,1] by DDIM (``steps`` or options.sample-steps); eval, no grad."""
+        device = next(model.parameters()).device
+        site = torch.as_tensor(site_index, dtype=torch.long)
+        site = site.expand(label_maps.shape[0]) if site.dim() == 0 else site
+        if site.shape != label_maps.shape[:1]:
+            raise ValueError(f"site_index has shape {tuple(site.shape)}, expected [{label_maps.shape[0]}]")
+        if site.numel() and (int(site.min()) < 0 or int(site.max()) >= self.num_sites):
+            raise ValueError(f"site ids must be in 0..{self.num_sites - 1}")
+        timesteps = ddim_timesteps(self.options.train_timesteps, steps or self.options.sample_steps)
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        noise = torch.randn((label_maps.shape[0], 1, *label_maps.shape[1:]), generator=generator,
+                            device=gen_device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = [self._ddim(model.denoiser, noise[i:i + SAMPLE_CHUNK].to(device),
+                                  one_hot_labels(label_maps[i:i + SAMPLE_CHUNK], NUM_CLASSES).to(device),
+                                  site[i:i + SAMPLE_CHUNK].to(device), timesteps)
+                       for i in range(0, label_maps.shape[0], SAMPLE_CHUNK)]
+        finally:
+            model.train(was_training)
+        return torch.cat(out) if out else noise.to(device)
+
+    def _ddim(self, denoiser, x, condition, site, timesteps: list[int]) -> torch.Tensor:
+        abar = self.abar.tolist()
+        for i, t in enumerate(timesteps):
+            t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+            out = denoiser(denoiser_input(x, condition), t_batch, class_labels=site)
+            prev = abar[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
+            x = ddim_step(out, x, abar[t], prev, self.options.prediction)
+        return x.clamp(-1.0, 1.0)

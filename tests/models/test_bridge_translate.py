@@ -1,0 +1,239 @@
+"""bridge-translate: the privacy properties, the translation math, a 2-round federated run.
+
+Synthetic anatomy: ellipse label maps; a site's image = a fixed intensity per tissue
+class + noise (16-32 px, few steps).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from medgen.config import ConfigError, RunConfig
+from medgen.models.bridge_translate import (BridgeTranslator, SiteStyle, style_from_images,
+                                            translate)
+from medgen.models.dp_cgan import disc_loss
+from medgen.models.recipe import PublicData
+from medgen.models.registry import build_recipe
+from medgen.privacy.accounting import sample_rate_for
+from medgen.privacy.dp_sgd import PrivateTraining
+from medgen.privacy.guards import per_sample_grads_reference
+from medgen.privacy.ledger import PrivacyPlan
+from medgen.sim.random_contrast import gaussian_blur
+
+T1 = (-1.0, -0.5, 0.1, 0.8)  # background, CSF, GM, WM
+T2 = (-1.0, 0.8, 0.1, -0.5)
+SMALL = {"gen-width": 4, "disc-width": 4, "noise-dim": 8, "seg-steps-per-round": 2, "seg-pretrain-steps": 2,
+         "seg-batch-size": 4, "style-samples": 8, "seg-generated-from-round": 1}
+
+
+def ellipses(n: int, size: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    out = torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        cx, cy = ((torch.rand(2, generator=gen) - 0.5) * 0.3).tolist()
+        a, b = (0.7 + 0.2 * torch.rand(2, generator=gen)).tolist()
+        r = ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2
+        out[i][r < 1.0], out[i][r < 0.75], out[i][r < 0.4], out[i][r < 0.06] = 1, 2, 3, 1
+    return out
+
+
+def render(labels: torch.Tensor, contrast, seed: int, noise: float = 0.03) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.tensor(contrast)[labels] + noise * torch.randn(labels.shape, generator=gen)).clamp(-1, 1)[:, None]
+
+
+def setup(size=16, n=16, batch=4, options=None):
+    config = RunConfig(recipe="bridge-translate", image_size=size, batch_size=batch, sites="A,B",
+                       seed=0, options={**SMALL, **(options or {})})
+    recipe = build_recipe(config)
+    plan = PrivacyPlan(target_epsilon=10.0, delta=1e-5, accountant="rdp",
+                       sample_rate=sample_rate_for(n, batch), total_steps=100,
+                       noise_multiplier=1.0, max_grad_norm=1.0)
+    return recipe, PublicData(ellipses(24, size, seed=99)), plan
+
+
+def site_data(n: int, size: int, contrast, seed: int) -> TensorDataset:
+    labels = ellipses(n, size, seed)
+    return TensorDataset(render(labels, contrast, seed), labels)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_registry_options_and_what_travels():
+    recipe, _, _ = setup()
+    assert isinstance(recipe, BridgeTranslator)
+    assert recipe.options.seg_steps_per_round == 2 and recipe.foundation.options.gen_width == 4
+    model = recipe.build()
+    shared = recipe.shared_keys(model)
+    assert shared and all(k.startswith(("cgan.gen.", "seg.")) for k in shared)
+    assert any(k.startswith("seg.") for k in shared)
+    assert all(k.startswith("cgan.disc.") for k in recipe.local_only_state(model))  # D stays home
+    assert recipe.private_modules == ("cgan.disc",)
+    with pytest.raises(ConfigError, match="no option 'bogus'"):
+        build_recipe(RunConfig(recipe="bridge-translate", options={"bogus": 1}))
+
+
+def test_each_site_trainer_gets_only_its_own_data_and_only_d_is_made_private(monkeypatch):
+    recipe, public, plan = setup()
+    seen = []
+    original = PrivateTraining.make_private
+
+    def spy(self, module, optimizer, dataset, batch_size):
+        seen.append((module, dataset))
+        return original(self, module, optimizer, dataset, batch_size)
+
+    monkeypatch.setattr(PrivateTraining, "make_private", spy)
+    model = recipe.build()
+    sites = {0: site_data(16, 16, T1, 1), 1: site_data(16, 16, T2, 2)}
+    for index, data in sites.items():
+        recipe.train_local(model, data, public, PrivateTraining(plan, [], seed=index), index, 2, {}, "cpu")
+    assert [d for _, d in seen] == [sites[0], sites[1]]  # identity: nothing else reaches DP-SGD
+    assert all(m is model.cgan.disc for m, _ in seen)
+
+
+def test_segmenter_update_reads_only_public_and_generated_inputs():
+    """S's update must not depend on D (the only part that saw private data) nor on any
+    dataset: two models whose D differs give bit-identical S after the public update."""
+    recipe, public, _ = setup()
+    a = recipe.build()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in b.cgan.disc.parameters():
+            p.add_(torch.randn_like(p))
+    recipe.public_segmenter_update(a, public, 3, {}, seed=5, device=torch.device("cpu"))
+    recipe.public_segmenter_update(b, public, 3, {}, seed=5, device=torch.device("cpu"))
+    sa, sb = a.seg.state_dict(), b.seg.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], v) for k, v in recipe.build().seg.state_dict().items())  # it trained
+    # and every label map in S's batches is a public map (up to the flip)
+    images, labels = recipe.public_batch(a, public, 3, 2, torch.Generator().manual_seed(0))
+    bank = public.label_maps
+    for lab in labels:
+        assert any(torch.equal(lab, m) or torch.equal(lab.flip(-1), m) for m in bank)
+    assert images.shape == (5, 1, 16, 16)
+
+
+def test_private_network_per_sample_grads_match_autograd_loop():
+    recipe, _, plan = setup()
+    model = recipe.build()
+    data = site_data(16, 16, T1, 3)  # the plan's sample rate is for 16 patients at batch 4
+    images, labels = data.tensors[0][:6], data.tensors[1][:6]
+    onehot = torch.nn.functional.one_hot(labels, 4).permute(0, 3, 1, 2).float()
+    site = torch.zeros(6, dtype=torch.long)
+
+    def one_record_loss(module, image, lab, s):
+        return disc_loss(module(image, lab, s), real=True, kind="nonsat").mean()
+
+    expected = per_sample_grads_reference(copy.deepcopy(model.cgan.disc), one_record_loss, images, onehot, site)
+    private = PrivateTraining(plan, [], seed=0)
+    disc, dp_opt, _ = private.make_private(model.cgan.disc, torch.optim.SGD(model.cgan.disc.parameters(), lr=0.1),
+                                           data, 4)
+    disc_loss(disc(images, onehot, site), real=True, kind="nonsat").mean().backward()
+    got = [p.grad_sample for p in dp_opt.params]
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert torch.allclose(g, e, atol=1e-5, rtol=1e-4), (g - e).abs().max()
+    private.close()
+
+
+def test_style_measurement_recovers_means_and_blur():
+    labels = ellipses(12, 32, 4)
+    flat = torch.tensor(T2)[labels][:, None]
+    style = style_from_images(gaussian_blur(flat, torch.full((12,), 1.0)), labels)
+    assert style.blur_px == pytest.approx(1.0, abs=0.26)
+    sharp = style_from_images(flat, labels)
+    assert sharp.blur_px == 0.0 and sharp.tissue_means == pytest.approx(T2, abs=1e-5)
+
+
+class OracleSegmenter(torch.nn.Module):
+    """Returns confident logits of known label maps (stands in for a perfect S)."""
+
+    def __init__(self, labels: torch.Tensor):
+        super().__init__()
+        self.labels = labels
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, images):
+        return 20.0 * torch.nn.functional.one_hot(self.labels, 4).permute(0, 3, 1, 2).float() + 0 * self.dummy
+
+
+def test_translation_maps_contrast_and_flips_texture():
+    labels = ellipses(8, 32, 5)
+    texture = 0.08 * gaussian_blur(torch.randn(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)),
+                                   torch.full((8,), 1.5))
+    inside = (labels > 0)[:, None]
+    source = torch.tensor(T1)[labels][:, None] + texture * inside
+    target = torch.tensor(T2)[labels][:, None] - 1.3 * texture * inside  # T2 flips texture
+    seg = OracleSegmenter(labels)
+    styles = (SiteStyle(T1, 0.0), SiteStyle(T2, 0.0))
+    before = source.clone()
+    # no residual filtering here: the synthetic texture has no noise or bias to remove
+    with_texture = translate(seg, source, *styles, texture_smooth_px=0.0, texture_detrend_px=0.0)
+    flat = translate(seg, source, *styles, carry_texture=False)
+    assert torch.equal(source, before)  # input untouched
+
+    def error(image):  # inside the brain, where the texture is
+        return float(((image - target)[inside] ** 2).mean())
+
+    assert error(with_texture) < 0.2 * error(flat)
+    # the texture is carried with the sign of the contrast map (negative for T1 -> T2)
+    residual = (with_texture - flat)[inside]
+    assert torch.corrcoef(torch.stack([residual, texture[inside]]))[0, 1] < -0.9
+
+
+@pytest.mark.slow
+def test_two_round_federated_run_on_tiny_images():
+    """Two rounds, two sites: local DP training, FedAvg of the shared keys, then translation."""
+    recipe, public, plan = setup(size=16)
+    global_model = recipe.build()
+    sites = [site_data(16, 16, T1, 1), site_data(16, 16, T2, 2)]
+    states = [{}, {}]
+    histories = [[], []]
+    local_models = [copy.deepcopy(global_model) for _ in sites]
+    for _ in range(2):
+        shared = []
+        for k, data in enumerate(sites):
+            local = local_models[k]
+            local.load_state_dict({**local.state_dict(), **recipe.shared_state(global_model)})
+            private = PrivateTraining(plan, histories[k], seed=k)
+            metrics = recipe.train_local(local, data, public, private, k, 3, states[k], "cpu")
+            histories[k] = private.history
+            assert set(metrics) >= {"loss_gen", "loss_seg_public"}
+            assert all(isinstance(v, float) for v in metrics.values())
+            shared.append(recipe.shared_state(local))
+        averaged = {key: torch.stack([s[key].float() for s in shared]).mean(0).to(shared[0][key].dtype)
+                    for key in shared[0]}
+        global_model.load_state_dict({**global_model.state_dict(), **averaged})
+    assert states[0]["rounds_trained"] == 2 and "opt_seg" in states[0]
+    assert all(0 < PrivateTraining(plan, h).epsilon(1e-5) < 100 for h in histories)
+    styles = recipe.site_styles(global_model, public)
+    out = translate(global_model.seg, sites[0].tensors[0][:4], styles["A"], styles["B"])
+    assert out.shape == (4, 1, 16, 16) and torch.isfinite(out).all()
+    assert recipe.gan_translate(global_model, sites[0].tensors[0][:4], 1).shape == (4, 1, 16, 16)
+
+
+def test_random_contrast_rendering_is_seeded_varied_and_leaves_labels_alone():
+    from medgen.sim.random_contrast import render_random_contrast
+
+    labels = ellipses(64, 32, 6)
+    before = labels.clone()
+    a = render_random_contrast(labels, torch.Generator().manual_seed(1))
+    b = render_random_contrast(labels, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and torch.equal(labels, before)
+    assert a.shape == (64, 1, 32, 32) and a.min() >= -1 and a.max() <= 1
+    wm, csf = [torch.stack([a[i, 0][labels[i] == c].mean() for i in range(64)]) for c in (3, 1)]
+    flipped = (wm < csf).float().mean()
+    assert 0.2 < flipped < 0.8  # T1-like and T2-like orderings both occur
+    with pytest.raises(ValueError, match="0..3"):
+        render_random_contrast(labels + 4, torch.Generator())
