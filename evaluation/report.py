@@ -249,6 +249,15 @@ def _samples_section(run_dir: Path) -> str:
     return body
 
 
+def _translation_section(results: Any) -> str:
+    try:
+        from medgen.evaluation.translation import render_section
+
+        return render_section(results)
+    except Exception as err:  # noqa: BLE001 - a malformed file must not cost the report
+        return f'<p class="note">translation.json could not be rendered: {escape(str(err))}</p>'
+
+
 def render_report(run_dir: Path) -> str:
     run_dir = Path(run_dir)
     notes: list[str] = []
@@ -262,8 +271,17 @@ def render_report(run_dir: Path) -> str:
     privacy = _read_json(run_dir / "privacy.json", notes)
     evaluator = _read_json(run_dir / "evaluator.json", notes)
     sites = _sites(train, evals, config)
-    contains = ["privacy (epsilon per site, accountant named; no empirical audit)",
+    utility = _read_json(run_dir / "utility.json", notes) if (run_dir / "utility.json").exists() else None
+    translation = (_read_json(run_dir / "translation.json", notes)
+                   if (run_dir / "translation.json").exists() else None)
+    audited = isinstance(privacy, dict) and "membership_inference" in privacy
+    contains = ["privacy (epsilon per site, accountant named; "
+                + ("membership-inference audit in privacy.json)" if audited else "no empirical audit)"),
                 "training losses", "excluded replies"]
+    if utility is not None:
+        contains.append("utility: segmenter trained on synthetic pairs, tested on real (utility.json)")
+    if translation is not None:
+        contains.append("translation against ground truth (translation.json)")
     if evals:
         contains += ["feature distance with real-vs-real floor and KID with bootstrap CI",
                      "site fidelity (site-classifier accuracy)"]
@@ -282,6 +300,10 @@ def render_report(run_dir: Path) -> str:
         _section("privacy", "Privacy", _privacy_section(train, sites, config, privacy)),
         _section("evaluation", "Evaluation on held-out data", _evaluation_section(evals, sites, evaluator)),
         _section("excluded", "Excluded replies", _excluded_section(train)),
+        *([_section("utility", "Utility: train on synthetic, test on real (utility.json)", _nested(utility))]
+          if utility is not None else []),
+        *([_section("translation", "Translation against ground truth (translation.json)",
+                    _translation_section(translation))] if translation is not None else []),
         _section("evaluator", "Evaluator provenance", _evaluator_section(evaluator)),
     ]
     title = f"medgen report: {run_dir.name}"
