@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/medgen-server simulate --out $(RUN)
 
+# The deployment end-to-end test (real SuperLink + SuperNodes as processes) runs in its own
+# pytest process: in one process with the rest, the run was cut short after it (see issue notes).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --ignore=tests/deploy/test_e2e.py
+	$(BIN)/python -m pytest -q tests/deploy/test_e2e.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
