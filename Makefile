@@ -22,10 +22,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/medgen-server simulate --out $(RUN)
 
-# The deployment end-to-end test (real SuperLink + SuperNodes as processes) runs in its own
-# pytest process: in one process with the rest, the run was cut short after it (see issue notes).
+# Three pytest processes. tests/deploy/test_pki.py runs an in-process gRPC TLS server: in the
+# same process as the tests after it, the pytest process was later cut off (exit 1, no summary;
+# reproduced with test_pki + tests/evaluation, each green alone). The deployment end-to-end test
+# starts real processes and also runs alone. Root cause still open (see the issue notes).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --ignore=tests/deploy/test_e2e.py
+	$(BIN)/python -m pytest -q --ignore=tests/deploy/test_e2e.py --ignore=tests/deploy/test_pki.py
+	$(BIN)/python -m pytest -q tests/deploy/test_pki.py
 	$(BIN)/python -m pytest -q tests/deploy/test_e2e.py
 
 bench: $(STAMP)
