@@ -245,7 +245,7 @@ class ConditionalDDPM(Recipe):
     # -- training ---------------------------------------------------------------------
     def train_local(self, model, data, public, private, site_index, steps, local_state, device):
         o = self.options
-        self._check_inputs(site_index, steps)
+        self.check_train_args(site_index, steps)
         device = torch.device(device)
         model.to(device).train()
         rounds_done = int(local_state.get("rounds_trained", 0))
@@ -271,7 +271,7 @@ class ConditionalDDPM(Recipe):
                     batches = iter(loader)
                     batch = next(batches)
                 dp_opt.zero_grad(set_to_none=True)
-                images, labels = self._real_batch(batch, device)
+                images, labels = self.real_batch(batch, device)
                 if images.shape[0] > 0:  # empty Poisson batch: step() takes a noise-only step
                     self.private_backward(model.denoiser, wrapped, images, labels, site_index, rng)
                 private.step(dp_opt)
@@ -315,32 +315,11 @@ class ConditionalDDPM(Recipe):
             if p.requires_grad:
                 p.grad_sample = grads[name]
 
-    def _real_batch(self, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.config.image_size
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise ValueError("cddpm needs dataset items (image [1,H,W], label map [H,W]); "
-                             f"got a batch of type {type(batch).__name__}")
-        images, labels = batch[0], batch[1]
-        if images.shape[1:] != (1, size, size) or labels.shape[1:] != (size, size):
-            raise ValueError(f"site batch has images {tuple(images.shape[1:])} and labels "
-                             f"{tuple(labels.shape[1:])}; expected (1, {size}, {size}) and "
-                             f"({size}, {size}) for image-size {size}: reload the site data")
-        return images.to(device, torch.float32), labels.to(device)
-
-    def _check_inputs(self, site_index: int, steps: int) -> None:
-        if not 0 <= site_index < self.num_sites:
-            raise ValueError(f"site_index {site_index} out of range for sites {self.config.site_names}")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-
     # -- sampling (post-processing of the released denoiser) ---------------------------
     def sample(self, model, label_maps, site_index, generator=None, steps: int | None = None):
         """Images [N,1,H,W] in [-1,1] by DDIM (``steps`` or options.sample-steps); eval, no grad."""
         device = next(model.parameters()).device
-        site = torch.as_tensor(site_index, dtype=torch.long)
-        site = site.expand(label_maps.shape[0]) if site.dim() == 0 else site
-        if site.shape != label_maps.shape[:1]:
-            raise ValueError(f"site_index has shape {tuple(site.shape)}, expected [{label_maps.shape[0]}]")
+        site = self.site_ids(site_index, label_maps.shape[0])
         if site.numel() and (int(site.min()) < 0 or int(site.max()) >= self.num_sites):
             raise ValueError(f"site ids must be in 0..{self.num_sites - 1}")
         timesteps = ddim_timesteps(self.options.train_timesteps, steps or self.options.sample_steps)

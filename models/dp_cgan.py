@@ -243,7 +243,7 @@ class DPConditionalGAN(Recipe):
     def train_local(self, model: nn.Module, data: "torch.utils.data.Dataset", public: PublicData,
                     private: "PrivateTraining", site_index: int, steps: int,
                     local_state: dict[str, Any], device: torch.device) -> dict[str, float]:
-        o, size = self.options, self.config.image_size
+        o = self.options
         self._check_inputs(public, site_index, steps)
         device = torch.device(device)
         model.to(device).train()
@@ -268,7 +268,7 @@ class DPConditionalGAN(Recipe):
                 except StopIteration:  # the Poisson loader's "epoch" ended: start another
                     batches = iter(loader)
                     batch = next(batches)
-                images, labels = self._real_batch(batch, size, device)
+                images, labels = self.real_batch(batch, device)
                 sums["loss_disc_fake"] += self._disc_step(model, disc, dp_opt, private, images, labels,
                                                           public, site_index, n_fake, rng, device)
                 d_steps += 1
@@ -334,23 +334,9 @@ class DPConditionalGAN(Recipe):
         labels = one_hot_labels(public.draw(n, generator=rng), NUM_CLASSES).to(device)
         return labels, torch.full((n,), site_index, dtype=torch.long, device=device)
 
-    def _real_batch(self, batch, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise ValueError("dp-cgan needs dataset items (image [1,H,W], label map [H,W]); "
-                             f"got a batch of type {type(batch).__name__}")
-        images, labels = batch[0], batch[1]
-        if images.shape[1:] != (1, size, size) or labels.shape[1:] != (size, size):
-            raise ValueError(f"site batch has images {tuple(images.shape[1:])} and labels "
-                             f"{tuple(labels.shape[1:])}; expected (1, {size}, {size}) and "
-                             f"({size}, {size}) for image-size {size}: reload the site data")
-        return images.to(device, torch.float32), labels.to(device)
-
     def _check_inputs(self, public: PublicData, site_index: int, steps: int) -> None:
+        self.check_train_args(site_index, steps)
         size = self.config.image_size
-        if not 0 <= site_index < self.num_sites:
-            raise ValueError(f"site_index {site_index} out of range for sites {self.config.site_names}")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
         maps = public.label_maps
         if maps.dim() != 3 or maps.shape[0] < 1 or tuple(maps.shape[1:]) != (size, size):
             raise ValueError(f"public label maps have shape {tuple(maps.shape)}; expected "
@@ -361,10 +347,7 @@ class DPConditionalGAN(Recipe):
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Images [N,1,H,W] in [-1,1] on the model's device; eval mode, no grad."""
         device = next(model.parameters()).device
-        site = torch.as_tensor(site_index, dtype=torch.long)
-        site = site.expand(label_maps.shape[0]) if site.dim() == 0 else site
-        if site.shape != label_maps.shape[:1]:
-            raise ValueError(f"site_index has shape {tuple(site.shape)}, expected [{label_maps.shape[0]}]")
+        site = self.site_ids(site_index, label_maps.shape[0])
         was_training = model.training
         model.eval()
         try:

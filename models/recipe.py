@@ -83,6 +83,35 @@ class Recipe(ABC):
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Images [N,1,H,W] in [-1, 1] for integer label maps [N,H,W] and site ids [N]."""
 
+    # -- checks every recipe's train_local/sample make the same way ---------------------
+    def check_train_args(self, site_index: int, steps: int) -> None:
+        if not 0 <= site_index < self.num_sites:
+            raise ValueError(f"site_index {site_index} out of range for sites {self.config.site_names}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+
+    def real_batch(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [B,1,S,S] float32, labels [B,S,S]) from a PatientDataset batch, on ``device``."""
+        size = self.config.image_size
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise ValueError(f"{self.name} needs dataset items (image [1,H,W], label map [H,W]); "
+                             f"got a batch of type {type(batch).__name__}")
+        images, labels = batch[0], batch[1]
+        if images.shape[1:] != (1, size, size) or labels.shape[1:] != (size, size):
+            raise ValueError(f"site batch has images {tuple(images.shape[1:])} and labels "
+                             f"{tuple(labels.shape[1:])}; expected (1, {size}, {size}) and "
+                             f"({size}, {size}) for image-size {size}: reload the site data")
+        return images.to(device, torch.float32), labels.to(device)
+
+    @staticmethod
+    def site_ids(site_index: torch.Tensor | int, count: int) -> torch.Tensor:
+        """One site id per image: an int broadcasts, a tensor must have ``count`` entries."""
+        site = torch.as_tensor(site_index, dtype=torch.long)
+        site = site.expand(count) if site.dim() == 0 else site
+        if site.shape != (count,):
+            raise ValueError(f"site_index has shape {tuple(site.shape)}, expected [{count}]")
+        return site
+
     # -- what travels ---------------------------------------------------------------
     def shared_keys(self, model: nn.Module) -> list[str]:
         keys = list(model.state_dict().keys())

@@ -186,7 +186,8 @@ def _finish(config: RunConfig, run_dir: RunDir) -> Path | None:
 def privacy_from_metrics(run_dir: RunDir, config: RunConfig) -> dict[str, Any]:
     """Per-site epsilon as the sites reported it (the last round each site trained)."""
     sites: dict[str, dict[str, Any]] = {}
-    for record in read_metrics(run_dir.metrics):
+    records = read_metrics(run_dir.metrics)  # read once: both guarantees come from it
+    for record in records:
         if record.get("kind") != "train":
             continue
         for site, metrics in record.get("per_site", {}).items():
@@ -198,7 +199,7 @@ def privacy_from_metrics(run_dir: RunDir, config: RunConfig) -> dict[str, Any]:
     out = {"unit": "patient", "accountant": config.accountant, "delta": config.delta,
            "target_epsilon": config.target_epsilon, "reported_by_sites": sites,
            "max_epsilon": max((s["epsilon"] or 0.0 for s in sites.values()), default=0.0)}
-    client_level = site_level_guarantee(read_metrics(run_dir.metrics), config)
+    client_level = site_level_guarantee(records, config)
     if client_level is not None:  # a separate guarantee, unit = the site
         out["client_level"] = client_level
     return out

@@ -164,7 +164,7 @@ def submit_and_wait(client, app_dir: Path, config: RunConfig, *, timeout: float,
                     unreachable_after: float = 30.0):
     """``flwr run`` the app, follow metrics.jsonl until DONE, verify; returns SimulationResult."""
     from medgen.deploy.launch import CONNECTION, LaunchError
-    from medgen.server.run_log import RunDir, format_progress, read_metrics
+    from medgen.server.run_log import RunDir, read_metrics, show_new_records
     from medgen.server.simulate import _finished, _run_id, verify_results
 
     run_dir = RunDir(Path(config.run_dir))
@@ -181,10 +181,7 @@ def submit_and_wait(client, app_dir: Path, config: RunConfig, *, timeout: float,
     host, port = _address(client)
     last_check, finished_at, reachable_at = 0.0, None, time.monotonic()
     while (done := run_dir.read_done()) is None:
-        records = read_metrics(run_dir.metrics)
-        for record in records[shown:]:
-            progress(format_progress(record, config.num_rounds))
-        shown = len(records)
+        shown = show_new_records(run_dir.metrics, shown, config.num_rounds, progress)
         now = time.monotonic()
         if now - started > timeout:
             raise LaunchError(f"run {run_id} did not finish within {timeout:.0f} s")
@@ -202,8 +199,7 @@ def submit_and_wait(client, app_dir: Path, config: RunConfig, *, timeout: float,
                               f"in {run_dir.path}: it was stopped or crashed (see `flwr log {run_id}`). "
                               "Run the same command again to resume from the last checkpoint")
         time.sleep(1.0)
-    for record in read_metrics(run_dir.metrics)[shown:]:
-        progress(format_progress(record, config.num_rounds))
+    show_new_records(run_dir.metrics, shown, config.num_rounds, progress)
     return verify_results(run_dir, done, config, time.monotonic() - started)
 
 

@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from medgen.atomic import append_line, atomic_write_json, atomic_write_text
 from medgen.config import RunConfig
@@ -132,6 +132,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def show_new_records(metrics: Path, shown: int, num_rounds: int,
+                     progress: Callable[[str], None]) -> int:
+    """Print the progress lines of records after the first ``shown``; returns the new count."""
+    records = read_metrics(metrics)
+    for record in records[shown:]:
+        progress(format_progress(record, num_rounds))
+    return len(records)
 
 
 def format_progress(record: Mapping[str, Any], num_rounds: int) -> str:

@@ -34,7 +34,7 @@ from typing import Callable
 
 from medgen.config import RunConfig
 from medgen.server.checkpoint import load_checkpoint
-from medgen.server.run_log import RunDir, format_progress, read_metrics
+from medgen.server.run_log import RunDir, read_metrics, show_new_records
 
 CONNECTION = "medgen"
 STATUS_EVERY = 30.0  # seconds between `flwr ls` checks (a Python start each: not free on 2 cores)
@@ -262,10 +262,7 @@ def run_simulation(config: RunConfig, work_dir: Path, *, timeout: float = 3600.0
         finished_at = None
         while (done := run_dir.read_done()) is None:
             link.check_alive()
-            records = read_metrics(run_dir.metrics)
-            for record in records[shown:]:
-                progress(format_progress(record, config.num_rounds))
-            shown = len(records)
+            shown = show_new_records(run_dir.metrics, shown, config.num_rounds, progress)
             now = time.monotonic()
             if now - started > timeout:
                 raise SimulationError(f"the run did not finish within {timeout:.0f} s; see {work_dir / 'run.log'}")
@@ -277,8 +274,7 @@ def run_simulation(config: RunConfig, work_dir: Path, *, timeout: float = 3600.0
                 raise SimulationError(f"Flower reports run {run_id} finished but the ServerApp wrote no "
                                       f"DONE marker in {run_dir.path}; see {link.log_path}")
             time.sleep(1.0)
-        for record in read_metrics(run_dir.metrics)[shown:]:
-            progress(format_progress(record, config.num_rounds))
+        show_new_records(run_dir.metrics, shown, config.num_rounds, progress)
     finally:
         if log_stream is not None:
             time.sleep(2.0)  # let the last lines arrive
