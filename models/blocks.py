@@ -62,7 +62,10 @@ class SiteSPADE(nn.Module):
 
 
 class SPADEUpBlock(nn.Module):
-    """[Upsample x2 (nearest)], 3x3 conv, SiteSPADE, LeakyReLU: one generator stage."""
+    """[Upsample x2 (bilinear)], 3x3 conv, SiteSPADE, LeakyReLU: one generator stage.
+
+    Bilinear, not nearest: nearest upsampling from the S/8 base left visible 8x8 blocks in
+    the demo's samples."""
 
     def __init__(self, in_channels: int, out_channels: int, label_channels: int,
                  site_channels: int, hidden: int, spade_kernel: int = 3, upsample: bool = True):
@@ -73,7 +76,7 @@ class SPADEUpBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, site_code: torch.Tensor) -> torch.Tensor:
         if self.upsample:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
         return F.leaky_relu(self.norm(self.conv(x), labels, site_code), 0.2)
 
 
@@ -81,30 +84,88 @@ class ScannerHead(nn.Module):
     """Half-resolution features -> full-resolution single-channel image (pre-activation).
 
     Upsampling plus one conv brings the features to full resolution without materialising a
-    wide full-resolution feature map (the costly part of a generator on a CPU). The sharp
-    per-pixel part of a scan is then added directly: a per-(site, tissue class) intensity
-    offset and a per-(site, tissue class) noise level times per-pixel noise, i.e. the
-    scanner's contrast and noise as lookups on the full-resolution label map.
+    wide full-resolution feature map (the costly part of a generator on a CPU). The scanner's
+    own part of the image is then modelled the way a scanner makes it, as lookups on the
+    full-resolution label map and the site id:
+      contrast  a per-(site, tissue class) intensity offset,
+      blur      a per-site isotropic Gaussian point-spread function (low-field and
+                down-sampled scanners are blurred; a per-pixel lookup alone is razor-sharp
+                and a site classifier tells such a site apart at once),
+      noise     a per-(site, tissue class) noise level times per-pixel noise, added after
+                the blur as acquisition noise is.
+    These few numbers per site are what most separates one scanner from another, so they
+    are named parameters (``scanner_parameters``) that a recipe may train faster than the
+    convolutional body.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, num_sites: int):
+    def __init__(self, in_channels: int, num_classes: int, num_sites: int, blur_radius: int = 4):
+        """``blur_radius`` 0 turns the point-spread function off (an ablation)."""
         super().__init__()
-        # nearest upsampling then a 3x3 conv: a stride-2 transposed conv printed a
-        # checkerboard into every sample of the first demo runs
-        self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+        # bilinear upsampling then a 3x3 conv: nearest upsampling left 2x2 blocks, and a
+        # stride-2 transposed conv printed a checkerboard into every sample of the first demo runs
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
                                 nn.Conv2d(in_channels, 1, 3, padding=1))
         self.class_offset = nn.Embedding(num_sites, num_classes)
         self.class_noise = nn.Embedding(num_sites, num_classes)
+        # PSF width sigma = 0.25 + softplus(raw) pixels; raw = -1.25 starts at sigma 0.5 (nearly
+        # sharp, yet with a usable gradient on the neighbouring taps)
+        self.blur_raw = nn.Embedding(num_sites, 1)
+        self.blur_radius = blur_radius
         with torch.no_grad():  # start near zero: a saturated tanh would stall early training
             self.up[1].weight.mul_(0.1)
+            self.blur_raw.weight.fill_(-1.25)
         nn.init.zeros_(self.class_offset.weight)
         nn.init.zeros_(self.class_noise.weight)  # noise is learned only if D asks for it
 
+    def scanner_parameters(self) -> list[nn.Parameter]:
+        return [self.class_offset.weight, self.class_noise.weight, self.blur_raw.weight]
+
+    def blur_sigma(self, site: torch.Tensor) -> torch.Tensor:
+        """Per-sample PSF width in pixels [N]."""
+        return 0.25 + F.softplus(self.blur_raw(site)[:, 0])
+
+    def _blur(self, image: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+        """Separable Gaussian blur with each sample's own sigma (grouped conv, reflect pad)."""
+        n, r = image.shape[0], self.blur_radius
+        if r == 0:
+            return image
+        taps = torch.arange(-r, r + 1, device=image.device, dtype=image.dtype)
+        kernel = torch.exp(-0.5 * (taps[None, :] / self.blur_sigma(site)[:, None]) ** 2)
+        kernel = kernel / kernel.sum(dim=1, keepdim=True)  # [N, 2r+1]
+        x = F.pad(image.reshape(1, n, *image.shape[2:]), (r, r, r, r), mode="reflect")
+        x = F.conv2d(x, kernel[:, None, None, :], groups=n)  # along width
+        x = F.conv2d(x, kernel[:, None, :, None], groups=n)  # along height
+        return x.reshape(image.shape)
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor, site: torch.Tensor,
                 pixel_noise: torch.Tensor) -> torch.Tensor:
-        offset = torch.einsum("nchw,nc->nhw", labels, self.class_offset(site))
-        noise_level = torch.einsum("nchw,nc->nhw", labels, self.class_noise(site))
-        return self.up(x) + (offset + noise_level * pixel_noise[:, 0]).unsqueeze(1)
+        offset = torch.einsum("nchw,nc->nhw", labels, self.class_offset(site)).unsqueeze(1)
+        noise_level = torch.einsum("nchw,nc->nhw", labels, self.class_noise(site)).unsqueeze(1)
+        return self._blur(self.up(x) + offset, site) + noise_level * pixel_noise
+
+
+def tissue_statistics(image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-image scanner statistics [N, 2C+2] from an image [N,1,H,W] and one-hot maps [N,C,H,W].
+
+    Per tissue class: the mean and the standard deviation of the intensity inside it (the
+    scanner's contrast); over the head: the mean absolute gradient (sharpness: a blurred
+    scanner has less of it) and the mean absolute Laplacian (noise). Parameter-free and
+    differentiable in the image, so a generator learns contrast, blur and noise from a
+    discriminator that looks at them.
+    """
+    area = labels.sum(dim=(2, 3)).clamp_min(1.0)                      # [N,C]
+    mean = (image * labels).sum(dim=(2, 3)) / area                    # [N,C]
+    var = ((image - mean[:, :, None, None]) ** 2 * labels).sum(dim=(2, 3)) / area
+    std = (var + 1e-6).sqrt()
+    head = 1.0 - labels[:, :1]                                        # everything but background
+    head_area = head.sum(dim=(2, 3)).clamp_min(1.0)                   # [N,1]
+    dx = (image[..., :, 1:] - image[..., :, :-1]).abs() * head[..., :, 1:]
+    dy = (image[..., 1:, :] - image[..., :-1, :]).abs() * head[..., 1:, :]
+    sharpness = (dx.sum(dim=(2, 3)) + dy.sum(dim=(2, 3))) / (2 * head_area)
+    laplace = (4 * image[..., 1:-1, 1:-1] - image[..., :-2, 1:-1] - image[..., 2:, 1:-1]
+               - image[..., 1:-1, :-2] - image[..., 1:-1, 2:]).abs() * head[..., 1:-1, 1:-1]
+    noise = laplace.sum(dim=(2, 3)) / head_area
+    return torch.cat([mean, std, sharpness, noise], dim=1)
 
 
 class DownBlock(nn.Module):
