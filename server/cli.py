@@ -43,13 +43,19 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heldout-size", type=int, default=48, metavar="N",
                    help="held-out subjects per split (fit: trains the evaluation networks; test: "
                    "reference for every reported metric), rendered at every site (default: %(default)s)")
+    p.add_argument("--dicom-sites", default="", metavar="SITES",
+                   help="simulated sites whose folder holds DICOM series instead of NIfTI, e.g. B "
+                   "or B,C: sites/<site>/images/<subject>/ is one DICOM MR series per patient (the "
+                   "same stored values), so that site's client trains through the DICOM reader "
+                   "like a hospital's PACS export (default: none; all sites NIfTI)")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), metavar="RUN_DIR",
                    help="run directory: metrics.jsonl, checkpoint, samples/, report.html, and "
                    "(unless --data-root) the federation's data in RUN_DIR/federation; node state "
                    "(privacy ledgers, caches) in RUN_DIR/state (default: %(default)s)")
     p.add_argument("--data-root", type=Path, help="use the federation in this data root as it is "
                    "(its manifest names the sites; --sites/--subjects-per-site/--public-size/"
-                   "--heldout-size are then ignored), or build one there if it holds none")
+                   "--heldout-size are then ignored, and --dicom-sites must match how it was "
+                   "built), or build one there if it holds none")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in RUN_DIR "
                    "(node ledgers still remember what each site spent)")
     p.add_argument("--timeout", type=float, default=6 * 3600, metavar="SECONDS",
@@ -77,6 +83,7 @@ def _simulate(args: argparse.Namespace) -> int:
                                     subjects_per_site=args.subjects_per_site,
                                     public_size=args.public_size, heldout_fit=args.heldout_size,
                                     heldout_test=args.heldout_size,
+                                    dicom_sites=args.dicom_sites,
                                     reuse_any=args.data_root is not None)
     except (SimConfigError, FederationExistsError) as err:
         print(f"medgen-server simulate: {err}", file=sys.stderr)

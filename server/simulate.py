@@ -78,14 +78,22 @@ def prepare_federation(config: RunConfig, data_root: Path, *, num_sites: int | N
     """Build (or reuse) the simulated federation; returns the config with its sites and root.
 
     ``reuse_any``: a data root that already holds a federation is used as it is, whatever
-    settings built it (its manifest names the sites); otherwise medgen.sim rebuilds only if
-    the settings changed and refuses to overwrite a different build.
+    settings built it (its manifest names the sites), except that ``dicom_sites``, when
+    given, must be the ones it was built with; otherwise medgen.sim rebuilds only if the
+    settings changed and refuses to overwrite a different build.
     """
-    from medgen.sim.config import SimConfig
+    from medgen.sim.config import SimConfig, SimConfigError
     from medgen.sim.federation import Manifest, build_federation
 
     if reuse_any and (Path(data_root) / "manifest.json").is_file():
         manifest = Manifest.load(Path(data_root))
+        wanted = SimConfig(sites=",".join(manifest.site_names),
+                           dicom_sites=sim_options.get("dicom_sites", ())).dicom_sites
+        if wanted and wanted != manifest.config.dicom_sites:
+            built = ",".join(manifest.config.dicom_sites) or "none"
+            raise SimConfigError(f"{data_root} holds a federation whose DICOM sites are {built}, "
+                                 f"not {','.join(wanted)}; build it with these DICOM sites into "
+                                 "another --data-root (or leave --dicom-sites out to use it as it is)")
         return config.replace(sites=",".join(manifest.site_names),
                               data_root=str(Path(data_root).resolve()))
     sites = str(num_sites) if num_sites is not None else config.sites

@@ -16,6 +16,7 @@ C T2w, D low-field PD; further letters interpolate them). Writes NIfTI files a c
 like a hospital's data:
 
   DIR/sites/<site>/images|labels/     one folder per site: point `medgen-client` here
+                                      (--dicom-sites B: images/<subject>/ DICOM series)
   DIR/public/labels/                  public anatomy bank (label maps, no images)
   DIR/heldout/{fit,test}/<site>/      the same subjects at every site, for evaluation
   DIR/manifest.json                   config, site physics, seeds, counts, content hash
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "like site A, 1 is the full preset)")
     build.add_argument("--quantity-skew", type=float, default=0.0,
                        help="site k gets subjects-per-site * exp(-skew * k) subjects (default 0)")
+    build.add_argument("--dicom-sites", default="", metavar="SITES",
+                       help="sites written as DICOM folders instead of NIfTI, e.g. B or B,C: "
+                       "sites/<site>/images/<subject>/ is one DICOM MR series per subject (same "
+                       "stored values), labels/ stays NIfTI, and no NIfTI image is left there, "
+                       "so that site's client reads DICOM like a PACS export (default: none)")
     build.add_argument("--workers", type=int, default=2,
                        help="rendering processes (default 2; the files do not depend on it)")
     build.add_argument("--overwrite", action="store_true",
@@ -85,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         config = SimConfig(seed=args.seed, sites=args.sites, subjects_per_site=args.subjects_per_site,
                            public_size=args.public_size, heldout_fit=args.heldout_fit,
                            heldout_test=args.heldout_test, image_size=args.image_size,
-                           severity=args.severity, quantity_skew=args.quantity_skew)
+                           severity=args.severity, quantity_skew=args.quantity_skew,
+                           dicom_sites=args.dicom_sites)
         start = time.perf_counter()
         manifest = build_federation(config, args.out, overwrite=args.overwrite,
                                     workers=max(1, args.workers), progress=print)

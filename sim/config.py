@@ -14,7 +14,7 @@ import hashlib
 import json
 import string
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -39,8 +39,11 @@ class SimConfig:
     image_size: int = 64
     severity: Mapping[str, float] = field(default_factory=dict)  # per-site override of t
     quantity_skew: float = 0.0  # site k gets round(subjects_per_site * exp(-skew * k))
+    # sites written as DICOM series (images/<subject>/) instead of NIfTI, e.g. ("B",)
+    dicom_sites: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dicom_sites", _site_list(self.dicom_sites))
         _require(32 <= self.image_size <= 128, "image_size", "must be between 32 and 128")
         _require(self.subjects_per_site >= 1, "subjects_per_site", "must be >= 1")
         for name in ("public_size", "heldout_fit", "heldout_test"):
@@ -50,6 +53,8 @@ class SimConfig:
         for site, t in self.severity.items():
             _require(site in names, "severity", f"names site '{site}', not one of {names}")
             _require(0.0 <= float(t) <= 1.0, "severity", f"of site '{site}' must be in [0, 1]")
+        for site in self.dicom_sites:
+            _require(site in names, "dicom_sites", f"names site '{site}', not one of {names}")
 
     @property
     def site_names(self) -> tuple[str, ...]:
@@ -81,6 +86,9 @@ class SimConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["severity"] = {k: float(v) for k, v in sorted(self.severity.items())}
+        data["dicom_sites"] = list(self.dicom_sites)
+        if not self.dicom_sites:  # an all-NIfTI build keeps the config hash it always had
+            del data["dicom_sites"]
         return data
 
     @classmethod
@@ -103,6 +111,12 @@ def deformation_seed(config_seed: int, index: int) -> int:
 def scan_seed(config_seed: int, index: int, site_index: int) -> int:
     return int(np.random.SeedSequence([config_seed, 1, index, site_index])
                .generate_state(1, np.uint64)[0] >> 1)
+
+
+def _site_list(value: str | Sequence[str]) -> tuple[str, ...]:
+    """"B,C" or ["B", "C"] -> ("B", "C") in site-letter order, without duplicates."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(sorted({str(item).strip() for item in items if str(item).strip()}))
 
 
 def _require(ok: bool, name: str, why: str) -> None:

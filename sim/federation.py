@@ -2,6 +2,7 @@
 
     <out>/manifest.json
     <out>/sites/<site>/images|labels/<subject>.nii.gz      disjoint subjects per site
+                                  (a site in ``dicom_sites``: images/<subject>/ DICOM series)
     <out>/public/labels/<id>.nii.gz                        public anatomy bank (labels only)
     <out>/heldout/{fit,test}/<site>/images|labels|clean/   same subjects at every site
 
@@ -109,6 +110,7 @@ def build_federation(config: SimConfig, out_dir: str | Path, overwrite: bool = F
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         data = _render_all(config, staging, workers, progress or (lambda message: None))
+        _write_dicom_sites(config, staging)
         data["content_hash"] = content_hash(staging)
         atomic_write_json(staging / MANIFEST, data)
         _swap_into_place(staging, out)
@@ -213,6 +215,7 @@ def _render_all(config: SimConfig, root: Path, workers: int,
         "config": config.to_dict(),
         "config_hash": config.config_hash(),
         "sites": {name: physics[name].to_dict() for name in names},
+        "site_formats": {name: "dicom" if name in config.dicom_sites else "nifti" for name in names},
         "counts": {group: len(records) for group, records in subjects.items()},
         "image_size": config.image_size,
         "pixel_mm": FOV_MM / config.image_size,
@@ -220,6 +223,26 @@ def _render_all(config: SimConfig, root: Path, workers: int,
         "anatomy": "MNI ICBM152 2009a symmetric (Fonov et al. 2009, 2011), via nilearn",
         "subjects": subjects,
     }
+
+
+def _write_dicom_sites(config: SimConfig, root: Path) -> None:
+    """Replace each of ``config.dicom_sites``' NIfTI images by DICOM series, in place.
+
+    ``sites/<site>/images/<subject>/`` becomes one DICOM MR series per subject (stored values
+    as in the NIfTI, medgen.sim.dicom_export); labels stay NIfTI. No NIfTI image is left in
+    the site's folder, so its client reads DICOM like a hospital export. UIDs derive from the
+    build seed and the site's index: deterministic, distinct across sites.
+    """
+    from medgen.sim.dicom_export import export_site_as_dicom
+
+    for site in config.dicom_sites:
+        site_dir = root / "sites" / site
+        exported = root / "sites" / f".{site}.dicom"
+        seed = int(np.random.SeedSequence([config.seed, 2, config.site_names.index(site)])
+                   .generate_state(1, np.uint32)[0] >> 1)
+        export_site_as_dicom(site_dir, exported, seed=seed)
+        shutil.rmtree(site_dir)
+        os.replace(exported, site_dir)
 
 
 def _record(subject: Subject, level: int, index: int) -> dict[str, Any]:
