@@ -14,8 +14,9 @@ transport. It writes R/config.toml and R/checkpoint.pt in the server's format (s
 ``medgen translate --run-dir R`` and the evaluator read it) and R/privacy.json.
 
 ``evaluate`` writes R/translation.json and R/translation/*.png (evaluation/translation.py):
-identity, HM, inverted HM, bridge-gan (x -> S -> G), bridge (texture carried, DP styles),
-and the non-private ceiling bridge-central (the same translation with styles measured
+identity, HM, inverted HM, bridge-gan (x -> S -> G), bridge (texture carried, styles from
+each site's DP release of its own tissue statistics), bridge-gen-style (the same with styles
+measured on G's samples), and the non-private ceiling bridge-central (the same translation with styles measured
 centrally on real labelled heldout/fit images, no DP).
 
 ``adapt`` writes R/adaptation.json (evaluation/adaptation.py): a UNet trained on site A's
@@ -81,9 +82,10 @@ def train(args) -> None:
     plans = []
     for site in sites:
         q = sample_rate_for(site.num_patients, config.batch_size)
-        sigma = calibrate_noise(config.target_epsilon, config.delta, q, total, config.accountant)
+        sigma = calibrate_noise(config.target_epsilon, config.delta, q, total, config.accountant,
+                                releases=recipe.one_off_releases())
         plans.append(PrivacyPlan(config.target_epsilon, config.delta, config.accountant, q, total,
-                                 sigma, config.max_grad_norm))
+                                 sigma, config.max_grad_norm, releases=recipe.one_off_releases()))
     global_model = recipe.build()
     if args.seg_init:  # S pretrained (set options seg-pretrain-steps=0 then) on public renderings only (zero privacy cost), e.g. by the coordinator
         global_model.seg.load_state_dict(torch.load(args.seg_init, map_location="cpu", weights_only=True))
@@ -103,6 +105,8 @@ def train(args) -> None:
             shared.append(recipe.shared_state(model))
         averaged = {key: torch.stack([s[key].float() for s in shared]).mean(0).to(shared[0][key].dtype)
                     for key in shared[0]}
+        for key in recipe.site_indexed_keys:  # row k from site k only (server/strategy.py)
+            averaged[key] = torch.stack([shared[k][key][k] for k in range(len(sites))])
         global_model.load_state_dict({**global_model.state_dict(), **averaged})
         save_checkpoint(run_dir, new_checkpoint(recipe.shared_state(global_model), r + 1, config, "bench"))
         # the PRV accountant takes seconds per call: compute each distinct history once
@@ -152,13 +156,15 @@ def evaluate(args) -> None:
     public = load_public_bank(root / "public", size)
     fit = load_heldout(root, "fit", size, cache_dir=run_dir / "cache")
     test = load_heldout(root, "test", size, cache_dir=run_dir / "cache")
-    dp_styles = recipe.site_styles(model, public, seed=args.seed)
+    dp_styles = recipe.site_styles(model, public, seed=args.seed)  # DP-released statistics
+    gen_styles = recipe.generator_styles(model, public, seed=args.seed)  # measured on G's samples
     central = {s: style_from_images(h.images, h.labels) for s, h in fit.items()}
     names = list(recipe.config.site_names)
     translators = dict(classical_baselines(fit))
     translators["bridge-gan"] = lambda x, s, t: recipe.gan_translate(model, x, names.index(t),
                                                                      torch.Generator().manual_seed(0))
     translators["bridge"] = lambda x, s, t: translate(model.seg, x, dp_styles[s], dp_styles[t])
+    translators["bridge-gen-style"] = lambda x, s, t: translate(model.seg, x, gen_styles[s], gen_styles[t])
     translators["bridge-central"] = lambda x, s, t: translate(model.seg, x, central[s], central[t])
     seg_path = run_dir / "target_segmenters.pt"  # trained on heldout/fit: reused if present
     if seg_path.exists():
@@ -173,8 +179,13 @@ def evaluate(args) -> None:
         segmenters = train_target_segmenters(fit, seed=args.seed)
         torch.save({k: v.state_dict() for k, v in segmenters.items()}, seg_path)
     results = evaluate_translation(test, translators, segmenters)
-    results["acceptance"] = {m: acceptance(results, m) for m in ("bridge", "bridge-central", "bridge-gan")}
+    results["acceptance"] = {m: acceptance(results, m)
+                             for m in ("bridge", "bridge-gen-style", "bridge-central", "bridge-gan")}
     results["styles"] = {"dp": {s: v.to_dict() for s, v in dp_styles.items()},
+                         "dp_source": {s: ("released statistics" if recipe.options.style_release
+                                           and recipe.has_released_style(model, k) else "generator samples")
+                                       for k, s in enumerate(names)},
+                         "generator": {s: v.to_dict() for s, v in gen_styles.items()},
                          "central": {s: v.to_dict() for s, v in central.items()}}
     results["commands"] = {"dp": f"python -m bench.translation train --data-root {root} --run-dir {run_dir}",
                            "evaluate": f"python -m bench.translation evaluate --data-root {root} --run-dir {run_dir}"}
@@ -262,7 +273,8 @@ def timing(args) -> None:
         start = time.perf_counter()
         recipe.train_local(model, PatientDataset(s, generator_seed=k), public,
                            PrivateTraining(PrivacyPlan(10.0, 1e-5, "prv", sample_rate_for(s.num_patients, config.batch_size),
-                                                       100, 1.0, 1.0), [], seed=k),
+                                                       100, 1.0, 1.0, releases=recipe.one_off_releases()),
+                                           [], seed=k),
                            k, config.local_steps, {}, "cpu")
         rounds.append(time.perf_counter() - start)
     write_result("translation", {

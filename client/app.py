@@ -2,7 +2,7 @@
 
 Per train message: resolve the node (client/node.py) -> replayed request? send the stored
 reply (client/local_state.py) -> load the site's data (cached tensors) and the public
-anatomy bank -> ledger: plan once, check the budget (refuse with an error reply if the
+anatomy bank -> ledger: plan once (composed with the recipe's one-off releases), check the budget (refuse with an error reply if the
 round would exceed it, without training) -> recipe.train_local through PrivateTraining ->
 ledger.commit_round -> persist local state -> reply.
 
@@ -105,16 +105,19 @@ def train_round(config: RunConfig, node: NodeSetup, content: RecordDict) -> Reco
     plan = ledger.ensure_plan(target_epsilon=cap, delta=config.delta, accountant=config.accountant,
                               sample_rate=sample_rate_for(data.num_patients, config.batch_size),
                               total_steps=config.num_rounds * config.local_steps,
-                              max_grad_norm=config.max_grad_norm)
+                              max_grad_norm=config.max_grad_norm,
+                              releases=recipe.one_off_releases())
     ledger.check_budget(config.local_steps, cap)  # raises BudgetExceeded: no training at all
 
     seed = _round_seed(config, node, server_round)
-    private = PrivateTraining(plan, ledger.history, seed=seed if node.simulated else None)
+    private = PrivateTraining(plan, ledger.history, seed=seed if node.simulated else None,
+                              released=ledger.released)
     dataset = PatientDataset(data, generator_seed=seed)
     recipe_metrics = recipe.train_local(model, dataset, public, private, node.site_index,
                                         config.local_steps, local.recipe_state, _device(config))
     epsilon = ledger.commit_round(run_id=request, server_round=server_round,
-                                  history=private.history, steps=private.steps_taken)
+                                  history=private.history, steps=private.accounted_steps,
+                                  releases=private.new_releases)
     model.cpu()
     save_local_state(node.local_state_path,
                      LocalState(run_key, recipe.local_only_state(model), local.recipe_state))

@@ -68,15 +68,18 @@ class SPADEUpBlock(nn.Module):
     the demo's samples."""
 
     def __init__(self, in_channels: int, out_channels: int, label_channels: int,
-                 site_channels: int, hidden: int, spade_kernel: int = 3, upsample: bool = True):
+                 site_channels: int, hidden: int, spade_kernel: int = 3, upsample: bool = True,
+                 mode: str = "bilinear"):
         super().__init__()
         self.upsample = upsample
+        self.mode = mode
         self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm = SiteSPADE(out_channels, label_channels, site_channels, hidden, spade_kernel)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, site_code: torch.Tensor) -> torch.Tensor:
         if self.upsample:
-            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            x = F.interpolate(x, scale_factor=2.0, mode=self.mode,
+                              align_corners=False if self.mode == "bilinear" else None)
         return F.leaky_relu(self.norm(self.conv(x), labels, site_code), 0.2)
 
 
@@ -98,12 +101,14 @@ class ScannerHead(nn.Module):
     convolutional body.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, num_sites: int, blur_radius: int = 4):
+    def __init__(self, in_channels: int, num_classes: int, num_sites: int, blur_radius: int = 4,
+                 mode: str = "bilinear"):
         """``blur_radius`` 0 turns the point-spread function off (an ablation)."""
         super().__init__()
         # bilinear upsampling then a 3x3 conv: nearest upsampling left 2x2 blocks, and a
         # stride-2 transposed conv printed a checkerboard into every sample of the first demo runs
-        self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode=mode,
+                                            align_corners=False if mode == "bilinear" else None),
                                 nn.Conv2d(in_channels, 1, 3, padding=1))
         self.class_offset = nn.Embedding(num_sites, num_classes)
         self.class_noise = nn.Embedding(num_sites, num_classes)
@@ -115,7 +120,10 @@ class ScannerHead(nn.Module):
             self.up[1].weight.mul_(0.1)
             self.blur_raw.weight.fill_(-1.25)
         nn.init.zeros_(self.class_offset.weight)
-        nn.init.zeros_(self.class_noise.weight)  # noise is learned only if D asks for it
+        # a small positive noise level, not zero: |a + s*eps| is symmetric in s, so at s = 0 the
+        # expected gradient on s vanishes and the noise level never started to learn (site D's
+        # noisy scans were then matched by sharpening instead of by noise)
+        nn.init.constant_(self.class_noise.weight, 0.02)
 
     def scanner_parameters(self) -> list[nn.Parameter]:
         return [self.class_offset.weight, self.class_noise.weight, self.blur_raw.weight]

@@ -10,18 +10,24 @@ Translation of an image x from site s to site t, done locally by whoever holds x
     y = blur(y, sqrt(b_t^2 - b_s^2))         target resolution
 
 where M_t, b_t (tissue means and blur of site t) and b_s are the SiteStyle of each site,
-measured on samples of the foundation generator G(public label map, site), and g is the
+computed from that site's one-off DP release of its own per-patient tissue statistics
+(``style-release``, the default; point 4 below) or else measured on samples of the
+foundation generator G(public label map, site), and g is the
 least-squares slope of the target tissue means on the source tissue means (the first-
 order map of a within-tissue intensity deviation: negative for T1 -> T2, so texture and
 partial volume flip with the contrast). ``BridgeTranslator.gan_translate`` is the plain
 bridge x -> argmax S(x) -> G(., t) of the issue, kept for comparison.
 
 PRIVACY ARGUMENT (DP.md "Which networks need DP-SGD", "Conditioning"). Unit: the patient.
+Two mechanisms read a site's records, both accounted in the site's ONE accountant history
+(its PrivacyLedger): DP-SGD on D (point 1) and one Gaussian release of style statistics
+(point 4). The plan's DP-SGD noise is calibrated once for their composition
+(``one_off_releases`` -> ``PrivacyLedger.ensure_plan``), so the site's total epsilon is
+<= the target.
   1. ``cgan.disc`` (D) is the ONLY network that reads private records: the foundation
      recipe (medgen.models.dp_cgan, reused by composition) trains it through
      ``PrivateTraining`` only: Poisson sampling of patients, per-patient clipping, noise
-     at the plan's fixed multiplier, the accountant the plan names. It is the site's
-     whole epsilon; nothing else here spends any.
+     at the plan's fixed multiplier, the accountant the plan names.
   2. ``cgan.gen`` (G) is updated from public label maps, site ids, noise and D's
      released parameters only (dp_cgan's module docstring, point 3): post-processing.
   3. ``seg`` (S) is updated by ``pretrain_segmenter`` (first round; public renderings only)
@@ -31,13 +37,33 @@ PRIVACY ARGUMENT (DP.md "Which networks need DP-SGD", "Conditioning"). Unit: the
      site data at all (its signature has no dataset), so it is post-processing of DP
      outputs and public data. tests/models/test_bridge_translate.py checks that S's
      update is identical for two models whose D (the only data-dependent part) differs.
-  4. SiteStyle statistics are computed from G's samples on public maps (free), never
-     from a site's images. The per-image statistics m_s, r of the image being translated
-     are computed by its holder, at translation time, and never leave it.
+  4. SiteStyle release (``ensure_style_release``, once per site, in its first round,
+     before its DP-SGD steps). Per patient i (one dataset item = one patient) the vector
+     v_i = [1, m_ik a_ik (k = 0..3), a_ik (k = 0..3), b_i / 3] (``patient_style_statistics``:
+     m_ik = its mean intensity in tissue k, a_ik = 1 if tissue k occurs in its label map,
+     b_i = the BLUR_GRID blur best fitting its own image), computed from patient i's record
+     alone. Images are in [-1, 1], so ||v_i|| <= sqrt(10) = STYLE_CLIP; v_i is clipped to
+     STYLE_CLIP anyway, so adding or removing one patient moves S = sum_i v_i by at most
+     STYLE_CLIP (L2 sensitivity). Released: S + N(0, (sigma_style STYLE_CLIP)^2 I), the
+     Gaussian mechanism (``PrivateTraining.gaussian_release``, same noise source as
+     DP-SGD), accounted as the Opacus history entry (sigma_style, sample_rate 1.0, 1 step)
+     in the same accountant (PRV: PoissonSubsampledGaussianPRV at q = 1 is exactly the
+     Gaussian mechanism's privacy-loss distribution; RDP: its closed form). The noisy S
+     is written to row k of ``style_release`` (site k's row only), kept in the node's
+     local state and shared with the federation (every site may translate into every
+     other site's style). Everything after it is post-processing: the style
+     (``style_from_statistics``: means = noisy per-class sums / noisy per-class counts,
+     blur = noisy mean best blur), the server's copy of the row, translation. A second
+     release never spends again: an existing row or local copy is reused, and failing
+     those ``gaussian_release`` returns the values the ledger stored with the spent entry
+     (or refuses, without them). Without ``style-release`` the
+     styles are measured on G's samples of public maps (free). The per-image statistics
+     m_s, r of the image being translated are computed by its holder, at translation time,
+     and never leave it.
   5. Returned metrics are those of dp_cgan (public-input losses only) plus S's loss on
      public/generated batches.
-``style_from_images`` also measures a style on REAL labelled images: evaluation uses it
-for the central, non-private ceiling only; it is never called by ``train_local``.
+``style_from_images`` measures a style on REAL labelled images centrally: evaluation uses
+it for the non-private ceiling only; it is never called by ``train_local``.
 """
 
 from __future__ import annotations
@@ -59,6 +85,9 @@ from medgen.sim.random_contrast import RandomContrast, gaussian_blur, render_ran
 
 BLUR_GRID = tuple(0.25 * i for i in range(13))  # candidate blur sigmas (px) for SiteStyle
 MIN_TISSUE_MASS = 4.0  # pixels of probability mass below which a per-image mean is unreliable
+# the released per-patient statistic: [1, mean_k * present_k (4), present_k (4), blur / 3]
+STYLE_STAT_DIM = 2 * NUM_CLASSES + 2
+STYLE_CLIP = math.sqrt(STYLE_STAT_DIM)  # every in-range vector has norm <= sqrt(10): never clipped
 
 
 @dataclass(frozen=True)
@@ -70,23 +99,30 @@ class BridgeOptions(CGANOptions):
     seg_generated_fraction: float = 0.25
     seg_generated_from_round: int = 2  # G's samples join S's batches from this round on
     style_samples: int = 64
+    style_release: bool = True  # SiteStyle from a DP release of the site's own statistics
+    style_noise_multiplier: float = 2.0  # sigma of that one Gaussian release (x STYLE_CLIP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.seg_steps_per_round < 0 or self.seg_batch_size < 2 or self.style_samples < 4:
             raise ConfigError("options.seg-steps-per-round must be >= 0, seg-batch-size >= 2, "
                               "style-samples >= 4")
+        if not (self.style_noise_multiplier > 0 and math.isfinite(self.style_noise_multiplier)):
+            raise ConfigError("options.style-noise-multiplier must be a finite number > 0")
         if not 0.0 <= self.seg_generated_fraction < 1.0:
             raise ConfigError("options.seg-generated-fraction must be in [0, 1)")
 
 
 class BridgeModel(nn.Module):
-    """``cgan`` = the foundation (gen shared, disc private), ``seg`` = S (public-trained, shared)."""
+    """``cgan`` = the foundation (gen shared, disc private), ``seg`` = S (public-trained, shared),
+    ``style_release`` [sites, STYLE_STAT_DIM] = each site's DP-released style statistics
+    (row k written once by site k; all zeros until released; shared, site-indexed)."""
 
-    def __init__(self, cgan: nn.Module, seg: nn.Module):
+    def __init__(self, cgan: nn.Module, seg: nn.Module, num_sites: int = 0):
         super().__init__()
         self.cgan = cgan
         self.seg = seg
+        self.register_buffer("style_release", torch.zeros(num_sites, STYLE_STAT_DIM))
 
 
 @dataclass(frozen=True)
@@ -116,6 +152,47 @@ def style_from_images(images: torch.Tensor, labels: torch.Tensor) -> SiteStyle:
     errors = [float(((gaussian_blur(flat, torch.full((x.shape[0],), s)) - images.float()) ** 2).mean())
               for s in BLUR_GRID]
     return SiteStyle(tuple(means), BLUR_GRID[min(range(len(errors)), key=errors.__getitem__)])
+
+
+def patient_style_statistics(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One statistic vector per patient (one row per image [N,1,H,W] with label map [N,H,W]):
+
+        [1, m_0 a_0, ..., m_3 a_3, a_0, ..., a_3, b / 3]
+
+    m_k = the image's mean intensity in tissue class k (0 if absent), a_k = 1 if class k
+    occurs in its label map, b = the blur of BLUR_GRID (0..3 px) minimising the MSE
+    between the image and its own flat tissue rendering blurred by b. Computed from that
+    patient's image and labels alone; for images in [-1, 1] its L2 norm is <= sqrt(10) =
+    STYLE_CLIP. float64."""
+    if images.shape[0] != labels.shape[0] or images.shape[-2:] != labels.shape[-2:]:
+        raise ValueError(f"images {tuple(images.shape)} and labels {tuple(labels.shape)} do not pair")
+    n = images.shape[0]
+    x = images[:, 0].double()
+    onehot = torch.nn.functional.one_hot(labels.long(), NUM_CLASSES).permute(0, 3, 1, 2).double()
+    count = onehot.sum(dim=(2, 3))
+    present = (count > 0).double()
+    means = (onehot * x[:, None]).sum(dim=(2, 3)) / count.clamp(min=1.0)
+    flat = (onehot * means[:, :, None, None]).sum(dim=1, keepdim=True).float()
+    errors = torch.stack([((gaussian_blur(flat, torch.full((n,), s)) - images.float()) ** 2).mean(dim=(1, 2, 3))
+                          for s in BLUR_GRID], dim=1)
+    best = torch.tensor(BLUR_GRID, dtype=torch.float64)[errors.argmin(dim=1)]
+    return torch.cat([torch.ones(n, 1, dtype=torch.float64), means * present, present,
+                      (best / BLUR_GRID[-1])[:, None]], dim=1)
+
+
+def style_from_statistics(total: torch.Tensor) -> SiteStyle:
+    """A SiteStyle from a (noisy) sum of ``patient_style_statistics`` rows: post-processing.
+
+    Tissue mean k = sum of per-patient means / number of patients having class k; blur =
+    mean per-patient best blur. Noisy counts are floored at 1, means clamped to [-1, 1],
+    the blur to the grid's range."""
+    t = [float(v) for v in total]
+    if len(t) != STYLE_STAT_DIM:
+        raise ValueError(f"style statistics have {len(t)} entries, expected {STYLE_STAT_DIM}")
+    k = NUM_CLASSES
+    means = tuple(min(1.0, max(-1.0, t[1 + c] / max(t[1 + k + c], 1.0))) for c in range(k))
+    blur = min(BLUR_GRID[-1], max(0.0, t[-1] / max(t[0], 1.0) * BLUR_GRID[-1]))
+    return SiteStyle(means, blur)
 
 
 def translate(seg: nn.Module, images: torch.Tensor, source: SiteStyle, target: SiteStyle,
@@ -158,7 +235,11 @@ class BridgeTranslator(Recipe):
     name: ClassVar[str] = "bridge-translate"
     Options: ClassVar[type[RecipeOptions]] = BridgeOptions
     private_modules: ClassVar[tuple[str, ...]] = ("cgan.disc",)
-    shared_prefixes: ClassVar[tuple[str, ...] | None] = ("cgan.gen.", "seg.")
+    shared_prefixes: ClassVar[tuple[str, ...] | None] = ("cgan.gen.", "seg.", "style_release")
+    # row k of the released style statistics comes from site k's reply only
+    # the style release and the foundation's per-site rows: row k comes from site k only
+    site_indexed_keys: ClassVar[tuple[str, ...]] = ("style_release",) + tuple(
+        "cgan." + key for key in DPConditionalGAN.site_indexed_keys)
 
     def __init__(self, config):
         super().__init__(config)
@@ -166,17 +247,26 @@ class BridgeTranslator(Recipe):
         self.foundation = DPConditionalGAN(dataclasses.replace(
             config, options={k: v for k, v in config.options.items() if k in cgan_keys}))
         if self.options.share_discriminator:
-            self.shared_prefixes = ("cgan.gen.", "seg.", "cgan.disc.")
+            self.shared_prefixes = ("cgan.gen.", "seg.", "style_release", "cgan.disc.")
         self.seg_settings = SegmenterSettings(steps=max(1, self.options.seg_steps_per_round),
                                               batch_size=self.options.seg_batch_size,
                                               lr=self.options.seg_lr)
 
     def build(self) -> nn.Module:
-        return BridgeModel(self.foundation.build(), build_segmenter(self.seg_settings, self.config.seed + 1))
+        return BridgeModel(self.foundation.build(), build_segmenter(self.seg_settings, self.config.seed + 1),
+                           self.num_sites)
+
+    def one_off_releases(self) -> tuple[tuple[float, float, int], ...]:
+        """The style release: one Gaussian mechanism, accounted as (sigma_style, 1.0, 1)."""
+        own = ((float(self.options.style_noise_multiplier), 1.0, 1),) if self.options.style_release else ()
+        return self.foundation.one_off_releases() + own  # the foundation G's moment release too
 
     # -- training ---------------------------------------------------------------------
     def train_local(self, model, data, public, private, site_index, steps, local_state, device):
+        self.check_train_args(site_index, steps)
         rounds_done = int(local_state.get("rounds_trained", 0))
+        if self.options.style_release:
+            self.ensure_style_release(model, data, private, site_index, local_state)
         if rounds_done == 0 and self.options.seg_pretrain_steps > 0:
             self.pretrain_segmenter(model, public, torch.device(device))
         # the private part: D under DP-SGD, G as post-processing (dp_cgan, by composition)
@@ -187,6 +277,36 @@ class BridgeTranslator(Recipe):
             metrics.update(self.public_segmenter_update(model, public, rounds_done, local_state,
                                                         seed, torch.device(device)))
         return metrics
+
+    def ensure_style_release(self, model: BridgeModel, data, private, site_index: int,
+                             local_state: dict[str, Any]) -> None:
+        """Release this site's style statistics ONCE (privacy argument, point 4).
+
+        Already released (row ``site_index`` of ``model.style_release`` is set, as it comes
+        back from the server every round, or the node kept it in ``local_state``): reuse it,
+        spend nothing. Otherwise one row per patient of ``data`` (this site's dataset: one
+        item = one patient) -> ``private.gaussian_release`` (clip to STYLE_CLIP, sum, noise,
+        accounted as (style-noise-multiplier, 1.0, 1)) -> row ``site_index`` only."""
+        row = model.style_release[site_index]
+        if bool(row.abs().sum() > 0):
+            local_state["style_release"] = [float(v) for v in row]
+            return
+        if local_state.get("style_release") is not None:
+            with torch.no_grad():
+                row.copy_(torch.tensor(local_state["style_release"], dtype=row.dtype))
+            return
+        if getattr(data, "has_labels", True) is False:
+            raise ValueError("bridge-translate's style release needs the site's label maps; this "
+                             "site has none (set options.style-release = false to measure styles "
+                             "on the generator's samples instead)")
+        items = [data[i] for i in range(len(data))]
+        images, labels = self.real_batch((torch.stack([it[0] for it in items]),
+                                          torch.stack([it[1] for it in items])), torch.device("cpu"))
+        noisy = private.gaussian_release(patient_style_statistics(images, labels), STYLE_CLIP,
+                                         self.options.style_noise_multiplier)
+        with torch.no_grad():
+            row.copy_(noisy.to(row.dtype))
+        local_state["style_release"] = [float(v) for v in noisy]
 
     def pretrain_segmenter(self, model: BridgeModel, public: PublicData, device: torch.device) -> None:
         """S on random-contrast renderings of public maps only; the seed does not depend on
@@ -243,6 +363,18 @@ class BridgeTranslator(Recipe):
 
     def site_style(self, model: BridgeModel, public: PublicData, site_index: int,
                    seed: int = 0) -> SiteStyle:
+        """A site's style: from its DP-released statistics when it has released them
+        (``style-release``), else measured on G's samples. Both post-processing."""
+        if self.options.style_release and self.has_released_style(model, site_index):
+            return style_from_statistics(model.style_release[site_index])
+        return self.generator_style(model, public, site_index, seed)
+
+    @staticmethod
+    def has_released_style(model: BridgeModel, site_index: int) -> bool:
+        return bool(model.style_release[site_index].abs().sum() > 0)
+
+    def generator_style(self, model: BridgeModel, public: PublicData, site_index: int,
+                        seed: int = 0) -> SiteStyle:
         """A site's style measured on G's samples of public maps (free: post-processing)."""
         gen = torch.Generator().manual_seed(seed * 1_000 + site_index)
         maps = public.draw(self.options.style_samples, generator=gen).long()
@@ -251,6 +383,10 @@ class BridgeTranslator(Recipe):
 
     def site_styles(self, model: BridgeModel, public: PublicData, seed: int = 0) -> dict[str, SiteStyle]:
         return {name: self.site_style(model, public, k, seed)
+                for k, name in enumerate(self.config.site_names)}
+
+    def generator_styles(self, model: BridgeModel, public: PublicData, seed: int = 0) -> dict[str, SiteStyle]:
+        return {name: self.generator_style(model, public, k, seed)
                 for k, name in enumerate(self.config.site_names)}
 
     def gan_translate(self, model: BridgeModel, images: torch.Tensor, target_index: int,

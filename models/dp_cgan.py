@@ -30,7 +30,19 @@ Why only D needs DP-SGD (post-processing, DP.md "Which networks need DP-SGD",
      private state (per-sample grads, summed grads, captured activations) is left on D
      when G trains; tests/models/test_dp_cgan.py proves G's update is identical for two
      different private data sets given the same D.
-  4. Metrics: losses on the private batch are data-dependent scalars that would leave
+  4. The scanner-moment release (``moment-release``, on by default): once per site, before
+     any DP-SGD step, one Gaussian mechanism on per-patient statistic vectors
+     v_i = [1, mean_k a_k, sd_k a_k, a_k (k = 4 tissue classes), sharpness, noise] of ONE
+     slice of patient i (drawn by the dataset's seeded, data-independent generator;
+     a_k = class k present; ``patient_moments``). For images in [-1, 1] every entry is in
+     [0, 1] or [-1, 1] except the two texture terms, and each row is clipped to
+     MOMENT_CLIP, so adding or removing a patient moves the sum by at most MOMENT_CLIP;
+     ``PrivateTraining.gaussian_release`` adds N(0, (sigma * MOMENT_CLIP)^2) and records
+     the accountant entry (sigma, 1.0, 1), declared in ``one_off_releases`` so the DP-SGD
+     noise was calibrated for the composition. The noisy sum is stored in G's buffer
+     ``site_moments`` (row k: site k's release, site-indexed) and G is pulled toward the
+     moments it implies: post-processing of a DP release, like D's parameters.
+  5. Metrics: losses on the private batch are data-dependent scalars that would leave
      the site outside the accounting, so they are NOT returned. Only public-input
      quantities (G loss, D loss on fakes, fake scores), step counts and the wall time
      (which the server observes anyway as reply latency) are.
@@ -38,6 +50,7 @@ Why only D needs DP-SGD (post-processing, DP.md "Which networks need DP-SGD",
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -57,6 +70,35 @@ if False:  # typing only, as in models/recipe.py
 
 NUM_CLASSES = len(TISSUE_CLASSES)
 LOSSES = ("nonsat", "hinge")
+# the released per-patient vector: [1, mean_k a_k (4), sd_k a_k (4), a_k (4), sharpness, noise]
+MOMENT_DIM = 1 + 3 * NUM_CLASSES + 2
+STAT_DIM = 2 * NUM_CLASSES + 2  # what tissue_statistics returns, and what G is pulled toward
+# scans' rows have norm about sqrt(1 + 4 + 4 * 0.1 + 4 + ...) < 4 and are never clipped; an extreme
+# image (a +-1 checkerboard has noise 8) is clipped, so the sensitivity is MOMENT_CLIP regardless
+MOMENT_CLIP = 4.0
+
+
+def patient_moments(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One release row per image [N,1,H,W] with its label map [N,H,W] (one image per patient)."""
+    onehot = one_hot_labels(labels, NUM_CLASSES)
+    stats = tissue_statistics(images.float(), onehot)
+    present = (onehot.sum(dim=(2, 3)) > 0).to(stats.dtype)
+    k = NUM_CLASSES
+    return torch.cat([torch.ones_like(stats[:, :1]), stats[:, :k] * present,
+                      stats[:, k:2 * k] * present, present, stats[:, 2 * k:]], dim=1)
+
+
+def moments_from_release(noisy_sum: torch.Tensor) -> torch.Tensor:
+    """Target statistics [STAT_DIM] (tissue_statistics' layout) from a noisy sum of
+    ``patient_moments`` rows: post-processing. Counts are floored at 1, values clamped to
+    their ranges."""
+    k = NUM_CLASSES
+    total = noisy_sum.float()
+    count = total[1 + 2 * k:1 + 3 * k].clamp(min=1.0)
+    patients = total[0].clamp(min=1.0)
+    return torch.cat([(total[1:1 + k] / count).clamp(-1.0, 1.0),
+                      (total[1 + k:1 + 2 * k] / count).clamp(0.0, 1.0),
+                      (total[1 + 3 * k:] / patients).clamp(min=0.0)])
 
 
 # -- networks ------------------------------------------------------------------------
@@ -64,7 +106,8 @@ class ConditionalGenerator(nn.Module):
     """z -> S/8 feature map -> SPADE stages to S/2 (label map + site code) -> scanner head."""
 
     def __init__(self, image_size: int, num_sites: int, width: int, noise_dim: int,
-                 site_dim: int, spade_hidden: int, spade_kernel: int, psf_radius: int = 4):
+                 site_dim: int, spade_hidden: int, spade_kernel: int, psf_radius: int = 4,
+                 upsample: str = "bilinear"):
         super().__init__()
         self.noise_dim = noise_dim
         self.image_size = image_size
@@ -75,8 +118,10 @@ class ConditionalGenerator(nn.Module):
         # stage 0 modulates at S/8, stages 1-2 upsample to S/2; the head goes to S
         self.stages = nn.ModuleList(
             SPADEUpBlock(channels[i], channels[i + 1], NUM_CLASSES, site_dim, spade_hidden,
-                         spade_kernel, upsample=i > 0) for i in range(3))
-        self.head = ScannerHead(channels[3], NUM_CLASSES, num_sites, psf_radius)
+                         spade_kernel, upsample=i > 0, mode=upsample) for i in range(3))
+        self.head = ScannerHead(channels[3], NUM_CLASSES, num_sites, psf_radius, upsample)
+        # row k: site k's released noisy sum of patient_moments (all zero = not released yet)
+        self.register_buffer("site_moments", torch.zeros(num_sites, MOMENT_DIM))
 
     def forward(self, labels: torch.Tensor, site: torch.Tensor, z: torch.Tensor,
                 pixel_noise: torch.Tensor) -> torch.Tensor:
@@ -156,7 +201,12 @@ class CGANOptions(RecipeOptions):
     beta1: float = 0.5
     beta2: float = 0.999
     disc_steps_per_gen_step: int = 2  # "Private GANs revisited"; better in the 64 px sanity run
+    moment_release: bool = True  # privacy argument point 4
+    moment_noise_multiplier: float = 3.0  # sigma of that release (x MOMENT_CLIP): ~0.06 on a mean over 200 patients
+    moment_weight: float = 10.0  # weight of G's pull toward the released moments
+    balance_fake_grad: bool = True  # clip D's fake-term gradient to max-grad-norm, as the real term
     tissue_stats: bool = True  # D's statistics head (see ProjectionDiscriminator)
+    upsample: str = "bilinear"  # G's x2 upsampling: "bilinear" or "nearest" (left 8x8 blocks in the demo)
     psf_radius: int = 4  # taps each side of the scanner head's per-site Gaussian PSF; 0 = no PSF
     share_discriminator: bool = False
     loss: str = "nonsat"
@@ -167,6 +217,10 @@ class CGANOptions(RecipeOptions):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"options.{key.replace('_', '-')} must be an integer >= 1, "
                                   f"got {getattr(self, key)!r}")
+        if not (self.moment_noise_multiplier > 0 and math.isfinite(self.moment_noise_multiplier)):
+            raise ConfigError("options.moment-noise-multiplier must be a finite number > 0")
+        if not self.moment_weight >= 0:
+            raise ConfigError("options.moment-weight must be >= 0")
         for key in ("lr_gen", "lr_disc", "lr_scanner"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"options.{key.replace('_', '-')} must be > 0")
@@ -175,6 +229,8 @@ class CGANOptions(RecipeOptions):
                 raise ConfigError(f"options.{key} must be in [0, 1)")
         if not isinstance(self.psf_radius, int) or self.psf_radius < 0:
             raise ConfigError(f"options.psf-radius must be an integer >= 0, got {self.psf_radius!r}")
+        if self.upsample not in ("bilinear", "nearest"):
+            raise ConfigError(f"options.upsample must be \"bilinear\" or \"nearest\", got {self.upsample!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"options.loss must be one of {LOSSES}, got {self.loss!r}")
 
@@ -211,6 +267,23 @@ def _assert_disc_released(disc: nn.Module) -> None:
             raise AssertionError(f"disc.{name} holds captured private activations during the G step")
 
 
+def _clip_total_norm(grads: list[torch.Tensor | None], max_norm: float) -> list[torch.Tensor | None]:
+    """Scale a list of gradients down to total L2 norm ``max_norm`` (no-op when below).
+
+    D's real term reaches the optimizer as a mean of per-patient gradients clipped to C,
+    while its fake term is exact and unclipped: its norm was often several times C, so D
+    learned mostly "push fakes down" and hardly what real scans of its site look like.
+    Bounding the fake term by the same C balances the two. Post-processing of public
+    inputs: it changes nothing in the accounting.
+    """
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    norm = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in present))
+    scale = min(1.0, max_norm / (float(norm) + 1e-12))
+    return [None if g is None else g * scale for g in grads]
+
+
 def _cpu_copy(obj: Any) -> Any:
     """Optimizer state dicts as CPU tensors (the client torch.saves local_state)."""
     if isinstance(obj, torch.Tensor):
@@ -243,19 +316,46 @@ class DPConditionalGAN(Recipe):
     # the site code and the per-(site, tissue) contrast/noise tables: row k is trained at site k only
     site_indexed_keys: ClassVar[tuple[str, ...]] = (
         "gen.site_embed.weight", "gen.head.class_offset.weight", "gen.head.class_noise.weight",
-        "gen.head.blur_raw.weight")
+        "gen.head.blur_raw.weight", "gen.site_moments")
 
     def __init__(self, config: RunConfig):
         super().__init__(config)
         if self.options.share_discriminator:
             self.shared_prefixes = ("gen.", "disc.")  # D is a DP release too: may travel
 
+    def one_off_releases(self) -> tuple[tuple[float, float, int], ...]:
+        """The scanner-moment release (privacy argument, point 4) as its accountant entry."""
+        return ((float(self.options.moment_noise_multiplier), 1.0, 1),) if self.options.moment_release else ()
+
+    def ensure_moment_release(self, model: nn.Module, data, private: "PrivateTraining",
+                              site_index: int, local_state: dict[str, Any]) -> None:
+        """Release this site's scanner moments ONCE; afterwards reuse them and spend nothing."""
+        row = model.gen.site_moments[site_index]
+        if local_state.get("moment_release") is not None:  # the node's own copy wins
+            with torch.no_grad():
+                row.copy_(torch.tensor(local_state["moment_release"], dtype=row.dtype))
+            return
+        if bool(row.abs().sum() > 0):  # came back from the server (e.g. local state lost)
+            local_state["moment_release"] = [float(v) for v in row]
+            return
+        if getattr(data, "has_labels", True) is False:
+            raise ValueError("dp-cgan needs the site's label maps (labels/ folder); this site has none")
+        items = [data[i] for i in range(len(data))]  # one slice per patient
+        images, labels = self.real_batch((torch.stack([it[0] for it in items]),
+                                          torch.stack([it[1] for it in items])), torch.device("cpu"))
+        noisy = private.gaussian_release(patient_moments(images, labels), MOMENT_CLIP,
+                                         self.options.moment_noise_multiplier)
+        with torch.no_grad():
+            row.copy_(noisy.to(row.dtype))
+        local_state["moment_release"] = [float(v) for v in noisy]
+
     def build(self) -> nn.Module:
         o, size = self.options, self.config.image_size
         with torch.random.fork_rng(devices=[]):  # deterministic, global RNG untouched
             torch.manual_seed(self.config.seed)
             gen = ConditionalGenerator(size, self.num_sites, o.gen_width, o.noise_dim,
-                                       o.site_dim, o.spade_hidden, o.spade_kernel, o.psf_radius)
+                                       o.site_dim, o.spade_hidden, o.spade_kernel, o.psf_radius,
+                                       o.upsample)
             disc = ProjectionDiscriminator(size, self.num_sites, o.disc_width, o.tissue_stats)
         return ConditionalGAN(gen, disc)
 
@@ -267,6 +367,8 @@ class DPConditionalGAN(Recipe):
         self._check_inputs(public, site_index, steps)
         device = torch.device(device)
         model.to(device).train()
+        if o.moment_release:
+            self.ensure_moment_release(model, data, private, site_index, local_state)
         n_fake = self.config.batch_size  # fixed: never the realised Poisson batch size
         rounds_done = int(local_state.get("rounds_trained", 0))
         rng = torch.Generator().manual_seed(
@@ -324,6 +426,8 @@ class DPConditionalGAN(Recipe):
         with private.public_pass(disc):
             loss_fake = disc_loss(disc(fake, fake_labels, fake_site), real=False, kind=kind).mean()
             public_grads = private.public_grads(loss_fake, dp_opt)
+        if self.options.balance_fake_grad:
+            public_grads = _clip_total_norm(public_grads, self.config.max_grad_norm)
         # real term: the only place private records enter; per-sample grads via the hooks.
         # An empty Poisson batch has no backward: step() then takes a noise-only,
         # accounted step (zero-length per-sample grads).
@@ -345,6 +449,10 @@ class DPConditionalGAN(Recipe):
             fake = model.gen(labels, site, *model.gen.draw_noise(n, rng, device))
             logits = model.disc(fake, labels, site)
             loss = gen_loss(logits, self.options.loss).mean()
+            if self.options.moment_release and self.options.moment_weight > 0:
+                target = moments_from_release(model.gen.site_moments[site_index]).to(fake.device)
+                achieved = tissue_statistics(fake, labels).mean(dim=0)
+                loss = loss + self.options.moment_weight * (achieved - target).square().sum()
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
             opt_g.step()

@@ -13,7 +13,10 @@ Contract for ``train_local``:
   noise, accounting);
 - every other network update consumes only ``public`` inputs or generated samples;
 - it takes exactly ``steps`` private optimizer steps (the client charged the ledger for
-  them before calling) and returns scalar metrics (losses), never tensors.
+  them before calling) and returns scalar metrics (losses), never tensors;
+- the only other use of real records allowed is a release declared by
+  ``one_off_releases`` and made through ``private.gaussian_release`` (accounted in the
+  same history; the plan's noise was calibrated for it).
 """
 
 from __future__ import annotations
@@ -62,6 +65,15 @@ class Recipe(ABC):
     #: contrast table): only site k trains row k, so the server takes row k from site k's
     #: replies alone instead of averaging it with K-1 untouched copies (server/strategy.py)
     site_indexed_keys: ClassVar[tuple[str, ...]] = ()
+
+    def one_off_releases(self) -> tuple[tuple[float, float, int], ...]:
+        """The recipe's one-off Gaussian releases of per-patient statistics, as accountant
+        entries ``(noise_multiplier, sample_rate, steps)`` (a Gaussian mechanism on a sum of
+        clipped per-patient vectors is ``(sigma, 1.0, 1)``). The plan's DP-SGD noise is
+        calibrated for their composition with the schedule (``PrivacyLedger.ensure_plan``),
+        and ``train_local`` makes them through ``PrivateTraining.gaussian_release`` only.
+        None by default: the plan is then exactly Opacus' DP-SGD calibration."""
+        return ()
 
     def __init__(self, config: RunConfig):
         self.config = config

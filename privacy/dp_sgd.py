@@ -18,12 +18,19 @@ per-record clipping, Gaussian noise at the plan's FIXED noise multiplier), and e
 
 If several networks see real records, put them in ONE nn.Module (e.g. a ModuleDict)
 and call make_private once: they then share one clip bound and one accountant step.
+
+A recipe may also make ONE-OFF Gaussian releases of per-patient statistics
+(``gaussian_release``: clip each patient's vector to L2 norm C, sum, add N(0, (sigma C)^2)),
+each declared beforehand (``Recipe.one_off_releases`` -> ``PrivacyPlan.releases``, composed
+into the calibration) and recorded in the same accountant history as the DP-SGD steps, as
+the entry (sigma, 1.0, 1). Commit with ``steps=private.accounted_steps`` then.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 from typing import Iterator, Sequence
 
@@ -33,8 +40,8 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from medgen.privacy.accounting import (History, epsilon_of, history_steps, normalize_history,
-                                       sample_rate_for)
+from medgen.privacy.accounting import (History, epsilon_of, extend_history, history_steps,
+                                       normalize_history, sample_rate_for)
 from medgen.privacy.guards import check_private_module, make_conv_inputs_contiguous
 from medgen.privacy.ledger import PrivacyPlan
 
@@ -48,7 +55,8 @@ class PrivateTraining:
     """One round of DP-SGD on one module that sees real records, resuming the site's history."""
 
     def __init__(self, plan: PrivacyPlan, history: list[tuple[float, float, int]], *,
-                 secure_rng: bool = False, seed: int | None = None):
+                 secure_rng: bool = False, seed: int | None = None,
+                 released: Sequence[dict] = ()):
         if plan is None:
             raise ValueError("PrivateTraining needs the site's PrivacyPlan (PrivacyLedger.ensure_plan)")
         self.plan = plan
@@ -60,6 +68,9 @@ class PrivateTraining:
         self._hooks: list = []
         self._wrapped: GradSampleModule | None = None
         self._steps_taken = 0
+        self._release_steps = 0
+        self._released = [dict(r) for r in released]  # earlier releases (ledger.released)
+        self._new_releases: list[dict] = []
 
     # -- wrapping ------------------------------------------------------------------
     def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset,
@@ -169,6 +180,67 @@ class PrivateTraining:
         """Gradients of a public-only ``loss`` w.r.t. ``optimizer.params`` (p.grad untouched)."""
         return list(torch.autograd.grad(loss, optimizer.params, allow_unused=True))
 
+    # -- one-off releases ----------------------------------------------------------
+    def gaussian_release(self, vectors: torch.Tensor, clip_norm: float,
+                         noise_multiplier: float) -> torch.Tensor:
+        """Gaussian mechanism on a sum of per-patient vectors: the only other way (besides
+        ``step``) that real records leave through this object.
+
+        ``vectors`` [N, d]: ONE row per patient (the privacy unit), computed from that
+        patient's record alone. Each row is clipped to L2 norm ``clip_norm`` (so adding or
+        removing a patient moves the sum by at most ``clip_norm``), the rows are summed
+        and N(0, (noise_multiplier * clip_norm)^2 I) is added, with the same noise source
+        as DP-SGD (seeded in simulation, Opacus' secure mode if ``secure_rng``). The release
+        is accounted as the accountant entry (noise_multiplier, 1.0, 1): it must have been
+        declared in the plan (``PrivacyPlan.releases``, calibrated together with the
+        DP-SGD schedule). If the site's history already shows it spent, the values of that
+        earlier release (``released``, from the ledger) are returned instead, at no cost;
+        without them the call is refused (never spent twice).
+        Returns the noisy sum [d] (float64, CPU); everything computed from it is
+        post-processing.
+        """
+        from opacus.optimizers.optimizer import _generate_noise
+
+        sigma = float(noise_multiplier)
+        if not (sigma > 0 and math.isfinite(sigma)) or not clip_norm > 0:
+            raise ValueError(f"gaussian_release needs noise_multiplier > 0 and clip_norm > 0, got "
+                             f"{noise_multiplier} and {clip_norm}")
+        if vectors.dim() != 2 or vectors.shape[0] < 1:
+            raise ValueError(f"gaussian_release needs [patients, dim] vectors, got {tuple(vectors.shape)}")
+        if (sigma, 1.0, 1) not in self.plan.releases:
+            raise ValueError(f"the privacy plan declares no release at noise_multiplier {sigma} "
+                             f"(plan releases: {list(self.plan.releases)}): an undeclared release "
+                             "would spend budget the calibration did not plan for")
+        if (sigma, 1.0, 1) not in self.plan.pending_releases(self.history):
+            for earlier in self._released + self._new_releases:
+                if earlier["noise_multiplier"] == sigma and len(earlier["values"]) == vectors.shape[1]:
+                    # spent before (an earlier round or run on this ledger): its values again,
+                    # post-processing of a DP output, nothing spent
+                    return torch.tensor(earlier["values"], dtype=torch.float64)
+            raise RuntimeError(
+                f"the planned release(s) {list(self.plan.releases)} are already in this site's "
+                "privacy history and their values were not passed (PrivateTraining(..., "
+                "released=ledger.released)): releasing again would spend budget twice")
+        x = vectors.detach().to("cpu", torch.float64)
+        if not torch.isfinite(x).all():
+            raise ValueError("gaussian_release got non-finite per-patient vectors")
+        norms = x.norm(dim=1)
+        clipped = x * (clip_norm / (norms + 1e-12)).clamp(max=1.0)[:, None]
+        total = clipped.sum(dim=0)
+        generator = None
+        if self.seed is not None and not self.secure_rng:
+            generator = torch.Generator().manual_seed(self.seed + 2)
+        noise = _generate_noise(std=sigma * clip_norm, reference=total, generator=generator,
+                                secure_mode=self.secure_rng)
+        if self._engine is None:
+            self._initial_history = extend_history(self._initial_history, sigma, 1.0, 1)
+        else:
+            self._engine.accountant.step(noise_multiplier=sigma, sample_rate=1.0)
+        self._release_steps += 1
+        released = total + noise
+        self._new_releases.append({"noise_multiplier": sigma, "values": [float(v) for v in released]})
+        return released
+
     # -- accounting ----------------------------------------------------------------
     @property
     def history(self) -> History:
@@ -180,6 +252,17 @@ class PrivateTraining:
     @property
     def steps_taken(self) -> int:
         return self._steps_taken
+
+    @property
+    def new_releases(self) -> list[dict]:
+        """The releases made by this object, for ``PrivacyLedger.commit_round(releases=...)``."""
+        return [dict(r) for r in self._new_releases]
+
+    @property
+    def accounted_steps(self) -> int:
+        """Accountant steps added by this object: private steps plus one-off releases
+        (what ``PrivacyLedger.commit_round`` must be told the history grew by)."""
+        return self._steps_taken + self._release_steps
 
     @property
     def sample_rate(self) -> float:

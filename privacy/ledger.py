@@ -56,19 +56,44 @@ class PrivacyPlan:
     noise_multiplier: float
     max_grad_norm: float
     unit: str = "patient"
+    #: one-off Gaussian releases (``Recipe.one_off_releases``) as accountant entries
+    #: (noise_multiplier, sample_rate, steps); noise_multiplier above was calibrated for
+    #: their composition with the DP-SGD schedule. Empty for recipes without releases.
+    releases: tuple[tuple[float, float, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "releases", tuple(
+            (float(s), float(q), int(n)) for s, q, n in normalize_history(self.releases)))
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.releases:
+            data["releases"] = [list(entry) for entry in self.releases]
+        else:  # plans without releases keep their exact former JSON
+            del data["releases"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "PrivacyPlan":
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(data) - {"unit"}
+        missing = names - set(data) - {"unit", "releases"}
         if missing:
             raise ValueError(f"plan lacks {sorted(missing)}")
         plan = cls(**{k: data[k] for k in names if k in data})
         make_accountant(plan.accountant)
         return plan
+
+    def pending_releases(self, history: History) -> History:
+        """The planned releases not yet in ``history`` (matched per (sigma, q) step)."""
+        spent = _expand(normalize_history(history))
+        pending: History = []
+        for sigma, q, steps in self.releases:
+            for _ in range(steps):
+                if (sigma, q) in spent:
+                    spent.remove((sigma, q))
+                else:
+                    pending.append((sigma, q, 1))
+        return pending
 
 
 def _expand(history: History) -> list[tuple[float, float]]:
@@ -89,12 +114,16 @@ class PrivacyLedger:
     """
 
     def __init__(self, path: Path, site: str, plan: PrivacyPlan | None,
-                 history: History, rounds: list[dict[str, Any]]):
+                 history: History, rounds: list[dict[str, Any]],
+                 released: list[dict[str, Any]] | None = None):
         self.path = Path(path)
         self.site = site
         self.plan = plan
         self.history = history
         self.rounds = rounds
+        #: the values of one-off releases already made (DP outputs, node-local): a later run
+        #: on this ledger reuses them for free instead of releasing (and spending) again
+        self.released: list[dict[str, Any]] = list(released or [])
         self._epsilon_cache: tuple[tuple, float] | None = None
 
     # -- loading -------------------------------------------------------------------
@@ -113,6 +142,8 @@ class PrivacyLedger:
             plan = PrivacyPlan.from_json(data["plan"]) if data.get("plan") is not None else None
             history = normalize_history(data["history"])
             rounds = list(data["rounds"])
+            released = [{"noise_multiplier": float(r["noise_multiplier"]),
+                         "values": [float(v) for v in r["values"]]} for r in data.get("released", [])]
             stored_site = data["site"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
                 ValueError) as err:
@@ -126,16 +157,23 @@ class PrivacyLedger:
                               "point each site at its own ledger file")
         if history and plan is None:
             raise LedgerError(f"privacy ledger {path} has a history but no plan: restore it from a backup")
-        return cls(path, site, plan, history, rounds)
+        return cls(path, site, plan, history, rounds, released)
 
     # -- the plan ------------------------------------------------------------------
     def ensure_plan(self, *, target_epsilon: float, delta: float, accountant: str,
-                    sample_rate: float, total_steps: int, max_grad_norm: float) -> PrivacyPlan:
-        """First call calibrates the noise and saves; later calls return the stored plan."""
+                    sample_rate: float, total_steps: int, max_grad_norm: float,
+                    releases: Any = ()) -> PrivacyPlan:
+        """First call calibrates the noise and saves; later calls return the stored plan.
+
+        ``releases``: the recipe's one-off Gaussian releases (``Recipe.one_off_releases``),
+        composed with the DP-SGD schedule in the calibration and recorded in the plan.
+        """
+        releases = tuple((float(s), float(q), int(n)) for s, q, n in normalize_history(releases))
         if self.plan is not None:
             requested = dict(target_epsilon=float(target_epsilon), delta=float(delta),
                              accountant=accountant, sample_rate=float(sample_rate),
-                             total_steps=int(total_steps), max_grad_norm=float(max_grad_norm))
+                             total_steps=int(total_steps), max_grad_norm=float(max_grad_norm),
+                             releases=releases)
             stored = {k: getattr(self.plan, k) for k in requested}
             if requested != stored:
                 changed = {k: (stored[k], requested[k]) for k in requested if requested[k] != stored[k]}
@@ -145,15 +183,17 @@ class PrivacyLedger:
             return self.plan
         if max_grad_norm <= 0:
             raise ValueError(f"privacy field 'max_grad_norm' must be > 0, got {max_grad_norm}")
-        sigma = calibrate_noise(target_epsilon, delta, sample_rate, total_steps, accountant)
+        sigma = calibrate_noise(target_epsilon, delta, sample_rate, total_steps, accountant,
+                                releases=releases)
         self.plan = PrivacyPlan(target_epsilon=float(target_epsilon), delta=float(delta),
                                 accountant=accountant, sample_rate=float(sample_rate),
                                 total_steps=int(total_steps), noise_multiplier=sigma,
-                                max_grad_norm=float(max_grad_norm))
+                                max_grad_norm=float(max_grad_norm), releases=releases)
         self._save()
         log.info("site %s: calibrated noise_multiplier=%.4f for epsilon=%.3g, delta=%.3g over %d "
-                 "steps at q=%.5g (%s accountant)", self.site, sigma, target_epsilon, delta,
-                 total_steps, sample_rate, accountant)
+                 "steps at q=%.5g (%s accountant)%s", self.site, sigma, target_epsilon, delta,
+                 total_steps, sample_rate, accountant,
+                 f", composed with one-off releases {list(releases)}" if releases else "")
         return self.plan
 
     # -- spending ------------------------------------------------------------------
@@ -178,7 +218,9 @@ class PrivacyLedger:
         """
         plan = self._require_plan()
         cap = min(float(cap_epsilon), plan.target_epsilon)
-        projected = project_epsilon(self.history, plan.noise_multiplier, plan.sample_rate,
+        # planned one-off releases not yet spent may be spent this round: project them too
+        projected = project_epsilon(self.history + plan.pending_releases(self.history),
+                                    plan.noise_multiplier, plan.sample_rate,
                                     steps, plan.delta, plan.accountant)
         if projected > cap + EPSILON_TOLERANCE:
             raise BudgetExceeded(
@@ -193,13 +235,24 @@ class PrivacyLedger:
         return any(e["run_id"] == run_id and e["server_round"] == int(server_round) for e in self.rounds)
 
     def commit_round(self, *, run_id: str, server_round: int,
-                     history: list[tuple[float, float, int]], steps: int) -> float:
+                     history: list[tuple[float, float, int]], steps: int,
+                     releases: list[dict[str, Any]] | None = None) -> float:
         """Persist the round's full accountant history atomically; returns the epsilon spent.
 
         Idempotent per (run_id, server_round): see the module docstring for the rule.
+        ``releases``: the one-off releases made this round (``PrivateTraining.new_releases``),
+        stored with the history that accounts them, so later runs reuse their values.
         """
         self._require_plan()
         new = normalize_history(history)
+        if releases:
+            sigmas = {float(r["noise_multiplier"]) for r in releases}
+            grown_releases = sum(1 for e in _expand(new) if e[1] == 1.0 and e[0] in sigmas) - \
+                sum(1 for e in _expand(self.history) if e[1] == 1.0 and e[0] in sigmas)
+            if grown_releases != len(releases):
+                raise LedgerError(f"privacy ledger {self.path}: round {server_round} reports "
+                                  f"{len(releases)} new release(s) but the history grew by "
+                                  f"{grown_releases} full-batch entries")
         if new == self.history or _expand(new) == _expand(self.history):
             if not self.has_round(run_id, server_round):
                 if steps != 0:
@@ -225,13 +278,15 @@ class PrivacyLedger:
         if self.has_round(run_id, server_round):
             log.warning("site %s: round %s of run %s was trained again; the new %d steps ARE "
                         "charged (fresh noise on real records)", self.site, server_round, run_id, grown)
-        old_history, old_rounds = self.history, list(self.rounds)
+        old_history, old_rounds, old_released = self.history, list(self.rounds), list(self.released)
         self.history = new
+        self.released.extend({"noise_multiplier": float(r["noise_multiplier"]),
+                              "values": [float(v) for v in r["values"]]} for r in releases or [])
         self._append_entry(run_id, server_round, grown)
         try:
             self._save()
         except BaseException:
-            self.history, self.rounds = old_history, old_rounds  # memory matches the file
+            self.history, self.rounds, self.released = old_history, old_rounds, old_released  # memory matches the file
             raise
         return self.spent_epsilon()
 
@@ -269,4 +324,5 @@ class PrivacyLedger:
             "plan": self.plan.to_json() if self.plan else None,
             "history": [list(entry) for entry in self.history],
             "rounds": self.rounds,
+            **({"released": self.released} if self.released else {}),
         }, mode=0o600)

@@ -104,3 +104,46 @@ def test_failure_reply_names_no_paths(tiny_federation, tmp_path, flower_task_ide
     reply = app(_message(config, 1), _context(config))
     assert reply.has_error()
     assert str(tmp_path) not in reply.error.reason and "node log" in reply.error.reason
+
+
+def test_bridge_style_release_is_planned_accounted_once_and_only_own_row(tiny_federation, tmp_path,
+                                                                         flower_task_identity):
+    """bridge-translate's one-off style release goes through the node's ledger: planned with
+    the DP-SGD schedule, recorded as (sigma_style, 1.0, 1) in the same history, made once."""
+    import json
+    from pathlib import Path
+
+    options = {**OPTIONS, "seg-pretrain-steps": 2, "seg-steps-per-round": 1, "seg-batch-size": 4,
+               "style-samples": 8}
+    config = _config(tiny_federation, tmp_path / "state", num_rounds=2).replace(
+        recipe="bridge-translate", options=options)
+    first = app(_message(config, 1), _context(config))  # site B = row 1
+    assert not first.has_error(), first.error.reason if first.has_error() else ""
+    rows = first.content["arrays"]["style_release"].numpy()
+    assert np.all(rows[0] == 0) and np.any(rows[1] != 0)  # only its own row
+    assert first.content["metrics"]["steps"] == 2
+    ledger = json.loads((Path(config.state_root) / "B" / "privacy_ledger.json").read_text())
+    planned = ledger["plan"]["releases"]
+    assert [2.0, 1.0, 1] in planned  # (the foundation may declare its own release too)
+    made = ledger["history"][:len(planned)]
+    assert sorted(made) == sorted(planned)  # made first, in the same history
+    assert ledger["rounds"][0]["steps"] == 2 + len(planned)
+    assert [r["noise_multiplier"] for r in ledger["released"]] == [m[0] for m in made]
+    # round 2 gets its row back from the server: no second release
+    content = RecordDict({"arrays": first.content["arrays"],
+                          "config": ConfigRecord({"run-key": "run-1", "absolute-round": 2,
+                                                  "server-round": 2})})
+    second = app(Message(content, dst_node_id=7, message_type="train"), _context(config))
+    assert not second.has_error(), second.error.reason if second.has_error() else ""
+    np.testing.assert_array_equal(second.content["arrays"]["style_release"].numpy()[1], rows[1])
+    ledger = json.loads((Path(config.state_root) / "B" / "privacy_ledger.json").read_text())
+    sigma, q = ledger["plan"]["noise_multiplier"], ledger["plan"]["sample_rate"]
+    assert ledger["history"] == made + [[sigma, q, 4]]
+    assert second.content["metrics"]["epsilon"] <= config.target_epsilon + 1e-9
+    # a new run on this ledger (fresh model, no local state of that run) reuses the stored
+    # release values instead of releasing again: the plan's budget is already spent, so it
+    # is refused for its DP-SGD steps, not charged for a second release
+    third = app(_message(config, 1, run_key="run-2"), _context(config))
+    assert third.has_error() and third.error.code == BUDGET_EXCEEDED
+    assert json.loads((Path(config.state_root) / "B" / "privacy_ledger.json").read_text())["history"] == \
+        made + [[sigma, q, 4]]

@@ -13,8 +13,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from medgen.config import ConfigError, RunConfig
-from medgen.models.bridge_translate import (BridgeTranslator, SiteStyle, style_from_images,
-                                            translate)
+from medgen.models.bridge_translate import (STYLE_CLIP, BridgeTranslator, SiteStyle,
+                                            patient_style_statistics, style_from_images,
+                                            style_from_statistics, translate)
 from medgen.models.dp_cgan import disc_loss
 from medgen.models.recipe import PublicData
 from medgen.models.registry import build_recipe
@@ -53,7 +54,7 @@ def setup(size=16, n=16, batch=4, options=None):
     recipe = build_recipe(config)
     plan = PrivacyPlan(target_epsilon=10.0, delta=1e-5, accountant="rdp",
                        sample_rate=sample_rate_for(n, batch), total_steps=100,
-                       noise_multiplier=1.0, max_grad_norm=1.0)
+                       noise_multiplier=1.0, max_grad_norm=1.0, releases=recipe.one_off_releases())
     return recipe, PublicData(ellipses(24, size, seed=99)), plan
 
 
@@ -76,8 +77,12 @@ def test_registry_options_and_what_travels():
     assert recipe.options.seg_steps_per_round == 2 and recipe.foundation.options.gen_width == 4
     model = recipe.build()
     shared = recipe.shared_keys(model)
-    assert shared and all(k.startswith(("cgan.gen.", "seg.")) for k in shared)
-    assert any(k.startswith("seg.") for k in shared)
+    assert shared and all(k.startswith(("cgan.gen.", "seg.", "style_release")) for k in shared)
+    assert any(k.startswith("seg.") for k in shared) and "style_release" in shared
+    assert "style_release" in recipe.site_indexed_keys  # row k from site k's reply only
+    assert (2.0, 1.0, 1) in recipe.one_off_releases()
+    off = build_recipe(RunConfig(recipe="bridge-translate", options={"style-release": False}))
+    assert (2.0, 1.0, 1) not in off.one_off_releases()
     assert all(k.startswith("cgan.disc.") for k in recipe.local_only_state(model))  # D stays home
     assert recipe.private_modules == ("cgan.disc",)
     with pytest.raises(ConfigError, match="no option 'bogus'"):
@@ -214,8 +219,13 @@ def test_two_round_federated_run_on_tiny_images():
             shared.append(recipe.shared_state(local))
         averaged = {key: torch.stack([s[key].float() for s in shared]).mean(0).to(shared[0][key].dtype)
                     for key in shared[0]}
+        for key in recipe.site_indexed_keys:  # row k from site k (server/strategy.py)
+            averaged[key] = torch.stack([shared[k][key][k] for k in range(2)])
         global_model.load_state_dict({**global_model.state_dict(), **averaged})
     assert states[0]["rounds_trained"] == 2 and "opt_seg" in states[0]
+    # one release per site, in the first round, before its DP-SGD steps
+    assert all(sum(1 for e in h if tuple(e) == (2.0, 1.0, 1)) == 1 for h in histories)
+    assert all(recipe.has_released_style(global_model, k) for k in range(2))
     assert all(0 < PrivateTraining(plan, h).epsilon(1e-5) < 100 for h in histories)
     styles = recipe.site_styles(global_model, public)
     out = translate(global_model.seg, sites[0].tensors[0][:4], styles["A"], styles["B"])
@@ -237,3 +247,82 @@ def test_random_contrast_rendering_is_seeded_varied_and_leaves_labels_alone():
     assert 0.2 < flipped < 0.8  # T1-like and T2-like orderings both occur
     with pytest.raises(ValueError, match="0..3"):
         render_random_contrast(labels + 4, torch.Generator())
+
+
+# -- the DP style release ---------------------------------------------------------------
+def test_patient_statistics_are_in_the_clip_bound_and_handle_missing_classes():
+    labels = ellipses(6, 16, 8)
+    labels[0][labels[0] == 1] = 2  # patient 0 has no CSF
+    images = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    images[1] = 1.0  # extreme but in range
+    v = patient_style_statistics(images, labels)
+    assert v.shape == (6, 10) and bool((v.norm(dim=1) <= STYLE_CLIP + 1e-9).all())
+    assert v[0, 2] == 0 and v[0, 6] == 0 and v[1, 6] == 1  # absent class: no mean, no count
+    assert torch.equal(v[:, 0], torch.ones(6))
+
+
+def test_noiseless_release_equals_the_central_measurement():
+    """sigma_style -> 0: the released style is the central measurement. Exact where every
+    patient's tissue is uniform (per-patient and per-pixel weighting agree); with noise and
+    bias they differ slightly (per-patient means are averaged per patient, style_from_images
+    pools pixels; the blur is the mean per-patient best fit, not the pooled best fit)."""
+    labels = ellipses(12, 32, 4)
+    labels[3][labels[3] == 1] = 2  # a patient without CSF does not bias the CSF mean
+    flat = torch.tensor(T2)[labels][:, None]
+    blurred = gaussian_blur(flat, torch.full((12,), 1.0))
+    for images, blur in ((flat, 0.0), (blurred, None)):
+        released = style_from_statistics(patient_style_statistics(images, labels).sum(0))
+        central = style_from_images(images, labels)
+        assert released.tissue_means == pytest.approx(central.tissue_means, abs=1e-6 if blur == 0 else 0.02)
+        assert released.blur_px == pytest.approx(central.blur_px, abs=1e-9 if blur == 0 else 0.26)
+    noisy = render(labels, T1, seed=3, noise=0.05)
+    released = style_from_statistics(patient_style_statistics(noisy, labels).sum(0))
+    assert released.tissue_means == pytest.approx(style_from_images(noisy, labels).tissue_means, abs=0.01)
+    assert released.tissue_means[1:] == pytest.approx(T1[1:], abs=0.02)  # background clamps at -1
+
+
+def test_each_site_releases_only_its_own_statistics_once(monkeypatch):
+    recipe, public, plan = setup()
+    released = []
+    original = PrivateTraining.gaussian_release
+
+    def spy(self, vectors, clip_norm, noise_multiplier):
+        if noise_multiplier == recipe.options.style_noise_multiplier:  # not the foundation's own
+            released.append((vectors.clone(), clip_norm, noise_multiplier))
+        return original(self, vectors, clip_norm, noise_multiplier)
+
+    monkeypatch.setattr(PrivateTraining, "gaussian_release", spy)
+    model = recipe.build()
+    sites = {0: site_data(16, 16, T1, 1), 1: site_data(16, 16, T2, 2)}
+    states, histories = {0: {}, 1: {}}, {0: [], 1: []}
+    for index, data in sites.items():
+        before = model.style_release.clone()
+        private = PrivateTraining(plan, [], seed=index)
+        recipe.train_local(model, data, public, private, index, 2, states[index], "cpu")
+        histories[index] = private.history
+        own = patient_style_statistics(*data.tensors)
+        assert torch.equal(released[-1][0], own)  # this site's patients, one row each
+        assert released[-1][1:] == (STYLE_CLIP, 2.0)
+        others = [k for k in range(2) if k != index]
+        assert torch.equal(model.style_release[others], before[others])  # other rows untouched
+        assert states[index]["style_release"] == pytest.approx(model.style_release[index].tolist())
+        assert private.history.count((2.0, 1.0, 1)) == 1
+        assert private.accounted_steps == 2 + sum(1 for e in private.history if e[1] == 1.0)
+    assert len(released) == 2
+    # the rows are the noisy sums (noise std 2 x sqrt(10) per entry), and the style comes from them
+    for index, data in sites.items():
+        noise = model.style_release[index].double() - patient_style_statistics(*data.tensors).sum(0)
+        assert 0 < float(noise.abs().max()) < 6 * 2.0 * STYLE_CLIP
+    assert recipe.site_style(model, public, 1) == style_from_statistics(model.style_release[1])
+    # later rounds reuse the release (from the model row, or from the node's local state)
+    for index, data in sites.items():
+        private = PrivateTraining(plan, histories[index], seed=10 + index)
+        recipe.train_local(model, data, public, private, index, 1, states[index], "cpu")
+        assert private.accounted_steps == 1
+    fresh = recipe.build()  # the row lost (e.g. a server restart): restored from local state
+    private = PrivateTraining(plan, histories[0], seed=20)
+    recipe.train_local(fresh, sites[0], public, private, 0, 1, states[0], "cpu")
+    assert len(released) == 2 and torch.equal(fresh.style_release[0], model.style_release[0])
+    # both lost: a second release would spend twice, and is refused
+    with pytest.raises(RuntimeError, match="already in this site's privacy history"):
+        recipe.train_local(recipe.build(), sites[0], public, PrivateTraining(plan, histories[0]), 0, 1, {}, "cpu")

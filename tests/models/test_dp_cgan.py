@@ -54,7 +54,8 @@ def setup(size=16, n=24, batch=8, noise=1.0, seed=0, options=None, intensity=SIT
     public = PublicData(label_maps(40, size, seed=1000))
     plan = PrivacyPlan(target_epsilon=10.0, delta=1e-5, accountant="rdp",
                        sample_rate=sample_rate_for(n, batch), total_steps=1000,
-                       noise_multiplier=noise, max_grad_norm=1.0)
+                       noise_multiplier=noise, max_grad_norm=1.0,
+                       releases=recipe.one_off_releases())
     return recipe, data, public, plan
 
 
@@ -169,7 +170,7 @@ def test_train_local_takes_exactly_steps_private_steps(steps, n_critic, gen_step
     state: dict = {}
     metrics = recipe.train_local(model, data, public, private, 1, steps, state, torch.device("cpu"))
     assert private.steps_taken == steps
-    assert sum(h[2] for h in private.history) == 5 + steps
+    assert sum(h[2] for h in private.history) == 5 + steps + 1  # + the one moment release
     assert metrics["disc_steps"] == steps and metrics["gen_steps"] == gen_steps
     # only public-input quantities leave: no loss or score on the private batch
     assert set(metrics) == {"loss_gen", "disc_fake_score", "loss_disc_fake", "disc_steps",
@@ -177,10 +178,11 @@ def test_train_local_takes_exactly_steps_private_steps(steps, n_critic, gen_step
     assert all(isinstance(v, float) for v in metrics.values())
     # the model is left clean (no Opacus hooks) and the optimizer states persist
     assert not hasattr(model.disc, "autograd_grad_sample_hooks")
-    assert {"opt_gen", "opt_disc"} <= set(state) and state["rounds_trained"] == 1
+    assert {"opt_gen", "opt_disc", "moment_release"} <= set(state) and state["rounds_trained"] == 1
     again = PrivateTraining(plan, private.history, seed=1)
     recipe.train_local(model, data, public, again, 1, 1, state, torch.device("cpu"))
-    assert state["rounds_trained"] == 2 and sum(h[2] for h in again.history) == 5 + steps + 1
+    # the next round reuses the release: one more step, no second release
+    assert state["rounds_trained"] == 2 and sum(h[2] for h in again.history) == 5 + steps + 1 + 1
 
 
 def test_fake_count_is_fixed_whatever_the_poisson_batch_size(monkeypatch):
@@ -267,3 +269,67 @@ def test_short_training_learns_the_site_tissue_intensities():
         history = private.history
     trained = error()
     assert trained < 0.25 and trained < 0.5 * untrained, (untrained, trained)
+
+
+def test_fake_term_gradient_is_bounded_by_the_clipping_norm_and_keeps_its_direction():
+    from medgen.models.dp_cgan import _clip_total_norm
+
+    big = [torch.tensor([3.0, 4.0]), None, torch.tensor([[12.0]])]   # total norm 13
+    clipped = _clip_total_norm(big, 1.0)
+    assert clipped[1] is None
+    total = torch.sqrt(sum((g ** 2).sum() for g in clipped if g is not None))
+    assert float(total) == pytest.approx(1.0, rel=1e-6)
+    assert torch.allclose(clipped[0] * 13.0, big[0]) and torch.allclose(clipped[2] * 13.0, big[2])
+    small = [torch.tensor([0.3, 0.4])]
+    assert torch.equal(_clip_total_norm(small, 1.0)[0], small[0])    # below C: untouched
+
+
+
+def test_moment_release_rows_and_targets_are_the_per_patient_tissue_statistics():
+    from medgen.models.blocks import one_hot_labels, tissue_statistics
+    from medgen.models.dp_cgan import MOMENT_CLIP, moments_from_release, patient_moments
+
+    labels = label_maps(12, 16, seed=3)
+    images = site_images(labels, seed=3)
+    rows = patient_moments(images, labels)
+    assert rows.shape == (12, 15) and (rows.norm(dim=1) < MOMENT_CLIP).all()  # scans: never clipped
+    # noise-free sum -> exactly the mean of the per-image statistics (every class present)
+    expected = tissue_statistics(images, one_hot_labels(labels, 4)).mean(dim=0)
+    assert torch.allclose(moments_from_release(rows.sum(dim=0)), expected, atol=1e-5)
+    # a class absent from some images is averaged over the images having it only
+    labels[:6][labels[:6] == 1] = 2
+    rows = patient_moments(site_images(labels, seed=3), labels)
+    assert rows[:6, 1 + 2 * 4 + 1].sum() == 0 and rows[6:, 1 + 2 * 4 + 1].sum() == 6
+    csf = moments_from_release(rows.sum(dim=0))[1]
+    assert csf == pytest.approx(SITE_INTENSITY[1], abs=0.05)
+
+
+def test_moment_release_is_made_once_accounted_and_only_from_the_sites_own_data():
+    recipe, data, public, plan = setup()
+    assert recipe.one_off_releases() == ((3.0, 1.0, 1),)
+    model = recipe.build()
+    private = PrivateTraining(plan, [], seed=0)
+    state: dict = {}
+    recipe.train_local(model, data, public, private, 1, 2, state, torch.device("cpu"))
+    assert (3.0, 1.0, 1) in private.history and private.accounted_steps == 3
+    row = model.gen.site_moments[1]
+    assert torch.allclose(row, torch.tensor(state["moment_release"], dtype=row.dtype))
+    assert model.gen.site_moments[0].abs().sum() == 0  # site B (index 1) wrote its own row only
+    # the released count is the number of patients plus Gaussian noise of sd 3 * MOMENT_CLIP
+    assert abs(float(row[0]) - len(data)) < 5 * 3.0 * 4.0
+    # the release travels with G and the server keeps each site's own row
+    assert "gen.site_moments" in recipe.shared_keys(model)
+    assert "gen.site_moments" in recipe.site_indexed_keys
+    # a second round on the same node: no new release, nothing more spent on it
+    again = PrivateTraining(plan, private.history, seed=1)
+    recipe.train_local(model, data, public, again, 1, 1, state, torch.device("cpu"))
+    assert again.accounted_steps == 1
+
+
+def test_without_moment_release_nothing_is_released():
+    recipe, data, public, plan = setup(options={"moment-release": False})
+    assert recipe.one_off_releases() == ()
+    model = recipe.build()
+    private = PrivateTraining(plan, [], seed=0)
+    recipe.train_local(model, data, public, private, 0, 2, {}, torch.device("cpu"))
+    assert private.accounted_steps == 2 and model.gen.site_moments.abs().sum() == 0
