@@ -70,6 +70,8 @@ def test_simulate_two_sites_two_rounds(tiny_federation, run_dir, capsys):
     assert json.loads((run_dir / "DONE").read_text())["status"] == "ok"
     privacy = json.loads((run_dir / "privacy.json").read_text())
     assert set(privacy["node_ledgers"]) == {"A", "B"} and privacy["unit"] == "patient"
-    assert privacy["node_ledgers"]["A"]["steps"] == 4  # 2 rounds x 2 local steps, on the node
+    # 2 rounds x 2 local steps + dp-cgan's one scanner-moment release, declared in the plan
+    assert privacy["node_ledgers"]["A"]["steps"] == 5
+    assert privacy["node_ledgers"]["A"]["plan"]["releases"] == [[3.0, 1.0, 1]]
     assert (run_dir / "report.html").stat().st_size > 0
     assert "round 2/2 train: 2 site(s) answered" in out and "report.html" in out
