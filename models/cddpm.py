@@ -7,6 +7,27 @@ synthesis) and the site enters as a class embedding (``num_class_embeds`` = numb
 sites), added to the timestep embedding of every residual block: one network renders any
 anatomy in any site's style. Sampling is deterministic DDIM with ``sample-steps`` steps.
 
+Site rows are federated by their own site (``site_indexed_keys``): row k of the class
+embedding (and of the tissue prior below) receives gradient only at site k; the other
+sites' copies move only by DP noise (and Adam's normalised random walk of it). Plain
+FedAvg of that row would shrink site k's update 4-fold on the default federation and add
+three sites' noise to it, every round; measured, that left sites B and C rendered in
+another site's style (bench/results/gan_vs_diffusion.json). The server takes row k from
+site k's reply alone (server/strategy.py ``site_rows_from_own_site``), as for dp-cgan.
+
+Tissue prior (``tissue-prior = true``, x0-prediction only): a table of NUM_CLASSES
+intensity offsets per site (``nn.Embedding(num_sites, NUM_CLASSES)``, zero-initialised)
+looked up on the one-hot label map gives a piecewise-constant "scanner prior" image
+p = offset[site] . onehot(map). The denoiser diffuses around it: the UNet sees
+x_t - sqrt(abar_t) p (the noised RESIDUAL x0 - p, up to noise) and predicts that residual,
+so x0_hat = p + UNet(...). A site's tissue contrast is a handful of numbers; under DP the
+UNet learns it only slowly through a per-channel bias from the site embedding, while these
+few numbers get a clear gradient every step and their own Adam learning rate
+(``lr-prior``). Shifting the input (rather than only adding p to the output) keeps the
+UNet's job at small t the same for every site (copy its input), instead of asking it to
+subtract each site's contrast again. The table reads the private images (through the
+loss), so it is part of the private denoiser: DP-trained, released, site-indexed.
+
 Privacy (unit = one patient = one dataset item; accountant named in the PrivacyPlan):
   1. The denoiser is the only network, and it reads private records (a site's images
      AND their label maps) in every training step, so all of it is the private module
@@ -75,6 +96,13 @@ class CDDPMOptions(RecipeOptions):
     noise_draws: int = 1            # DPDM noise multiplicity K (needs grad-sample-mode vmap if > 1)
     grad_sample_mode: str = "vmap"
     lr: float = 2e-3
+    tissue_prior: bool = False      # per-(site, tissue) intensity offsets under the UNet (see above)
+    prior_blur: bool = True         # a per-site Gaussian blur of the prior (its width is learned)
+    lr_prior: float = 1e-2          # Adam lr of the prior's tables: offsets must travel ~1 in 200 steps
+    # the tables are used times this gain: their per-patient gradient grows by it, so they take a
+    # larger share of the clipped norm (better signal-to-DP-noise); Adam then moves the offsets
+    # about gain * lr-prior per step
+    prior_gain: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.999
 
@@ -97,8 +125,12 @@ class CDDPMOptions(RecipeOptions):
         if self.grad_sample_mode == "hooks" and self.noise_draws != 1:
             raise ConfigError("options.noise-draws > 1 needs options.grad-sample-mode = \"vmap\": "
                               "Opacus hooks would clip each noise draw separately, not each patient")
-        if not self.lr > 0:
-            raise ConfigError("options.lr must be > 0")
+        for key in ("lr", "lr_prior", "prior_gain"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"options.{_opt(key)} must be > 0")
+        if self.tissue_prior and self.prediction != "sample":
+            raise ConfigError("options.tissue-prior needs options.prediction = \"sample\" "
+                              "(the prior is an offset of the predicted x0)")
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"options.{key} must be in [0, 1)")
@@ -134,6 +166,63 @@ def build_denoiser(options: CDDPMOptions, num_sites: int) -> DiffusionModelUNet:
         spatial_dims=2, in_channels=1 + NUM_CLASSES, out_channels=1, channels=widths,
         num_res_blocks=options.res_blocks, attention_levels=(False,) * len(widths),
         norm_num_groups=options.norm_groups, num_class_embeds=num_sites)
+
+
+class TissuePriorDenoiser(nn.Module):
+    """x0_hat = p + UNet([x_t - sqrt(abar_t) p, map]), p = blur_site(offset[site] . onehot(map)).
+
+    Same call signature as the UNet (input = ``denoiser_input``), so the loss, the two
+    per-sample-gradient paths and DDIM are unchanged. sqrt(abar_t) is a non-persistent
+    buffer: a function of the options, it never travels. With ``blur`` the prior is
+    smoothed by a per-site isotropic Gaussian (sigma = 0.25 + softplus(raw) pixels, raw a
+    site-indexed table starting at sigma 0.5): scanners differ in sharpness as much as in
+    contrast, and a razor-sharp prior left every site's samples with label-map edges.
+    """
+
+    def __init__(self, unet: DiffusionModelUNet, num_sites: int, abar: torch.Tensor, blur: bool = True,
+                 gain: float = 1.0):
+        super().__init__()
+        self.unet = unet
+        self.gain = float(gain)  # tables are stored / = gain (see CDDPMOptions.prior_gain)
+        self.tissue_offset = nn.Embedding(num_sites, NUM_CLASSES)
+        nn.init.zeros_(self.tissue_offset.weight)
+        self.blur_raw = nn.Embedding(num_sites, 1) if blur else None
+        if self.blur_raw is not None:
+            nn.init.constant_(self.blur_raw.weight, -1.25 / self.gain)
+        self.register_buffer("sqrt_abar", abar.sqrt().float(), persistent=False)
+
+    def prior_parameters(self) -> list[nn.Parameter]:
+        return [self.tissue_offset.weight] + ([self.blur_raw.weight] if self.blur_raw is not None else [])
+
+    def blur_sigma(self, class_labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample PSF width in pixels [N]."""
+        return 0.25 + nn.functional.softplus(self.gain * self.blur_raw(class_labels)[:, 0])
+
+    def _blur(self, image: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """Separable Gaussian as two [H,H] / [W,W] matrices per sample, rows renormalised at
+        the border (no padding, no per-sample conv: plain einsums for vmap and hooks alike)."""
+        sigma = self.blur_sigma(class_labels)[:, None, None]
+
+        def matrix(size: int) -> torch.Tensor:
+            pos = torch.arange(size, device=image.device, dtype=image.dtype)
+            k = torch.exp(-0.5 * ((pos[:, None] - pos[None, :]) / sigma) ** 2)  # [N, size, size]
+            return k / k.sum(dim=-1, keepdim=True)
+
+        return torch.einsum("nij,ncjk,nlk->ncil", matrix(image.shape[-2]), image, matrix(image.shape[-1]))
+
+    def prior(self, condition: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """The scanner prior image [N,1,H,W] for one-hot maps [N,C,H,W] and site ids [N]."""
+        offsets = self.gain * self.tissue_offset(class_labels)
+        sharp = torch.einsum("nchw,nc->nhw", condition, offsets).unsqueeze(1)
+        return sharp if self.blur_raw is None else self._blur(sharp, class_labels)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        x_t, condition = x[:, :1], x[:, 1:]
+        prior = self.prior(condition, class_labels)
+        scale = self.sqrt_abar[timesteps].to(x.dtype).view(-1, 1, 1, 1)
+        residual = self.unet(denoiser_input(x_t - scale * prior, condition), timesteps,
+                             class_labels=class_labels)
+        return prior + residual
 
 
 def denoiser_input(x_t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
@@ -228,6 +317,9 @@ class ConditionalDDPM(Recipe):
     Options: ClassVar[type[RecipeOptions]] = CDDPMOptions
     private_modules: ClassVar[tuple[str, ...]] = ("denoiser",)
     shared_prefixes: ClassVar[tuple[str, ...] | None] = None
+    # the site embedding: row k is trained at site k only, so the server takes it from site
+    # k's reply alone (plain FedAvg shrank site k's update 4-fold; module docstring)
+    site_indexed_keys: ClassVar[tuple[str, ...]] = ("denoiser.class_embedding.weight",)
 
     def __init__(self, config):
         super().__init__(config)
@@ -236,11 +328,27 @@ class ConditionalDDPM(Recipe):
             raise ConfigError(f"image-size {config.image_size} is not divisible by 2^{depth} "
                               f"(options.channels has {depth + 1} levels)")
         self.abar = alphas_cumprod(self.options)
+        if self.options.tissue_prior:  # the UNet moves under denoiser.unet; the tables are site-indexed too
+            self.site_indexed_keys = ("denoiser.unet.class_embedding.weight", "denoiser.tissue_offset.weight") \
+                + (("denoiser.blur_raw.weight",) if self.options.prior_blur else ())
 
     def build(self) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # deterministic, global RNG untouched
             torch.manual_seed(self.config.seed)
-            return DenoiserNetwork(build_denoiser(self.options, self.num_sites))
+            unet = build_denoiser(self.options, self.num_sites)
+            if self.options.tissue_prior:
+                return DenoiserNetwork(TissuePriorDenoiser(unet, self.num_sites, self.abar,
+                                                           blur=self.options.prior_blur,
+                                                           gain=self.options.prior_gain))
+            return DenoiserNetwork(unet)
+
+    def param_groups(self, denoiser: nn.Module) -> list[dict[str, Any]]:
+        """Adam groups: the UNet at ``lr``; the tissue prior's tables (if any) at ``lr-prior``."""
+        if not self.options.tissue_prior:
+            return [{"params": list(denoiser.parameters())}]
+        prior = denoiser.prior_parameters()
+        return [{"params": [p for p in denoiser.parameters() if all(p is not q for q in prior)]},
+                {"params": prior, "lr": self.options.lr_prior}]
 
     # -- training ---------------------------------------------------------------------
     def train_local(self, model, data, public, private, site_index, steps, local_state, device):
@@ -251,7 +359,7 @@ class ConditionalDDPM(Recipe):
         rounds_done = int(local_state.get("rounds_trained", 0))
         rng = torch.Generator().manual_seed(
             (self.config.seed * 1_000_003 + site_index * 10_007 + rounds_done) % 2**63)
-        opt = torch.optim.Adam(model.denoiser.parameters(), lr=o.lr, betas=(o.beta1, o.beta2))
+        opt = torch.optim.Adam(self.param_groups(model.denoiser), lr=o.lr, betas=(o.beta1, o.beta2))
         if "opt_denoiser" in local_state:
             try:
                 opt.load_state_dict(local_state["opt_denoiser"])

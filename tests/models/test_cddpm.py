@@ -73,9 +73,14 @@ def max_rel_error(fast, ref):
 
 @pytest.mark.parametrize("mode,draws", [("hooks", 1), ("vmap", 1), ("vmap", 3)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_private_unet_per_sample_grads_match_the_autograd_oracle(mode, draws, channels_last):
-    r = recipe(**{"grad-sample-mode": mode, "noise-draws": draws})
+@pytest.mark.parametrize("prior", [False, True])
+def test_private_unet_per_sample_grads_match_the_autograd_oracle(mode, draws, channels_last, prior):
+    r = recipe(**{"grad-sample-mode": mode, "noise-draws": draws, "tissue-prior": prior})
     model = r.build()
+    if prior:  # a non-zero table, so the prior's gradient paths through the UNet input count
+        with torch.no_grad():
+            model.denoiser.tissue_offset.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+            model.denoiser.blur_raw.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
     images, labels = batch()
     fed = images
     if channels_last and mode == "hooks":
@@ -88,6 +93,10 @@ def test_private_unet_per_sample_grads_match_the_autograd_oracle(mode, draws, ch
     assert all(g.shape[0] == N for g in fast)  # one gradient per RECORD, never per draw
     ref = oracle(r, wrapped, images, labels, 1, seed=7)
     assert max_rel_error(fast, ref) < 1e-4
+    if prior:  # the tables are among the private parameters, and only the record's site row moves
+        for weight in model.denoiser.prior_parameters():
+            table = [g for g, p in zip(fast, model.denoiser.parameters()) if p is weight][0]
+            assert table[:, 1].abs().sum() > 0 and table[:, [0, 2]].abs().sum() == 0
     private.close()
 
 
@@ -147,6 +156,97 @@ def test_options_are_checked_with_the_field_named():
         recipe(channels="6,12")
     with pytest.raises(ConfigError, match="no option 'widht'"):
         recipe(widht=3)
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_site_rows_are_declared_site_indexed(prior):
+    """Row k of the site embedding (and of the tissue prior) is trained at site k only; the
+    recipe must say so, or the server's FedAvg shrinks each site's update K-fold."""
+    r = recipe(**{"tissue-prior": prior})
+    state = r.build().state_dict()
+    wanted = {"denoiser.unet.class_embedding.weight", "denoiser.tissue_offset.weight",
+              "denoiser.blur_raw.weight"} if prior else {"denoiser.class_embedding.weight"}
+    assert set(r.site_indexed_keys) == wanted
+    assert all(state[k].shape[0] == r.num_sites == 3 for k in r.site_indexed_keys)
+    # and every other shared key has no site-sized table that escaped the list
+    embeddings = {f"denoiser.{n}.weight" for n, m in r.build().denoiser.named_modules()
+                  if isinstance(m, torch.nn.Embedding)}
+    assert embeddings == wanted
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_one_fedavg_round_takes_each_site_row_from_its_own_site(prior):
+    """The server's arithmetic (FedAvg, then site_rows_from_own_site with the recipe's keys,
+    as server/strategy.py and bench/federated_vs_central.py do) after real local DP rounds."""
+    import numpy as np
+
+    from flwr.app import Array, ArrayRecord
+
+    from medgen.server.strategy import AcceptedReply, site_rows_from_own_site, specs_of, weighted_average
+
+    r = recipe(**{"tissue-prior": prior})
+    global_model = r.build()
+    current = {k: v.numpy().copy() for k, v in r.shared_state(global_model).items()}
+    replies = []
+    for site in range(3):
+        local = copy.deepcopy(global_model)
+        images, labels = batch(seed=site, n=8)
+        private = PrivateTraining(plan(q=0.5), [], seed=site)
+        r.train_local(local, TensorDataset(images, labels), None, private, site, 2, {}, "cpu")
+        replies.append(AcceptedReply(site="ABC"[site], num_examples=8.0, metrics={},
+                                     arrays={k: v.numpy().copy() for k, v in r.shared_state(local).items()}))
+    specs = specs_of(ArrayRecord({k: Array(v) for k, v in current.items()}))
+    averaged = weighted_average(replies, specs)
+    merged = site_rows_from_own_site(averaged, replies, current, r.site_indexed_keys, ("A", "B", "C"))
+    tables = [f"denoiser.{n}.weight" for n, m in global_model.denoiser.named_modules()
+              if isinstance(m, torch.nn.Embedding)]  # every [num_sites, ...] table of the UNet
+    assert len(tables) == (3 if prior else 1)
+    for key in tables:
+        for site in range(3):
+            own = replies[site].arrays[key][site]
+            assert np.allclose(merged[key][site], own, atol=1e-6)
+            assert not np.allclose(averaged[key][site], own, atol=1e-6)  # what plain FedAvg did
+    rest = [k for k in current if k not in r.site_indexed_keys]
+    assert all(np.array_equal(merged[k], averaged[k]) for k in rest)
+
+
+def test_tissue_prior_is_exactly_the_unet_at_zero_and_shifts_x0_by_the_table():
+    r = recipe(**{"tissue-prior": True, "prior-blur": False})
+    plain = ConditionalDDPM(RunConfig(recipe="cddpm", image_size=SIZE, batch_size=4, sites="A,B,C",
+                                      options={"channels": "8,16", "norm-groups": 4})).build()
+    model = r.build()
+    model.denoiser.unet.load_state_dict(plain.denoiser.state_dict())
+    with torch.no_grad():  # MONAI zero-initialises the output conv: make the UNet non-trivial
+        for p in list(plain.parameters()) + list(model.denoiser.unet.parameters()):
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    images, labels = batch(n=3)
+    cond, site, t = one_hot_labels(labels, 4), torch.tensor([0, 1, 2]), torch.tensor([999, 500, 0])
+    x = torch.cat([images, cond], dim=1)
+    assert torch.allclose(model.denoiser(x, t, class_labels=site), plain.denoiser(x, t, class_labels=site))
+    with torch.no_grad():
+        model.denoiser.tissue_offset.weight.copy_(torch.arange(12.0).view(3, 4) / 10)
+    prior = torch.arange(12.0).view(3, 4)[site][torch.arange(3)[:, None, None], labels] / 10
+    shifted = torch.cat([images - r.abar[t].sqrt().float().view(-1, 1, 1, 1) * prior[:, None], cond], dim=1)
+    expected = prior[:, None] + plain.denoiser(shifted, t, class_labels=site)
+    assert torch.allclose(model.denoiser(x, t, class_labels=site), expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="tissue-prior"):
+        recipe(**{"tissue-prior": True, "prediction": "epsilon"})
+
+
+def test_prior_blur_keeps_constants_and_widens_with_its_site_sigma():
+    denoiser = recipe(**{"tissue-prior": True}).build().denoiser
+    with torch.no_grad():
+        denoiser.blur_raw.weight.copy_(torch.tensor([[-20.0], [0.0], [2.0]]))  # sigma 0.25, 0.94, 2.38
+    site = torch.tensor([0, 1, 2])
+    flat = torch.full((3, 1, SIZE, SIZE), 0.7)
+    assert torch.allclose(denoiser._blur(flat, site), flat, atol=1e-6)  # borders renormalised
+    point = torch.zeros(3, 1, SIZE, SIZE)
+    point[:, :, 8, 8] = 1.0
+    out = denoiser._blur(point, site)
+    assert torch.allclose(out.sum(dim=(1, 2, 3))[:2], torch.ones(2), atol=1e-4)  # far from borders: mass kept
+    assert float(out[0, 0, 8, 8]) > 0.99 and float(out[1, 0, 8, 8]) > float(out[2, 0, 8, 8]) > 0
+    spread = [float((out[i, 0, 8] * (torch.arange(SIZE) - 8.0) ** 2).sum() / out[i, 0, 8].sum()) for i in (1, 2)]
+    assert spread[0] == pytest.approx(0.94 ** 2, rel=0.1) and spread[1] == pytest.approx(2.38 ** 2, rel=0.1)
 
 
 def test_registered_and_everything_travels():
