@@ -272,6 +272,8 @@ def render_report(run_dir: Path) -> str:
     evaluator = _read_json(run_dir / "evaluator.json", notes)
     sites = _sites(train, evals, config)
     utility = _read_json(run_dir / "utility.json", notes) if (run_dir / "utility.json").exists() else None
+    utility_augmented = (_read_json(run_dir / "utility-augmented.json", notes)
+                         if (run_dir / "utility-augmented.json").exists() else None)
     translation = (_read_json(run_dir / "translation.json", notes)
                    if (run_dir / "translation.json").exists() else None)
     audited = isinstance(privacy, dict) and "membership_inference" in privacy
@@ -280,6 +282,8 @@ def render_report(run_dir: Path) -> str:
                 "training losses", "excluded replies"]
     if utility is not None:
         contains.append("utility: segmenter trained on synthetic pairs, tested on real (utility.json)")
+    if utility_augmented is not None:
+        contains.append("utility with acquisition augmentation in every arm (utility-augmented.json)")
     if translation is not None:
         contains.append("translation against ground truth (translation.json)")
     if evals:
@@ -302,6 +306,9 @@ def render_report(run_dir: Path) -> str:
         _section("excluded", "Excluded replies", _excluded_section(train)),
         *([_section("utility", "Utility: train on synthetic, test on real (utility.json)", _nested(utility))]
           if utility is not None else []),
+        *([_section("utility-augmented", "Utility, every arm trained with bias-field and noise "
+                    "augmentation (utility-augmented.json)", _nested(utility_augmented))]
+          if utility_augmented is not None else []),
         *([_section("translation", "Translation against ground truth (translation.json)",
                     _translation_section(translation))] if translation is not None else []),
         _section("evaluator", "Evaluator provenance", _evaluator_section(evaluator)),

@@ -17,7 +17,12 @@ No model is selected on heldout/test: settings are fixed in advance.
 
 Command line (after a run; writes <run-dir>/utility.json, which the report can read):
 
-    .venv/bin/python -m medgen.evaluation.utility RUN_DIR [--per-site 48] [--steps 300]
+    .venv/bin/python -m medgen.evaluation.utility RUN_DIR [--per-site 48] [--steps 300] [--augment]
+
+``--augment`` trains all three arms with a random bias field and noise on their training
+images (the usual acquisition augmentation; tissue contrast untouched) and writes
+utility-augmented.json: synthetic data then has to get a site's contrast and anatomy right,
+not also reproduce each scan's bias field, which a DP generator learns last.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 from medgen.atomic import atomic_write_json
 from medgen.evaluation.image_metrics import dice_per_class
 from medgen.models.segmenter import SegmenterSettings, build_segmenter, fit_segmenter, image_batches
+from medgen.sim.random_contrast import acquisition_jitter
 
 Pairs = tuple[torch.Tensor, torch.Tensor]  # (images [N,1,H,W] in [-1,1], labels [N,H,W] int64)
 UTILITY_FILE = "utility.json"
@@ -49,6 +55,14 @@ class UtilitySettings:
     batch_size: int = 16
     lr: float = 3e-3
     channels: tuple[int, ...] = (16, 32, 64)
+    # every arm's training images get a random bias field and noise (sim/random_contrast.py
+    # ``acquisition_jitter``): how a segmenter is trained in practice; the tissue contrast
+    # (the site's style, what synthetic data must get right) is never altered
+    augment: bool = False
+
+    @property
+    def result_file(self) -> str:
+        return "utility-augmented.json" if self.augment else UTILITY_FILE
 
     def segmenter(self) -> SegmenterSettings:
         return SegmenterSettings(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
@@ -74,9 +88,15 @@ def mean_tissue_dice(net: torch.nn.Module, pairs: Pairs, batch: int = 64) -> flo
     return float(sum(scores) / len(scores)) if scores else float("nan")
 
 
+def _jitter(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return acquisition_jitter(images, gen)
+
+
 def train_and_score(train: Pairs, test: Pairs, settings: UtilitySettings, seed: int) -> float:
     net = build_segmenter(settings.segmenter(), seed=seed)
-    fit_segmenter(net, image_batches(train[0], train[1], settings.batch_size), settings.segmenter(), seed)
+    batches = image_batches(train[0], train[1], settings.batch_size,
+                            augment=_jitter if settings.augment else None)
+    fit_segmenter(net, batches, settings.segmenter(), seed)
     return mean_tissue_dice(net, test)
 
 
@@ -126,7 +146,8 @@ def synthetic_pairs(recipe: Any, model: torch.nn.Module, label_maps: torch.Tenso
 # -- after a run: checkpoint + public bank + held-out data -> utility.json -------------
 def run_utility(run_dir: Path, per_site: int | None = None, settings: UtilitySettings = UtilitySettings(),
                 seed: int = 0) -> dict[str, Any]:
-    """TSTR for a finished run (its checkpoint and config.toml); writes run_dir/utility.json."""
+    """TSTR for a finished run (its checkpoint and config.toml); writes run_dir/utility.json
+    (utility-augmented.json with ``settings.augment``)."""
     from medgen.client.site_data import load_heldout, load_public_bank
     from medgen.config import RunConfig
     from medgen.models.registry import build_recipe
@@ -164,7 +185,7 @@ def run_utility(run_dir: Path, per_site: int | None = None, settings: UtilitySet
                    "sampling_images_per_s": n_images / sampling_seconds,
                    "real_source": "heldout/fit", "test_source": "heldout/test",
                    "synthetic_source": "public anatomy bank label maps"})
-    atomic_write_json(run_dir / UTILITY_FILE, result)
+    atomic_write_json(run_dir / settings.result_file, result)
     return result
 
 
@@ -174,9 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-site", type=int, default=None, help="pairs per site (default: all heldout/fit)")
     parser.add_argument("--steps", type=int, default=UtilitySettings.steps)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--augment", action="store_true",
+                        help="random bias field + noise on every arm's training images "
+                             "(writes utility-augmented.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    result = run_utility(args.run_dir, args.per_site, UtilitySettings(steps=args.steps), args.seed)
+    result = run_utility(args.run_dir, args.per_site,
+                         UtilitySettings(steps=args.steps, augment=args.augment), args.seed)
     print(json.dumps({k: result[k] for k in ("dice", "ratio", "min_ratio", "counts")}, indent=2))
 
 

@@ -30,18 +30,13 @@ Why only D needs DP-SGD (post-processing, DP.md "Which networks need DP-SGD",
      private state (per-sample grads, summed grads, captured activations) is left on D
      when G trains; tests/models/test_dp_cgan.py proves G's update is identical for two
      different private data sets given the same D.
-  4. The scanner-moment release (``moment-release``, on by default): once per site, before
-     any DP-SGD step, one Gaussian mechanism on per-patient statistic vectors
-     v_i = [1, mean_k a_k, sd_k a_k, a_k (k = 4 tissue classes), sharpness, noise] of ONE
-     slice of patient i (drawn by the dataset's seeded, data-independent generator;
-     a_k = class k present; ``patient_moments``). For images in [-1, 1] every entry is in
-     [0, 1] or [-1, 1] except the two texture terms, and each row is clipped to
-     MOMENT_CLIP, so adding or removing a patient moves the sum by at most MOMENT_CLIP;
-     ``PrivateTraining.gaussian_release`` adds N(0, (sigma * MOMENT_CLIP)^2) and records
-     the accountant entry (sigma, 1.0, 1), declared in ``one_off_releases`` so the DP-SGD
-     noise was calibrated for the composition. The noisy sum is stored in G's buffer
-     ``site_moments`` (row k: site k's release, site-indexed) and G is pulled toward the
-     moments it implies: post-processing of a DP release, like D's parameters.
+  4. The scanner-moment release (``moment-release``, on by default;
+     models/scanner_moments.py has the mechanism and its sensitivity argument): once per
+     site, before any DP-SGD step, one Gaussian mechanism on per-patient tissue
+     statistics, accounted as (sigma, 1.0, 1) and declared in ``one_off_releases`` so the
+     DP-SGD noise was calibrated for the composition. The noisy sum is stored in G's
+     buffer ``site_moments`` (row k: site k's release, site-indexed) and G is pulled
+     toward the moments it implies: post-processing of a DP release, like D's parameters.
   5. Metrics: losses on the private batch are data-dependent scalars that would leave
      the site outside the accounting, so they are NOT returned. Only public-input
      quantities (G loss, D loss on fakes, fake scores), step counts and the wall time
@@ -64,41 +59,13 @@ from medgen.config import ConfigError, RunConfig
 from medgen.models.blocks import (DownBlock, ProjectionHead, ScannerHead, SPADEUpBlock,
                                   one_hot_labels, tissue_statistics)
 from medgen.models.recipe import PublicData, Recipe, RecipeOptions
+from medgen.models.scanner_moments import MOMENT_DIM, ensure_site_release, moments_from_release
 
 if False:  # typing only, as in models/recipe.py
     from medgen.privacy.dp_sgd import PrivateTraining  # noqa: F401
 
 NUM_CLASSES = len(TISSUE_CLASSES)
 LOSSES = ("nonsat", "hinge")
-# the released per-patient vector: [1, mean_k a_k (4), sd_k a_k (4), a_k (4), sharpness, noise]
-MOMENT_DIM = 1 + 3 * NUM_CLASSES + 2
-STAT_DIM = 2 * NUM_CLASSES + 2  # what tissue_statistics returns, and what G is pulled toward
-# scans' rows have norm about sqrt(1 + 4 + 4 * 0.1 + 4 + ...) < 4 and are never clipped; an extreme
-# image (a +-1 checkerboard has noise 8) is clipped, so the sensitivity is MOMENT_CLIP regardless
-MOMENT_CLIP = 4.0
-
-
-def patient_moments(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One release row per image [N,1,H,W] with its label map [N,H,W] (one image per patient)."""
-    onehot = one_hot_labels(labels, NUM_CLASSES)
-    stats = tissue_statistics(images.float(), onehot)
-    present = (onehot.sum(dim=(2, 3)) > 0).to(stats.dtype)
-    k = NUM_CLASSES
-    return torch.cat([torch.ones_like(stats[:, :1]), stats[:, :k] * present,
-                      stats[:, k:2 * k] * present, present, stats[:, 2 * k:]], dim=1)
-
-
-def moments_from_release(noisy_sum: torch.Tensor) -> torch.Tensor:
-    """Target statistics [STAT_DIM] (tissue_statistics' layout) from a noisy sum of
-    ``patient_moments`` rows: post-processing. Counts are floored at 1, values clamped to
-    their ranges."""
-    k = NUM_CLASSES
-    total = noisy_sum.float()
-    count = total[1 + 2 * k:1 + 3 * k].clamp(min=1.0)
-    patients = total[0].clamp(min=1.0)
-    return torch.cat([(total[1:1 + k] / count).clamp(-1.0, 1.0),
-                      (total[1 + k:1 + 2 * k] / count).clamp(0.0, 1.0),
-                      (total[1 + 3 * k:] / patients).clamp(min=0.0)])
 
 
 # -- networks ------------------------------------------------------------------------
@@ -329,25 +296,10 @@ class DPConditionalGAN(Recipe):
 
     def ensure_moment_release(self, model: nn.Module, data, private: "PrivateTraining",
                               site_index: int, local_state: dict[str, Any]) -> None:
-        """Release this site's scanner moments ONCE; afterwards reuse them and spend nothing."""
-        row = model.gen.site_moments[site_index]
-        if local_state.get("moment_release") is not None:  # the node's own copy wins
-            with torch.no_grad():
-                row.copy_(torch.tensor(local_state["moment_release"], dtype=row.dtype))
-            return
-        if bool(row.abs().sum() > 0):  # came back from the server (e.g. local state lost)
-            local_state["moment_release"] = [float(v) for v in row]
-            return
-        if getattr(data, "has_labels", True) is False:
-            raise ValueError("dp-cgan needs the site's label maps (labels/ folder); this site has none")
-        items = [data[i] for i in range(len(data))]  # one slice per patient
-        images, labels = self.real_batch((torch.stack([it[0] for it in items]),
-                                          torch.stack([it[1] for it in items])), torch.device("cpu"))
-        noisy = private.gaussian_release(patient_moments(images, labels), MOMENT_CLIP,
-                                         self.options.moment_noise_multiplier)
-        with torch.no_grad():
-            row.copy_(noisy.to(row.dtype))
-        local_state["moment_release"] = [float(v) for v in noisy]
+        """Release this site's scanner moments ONCE (models/scanner_moments.py); afterwards
+        reuse them and spend nothing."""
+        ensure_site_release(self, model.gen.site_moments[site_index], data, private, local_state,
+                            self.options.moment_noise_multiplier)
 
     def build(self) -> nn.Module:
         o, size = self.options, self.config.image_size

@@ -124,3 +124,19 @@ def render_random_contrast(label_maps: torch.Tensor, gen: torch.Generator,
     imag = std * torch.randn(image.shape, generator=gen)
     image = torch.where(rician, torch.sqrt(real ** 2 + imag ** 2), real)
     return robust_normalise(image)
+
+
+def acquisition_jitter(images: torch.Tensor, gen: torch.Generator, bias: float = 0.35,
+                       noise: tuple[float, float] = (0.0, 0.06)) -> torch.Tensor:
+    """Steps 5 and 7 alone, on given images [N,1,H,W] in [-1, 1]: a random smooth
+    multiplicative bias field and Gaussian noise, then the client's normalisation.
+
+    The standard "acquisition" augmentation of a segmenter's training images (the tissue
+    contrast is kept: this is not the random-contrast rendering). Ranges as RandomContrast.
+    """
+    n, size = images.shape[0], images.shape[-1]
+    intensity = (images.float() + 1.0) / 2.0  # back to a non-negative intensity scale
+    strength = _uniform(n, (-bias, bias), gen)[:, None, None, None]
+    intensity = intensity * torch.exp(strength * _smooth_field(n, size, 3, gen))
+    std = _uniform(n, noise, gen)[:, None, None, None]
+    return robust_normalise(intensity + std * torch.randn(intensity.shape, generator=gen))

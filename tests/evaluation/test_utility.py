@@ -92,3 +92,26 @@ def test_synthetic_pairs_label_the_recipes_samples_with_their_conditioning_maps(
     images, labels = synthetic_pairs(FakeRecipe(), None, maps, 1, seed=0)
     assert torch.equal(labels, maps) and torch.equal(images[:, 0] * 3, maps.float())
     assert torch.equal(calls[0], torch.ones(5, dtype=torch.long))
+
+
+def test_augmented_arms_are_trained_on_jittered_images(monkeypatch):
+    """With ``augment`` every arm's batches pass through acquisition_jitter; without, none do."""
+    import medgen.evaluation.utility as utility
+
+    calls = []
+    real_jitter = utility.acquisition_jitter
+
+    def counting(images, gen):
+        calls.append(images.shape[0])
+        return real_jitter(images, gen)
+
+    monkeypatch.setattr(utility, "acquisition_jitter", counting)
+    maps = blob_maps(16, 0)
+    pairs = {"A": (render(maps, "A", 0), maps)}
+    settings = UtilitySettings(steps=5, batch_size=4, lr=5e-3, channels=(8, 16))
+    tstr(pairs, pairs, pairs, settings, seed=0)
+    assert calls == []
+    augmented = UtilitySettings(steps=5, batch_size=4, lr=5e-3, channels=(8, 16), augment=True)
+    result = tstr(pairs, pairs, pairs, augmented, seed=0)
+    assert calls == [4] * 15  # 3 arms x 5 steps, one jittered batch each
+    assert result["settings"]["augment"] is True and augmented.result_file == "utility-augmented.json"

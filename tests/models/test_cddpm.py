@@ -35,9 +35,9 @@ def batch(seed=0, n=N):
             torch.randint(0, 4, (n, SIZE, SIZE), generator=g))
 
 
-def plan(sigma=1.0, clip=1.0, q=1.0):
+def plan(sigma=1.0, clip=1.0, q=1.0, releases=()):
     return PrivacyPlan(target_epsilon=10.0, delta=1e-5, accountant="rdp", sample_rate=q,
-                       total_steps=1000, noise_multiplier=sigma, max_grad_norm=clip)
+                       total_steps=1000, noise_multiplier=sigma, max_grad_norm=clip, releases=releases)
 
 
 def wrap(r, model, images, labels):
@@ -133,7 +133,7 @@ def test_a_record_loss_is_the_mean_of_its_draws_computed_one_by_one():
 
 @pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
 def test_ddim_with_a_perfect_denoiser_lands_exactly_on_the_data(prediction):
-    r = recipe(prediction=prediction, **{"sample-steps": 7})
+    r = recipe(prediction=prediction, **{"sample-steps": 7, "tissue-prior": prediction == "sample"})
     x0 = torch.rand(3, 1, SIZE, SIZE) * 1.8 - 0.9
     x = torch.randn(3, 1, SIZE, SIZE)
     steps = ddim_timesteps(r.options.train_timesteps, 7)
@@ -166,7 +166,8 @@ def test_site_rows_are_declared_site_indexed(prior):
     state = r.build().state_dict()
     wanted = {"denoiser.unet.class_embedding.weight", "denoiser.tissue_offset.weight",
               "denoiser.blur_raw.weight"} if prior else {"denoiser.class_embedding.weight"}
-    assert set(r.site_indexed_keys) == wanted
+    released = {"denoiser.site_moments"} if prior else set()  # the scanner-moment release, by site
+    assert set(r.site_indexed_keys) == wanted | released
     assert all(state[k].shape[0] == r.num_sites == 3 for k in r.site_indexed_keys)
     # and every other shared key has no site-sized table that escaped the list
     embeddings = {f"denoiser.{n}.weight" for n, m in r.build().denoiser.named_modules()
@@ -191,7 +192,7 @@ def test_one_fedavg_round_takes_each_site_row_from_its_own_site(prior):
     for site in range(3):
         local = copy.deepcopy(global_model)
         images, labels = batch(seed=site, n=8)
-        private = PrivateTraining(plan(q=0.5), [], seed=site)
+        private = PrivateTraining(plan(q=0.5, releases=r.one_off_releases()), [], seed=site)
         r.train_local(local, TensorDataset(images, labels), None, private, site, 2, {}, "cpu")
         replies.append(AcceptedReply(site="ABC"[site], num_examples=8.0, metrics={},
                                      arrays={k: v.numpy().copy() for k, v in r.shared_state(local).items()}))
@@ -213,7 +214,8 @@ def test_one_fedavg_round_takes_each_site_row_from_its_own_site(prior):
 def test_tissue_prior_is_exactly_the_unet_at_zero_and_shifts_x0_by_the_table():
     r = recipe(**{"tissue-prior": True, "prior-blur": False})
     plain = ConditionalDDPM(RunConfig(recipe="cddpm", image_size=SIZE, batch_size=4, sites="A,B,C",
-                                      options={"channels": "8,16", "norm-groups": 4})).build()
+                                      options={"channels": "8,16", "norm-groups": 4,
+                                               "tissue-prior": False})).build()
     model = r.build()
     model.denoiser.unet.load_state_dict(plain.denoiser.state_dict())
     with torch.no_grad():  # MONAI zero-initialises the output conv: make the UNet non-trivial
@@ -262,10 +264,11 @@ def test_train_local_takes_exactly_the_steps_and_returns_no_private_losses():
     model = r.build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images, labels = batch(n=12)
-    private = PrivateTraining(plan(q=1 / 3), [], seed=0)
+    private = PrivateTraining(plan(q=1 / 3, releases=r.one_off_releases()), [], seed=0)
     state: dict = {}
     metrics = r.train_local(model, TensorDataset(images, labels), None, private, 2, 3, state, "cpu")
-    assert private.steps_taken == 3 and sum(s for _, _, s in private.history) == 3
+    assert private.steps_taken == 3
+    assert private.history == [(3.0, 1.0, 1), (1.0, 1 / 3, 3)]  # the moment release, then 3 DP steps
     assert metrics["denoiser_steps"] == 3
     assert not any("loss" in k for k in metrics)  # private-batch losses never leave the site
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -327,10 +330,14 @@ def test_samples_come_out_in_the_requested_sites_style():
         replies = []
         for site in (0, 1):
             local = copy.deepcopy(model)
-            private = PrivateTraining(plan(sigma=0.05, clip=10.0, q=0.5), [], seed=2 * rnd + site)
+            private = PrivateTraining(plan(sigma=0.05, clip=10.0, q=0.5, releases=r.one_off_releases()),
+                                      [], seed=2 * rnd + site)
             r.train_local(local, data[site], None, private, site, 20, states[site], "cpu")
             replies.append(local.state_dict())
-        model.load_state_dict({k: (replies[0][k] + replies[1][k]) / 2 for k in replies[0]})
+        averaged = {k: (replies[0][k] + replies[1][k]) / 2 for k in replies[0]}
+        for key in r.site_indexed_keys:  # as the server does: row k from site k's reply
+            averaged[key] = torch.stack([replies[k][key][k] for k in (0, 1)])
+        model.load_state_dict(averaged)
     real_maps = blob_maps(64, seed=99)
     real = torch.cat([render(real_maps[:32], 0, 1), render(real_maps[32:], 1, 2)])
     classifier = train_site_classifier(real, torch.arange(64) // 32, 2,
@@ -380,3 +387,41 @@ def test_two_federated_rounds_on_tiny_images_then_tstr_utility(tiny_federation, 
     assert saved["counts"]["A"] == {"synthetic": 4, "real": 4, "test": 6}
     assert set(saved["dice"]["synthetic"]) == {"A", "B"} and saved["recipe"] == "cddpm"
     assert utility["server_round"] == 2
+
+
+def test_moment_release_is_spent_once_and_starts_the_prior_at_the_released_means():
+    """Round 1 releases the site's tissue statistics (one Gaussian mechanism, accounted) and
+    sets that site's prior row to the means they imply; round 2 reuses it and spends nothing."""
+    from medgen.models.scanner_moments import moments_from_release
+
+    r = recipe(**{"prior-blur": False})
+    assert r.one_off_releases() == ((3.0, 1.0, 1),)
+    model = r.build()
+    images, labels = batch(n=12)
+    data = TensorDataset(images, labels)
+    seen = {}
+    original = type(model.denoiser).start_from_release
+
+    def spy(denoiser, site):
+        original(denoiser, site)
+        seen["row"] = denoiser.tissue_offset.weight[site].detach().clone()
+
+    type(model.denoiser).start_from_release = spy
+    try:
+        private = PrivateTraining(plan(releases=r.one_off_releases()), [], seed=0)
+        state: dict = {}
+        r.train_local(model, data, None, private, 1, 1, state, "cpu")
+    finally:
+        type(model.denoiser).start_from_release = original
+    released = torch.tensor(state["moment_release"], dtype=torch.float32)
+    assert torch.equal(model.denoiser.site_moments[1], released)
+    assert torch.allclose(seen["row"], moments_from_release(released)[:4])
+    assert model.denoiser.site_moments[0].abs().sum() == 0  # other sites' rows untouched
+    # round 2, same node state: the release is reused, the history gains only the DP step
+    second = PrivateTraining(plan(releases=r.one_off_releases()), list(private.history), seed=1,
+                             released=private.new_releases)
+    r.train_local(model, data, None, second, 1, 1, state, "cpu")
+    q = private.history[-1][1]
+    assert private.history == [(3.0, 1.0, 1), (1.0, q, 1)]
+    assert second.history == [(3.0, 1.0, 1), (1.0, q, 2)]  # one more DP step, no second release
+    assert torch.equal(model.denoiser.site_moments[1], released)

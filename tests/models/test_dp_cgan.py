@@ -287,7 +287,7 @@ def test_fake_term_gradient_is_bounded_by_the_clipping_norm_and_keeps_its_direct
 
 def test_moment_release_rows_and_targets_are_the_per_patient_tissue_statistics():
     from medgen.models.blocks import one_hot_labels, tissue_statistics
-    from medgen.models.dp_cgan import MOMENT_CLIP, moments_from_release, patient_moments
+    from medgen.models.scanner_moments import MOMENT_CLIP, moments_from_release, patient_moments
 
     labels = label_maps(12, 16, seed=3)
     images = site_images(labels, seed=3)

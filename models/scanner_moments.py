@@ -1,0 +1,90 @@
+"""The scanner-moment release: one Gaussian mechanism per site on per-patient tissue statistics.
+
+A site's scanner is, to first order, a handful of numbers: per tissue class the mean and
+the spread of its intensity, plus how sharp and how noisy the image is
+(``blocks.tissue_statistics``). Under DP-SGD a network learns these only slowly, through
+noisy gradients; released once, directly, they cost little budget and are exact up to the
+noise. Recipes use the release as a target (dp-cgan pulls G toward it) or as a starting
+point (cddpm initialises its tissue prior from it): post-processing of a DP output.
+
+Privacy: one row per patient, v_i = [1, mean_k a_k, sd_k a_k, a_k (k = 4 tissue classes),
+sharpness, noise] computed from ONE slice of patient i alone (a_k = class k present).
+For images in [-1, 1] every entry is in [0, 1] or [-1, 1] except the two texture terms,
+and ``PrivateTraining.gaussian_release`` clips each row to MOMENT_CLIP, so adding or
+removing a patient moves the sum by at most MOMENT_CLIP. It adds N(0, (sigma *
+MOMENT_CLIP)^2 I) and records the accountant entry (sigma, 1.0, 1), which the recipe
+declares in ``one_off_releases`` so the DP-SGD noise is calibrated for the composition.
+The release happens once per site; later rounds and restarts reuse it at no cost.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from medgen import TISSUE_CLASSES
+from medgen.models.blocks import one_hot_labels, tissue_statistics
+
+if TYPE_CHECKING:
+    from medgen.models.recipe import Recipe
+    from medgen.privacy.dp_sgd import PrivateTraining
+
+NUM_CLASSES = len(TISSUE_CLASSES)
+# the released per-patient vector: [1, mean_k a_k (4), sd_k a_k (4), a_k (4), sharpness, noise]
+MOMENT_DIM = 1 + 3 * NUM_CLASSES + 2
+STAT_DIM = 2 * NUM_CLASSES + 2  # tissue_statistics' layout: what a release's moments are
+# scans' rows have norm about sqrt(1 + 4 + 4 * 0.1 + 4 + ...) < 4 and are never clipped; an extreme
+# image (a +-1 checkerboard has noise 8) is clipped, so the sensitivity is MOMENT_CLIP regardless
+MOMENT_CLIP = 4.0
+
+
+def patient_moments(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One release row per image [N,1,H,W] with its label map [N,H,W] (one image per patient)."""
+    onehot = one_hot_labels(labels, NUM_CLASSES)
+    stats = tissue_statistics(images.float(), onehot)
+    present = (onehot.sum(dim=(2, 3)) > 0).to(stats.dtype)
+    k = NUM_CLASSES
+    return torch.cat([torch.ones_like(stats[:, :1]), stats[:, :k] * present,
+                      stats[:, k:2 * k] * present, present, stats[:, 2 * k:]], dim=1)
+
+
+def moments_from_release(noisy_sum: torch.Tensor) -> torch.Tensor:
+    """Target statistics [STAT_DIM] (tissue_statistics' layout) from a noisy sum of
+    ``patient_moments`` rows: post-processing. Counts are floored at 1, values clamped to
+    their ranges."""
+    k = NUM_CLASSES
+    total = noisy_sum.float()
+    count = total[1 + 2 * k:1 + 3 * k].clamp(min=1.0)
+    patients = total[0].clamp(min=1.0)
+    return torch.cat([(total[1:1 + k] / count).clamp(-1.0, 1.0),
+                      (total[1 + k:1 + 2 * k] / count).clamp(0.0, 1.0),
+                      (total[1 + 3 * k:] / patients).clamp(min=0.0)])
+
+
+def ensure_site_release(recipe: "Recipe", row: torch.Tensor, data, private: "PrivateTraining",
+                        local_state: dict[str, Any], noise_multiplier: float) -> bool:
+    """Fill ``row`` (this site's row of a site-indexed [sites, MOMENT_DIM] buffer) with the
+    site's release, spending it only the first time. Returns True when it was released now.
+
+    The node's own copy (``local_state["moment_release"]``) wins; a row that came back from
+    the server non-zero (local state lost) is adopted; otherwise the Gaussian mechanism runs
+    on one slice per patient (``data[i]`` is patient i: the dataset's unit).
+    """
+    if local_state.get("moment_release") is not None:
+        with torch.no_grad():
+            row.copy_(torch.tensor(local_state["moment_release"], dtype=row.dtype))
+        return False
+    if bool(row.abs().sum() > 0):
+        local_state["moment_release"] = [float(v) for v in row]
+        return False
+    if getattr(data, "has_labels", True) is False:
+        raise ValueError(f"{recipe.name} needs the site's label maps (labels/ folder); this site has none")
+    items = [data[i] for i in range(len(data))]
+    images, labels = recipe.real_batch((torch.stack([it[0] for it in items]),
+                                        torch.stack([it[1] for it in items])), torch.device("cpu"))
+    noisy = private.gaussian_release(patient_moments(images, labels), MOMENT_CLIP, noise_multiplier)
+    with torch.no_grad():
+        row.copy_(noisy.to(row.dtype))
+    local_state["moment_release"] = [float(v) for v in noisy]
+    return True
