@@ -7,6 +7,12 @@ on ``heldout/test`` of every site, under these conditions:
 - ``no-adaptation``: the source segmenter on the real target images;
 - ``translated-inputs``: the same segmenter on target images translated target -> source
   (the hospital translates its own scans locally, then segments them);
+- ``translated-training``: per target site, a segmenter trained on the source's labelled
+  images translated source -> target (the source's labels kept: structure is preserved by
+  construction), tested on the target's real images; ``translated-training+jitter`` adds a
+  random bias field and noise to those training images (sim/random_contrast.py
+  ``acquisition_jitter``: the usual acquisition augmentation, tissue contrast untouched),
+  since a translation carries the source scan's own bias field, not the target's;
 - ``augmentation-only``: a segmenter trained on the source images under heavy,
   label-free intensity augmentation (a random intensity curve, possible inversion, gamma,
   bias field, blur and noise), no translation;
@@ -26,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from medgen.evaluation.translation import mean_tissue_dice
-from medgen.sim.random_contrast import gaussian_blur
+from medgen.sim.random_contrast import acquisition_jitter, gaussian_blur
 
 Translate = Callable[[torch.Tensor, str, str], torch.Tensor]
 
@@ -55,6 +61,10 @@ def heavy_intensity_augmentation(images: torch.Tensor, labels: torch.Tensor,
     lo_q = torch.quantile(y.flatten(1), 0.005, dim=1)[:, None, None, None]
     hi_q = torch.quantile(y.flatten(1), 0.995, dim=1)[:, None, None, None]
     return ((y - lo_q) / (hi_q - lo_q).clamp(min=1e-6)).clamp(0, 1) * 2 - 1
+
+
+def _jitter(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return acquisition_jitter(images, gen)
 
 
 def dice_by_site(segmenter: torch.nn.Module, test: Mapping[str, Any],
@@ -87,6 +97,19 @@ def evaluate_adaptation(source: str, train_sets: Mapping[str, tuple[torch.Tensor
     if translate is not None:
         results["translated-inputs"] = dice_by_site(
             base, test, lambda x, site: x if site == source else translate(x, site, source))
+        plain, jittered = {source: results["no-adaptation"][source]}, {}
+        for k, site in enumerate(sorted(test)):
+            if site == source:
+                continue
+            moved = translate(images.clone(), source, site)
+            net = train_on_images(moved, labels, settings, seed + 17 * (k + 1))
+            plain[site] = dice_by_site(net, {site: test[site]})[site]
+            net = train_on_images(moved, labels, settings, seed + 17 * (k + 1), augment=_jitter)
+            jittered[site] = dice_by_site(net, {site: test[site]})[site]
+        jittered[source] = dice_by_site(
+            train_on_images(images, labels, settings, seed, augment=_jitter), {source: test[source]})[source]
+        results["translated-training"] = plain
+        results["translated-training+jitter"] = jittered
     if contrast_agnostic is not None:
         results["contrast-agnostic"] = dice_by_site(contrast_agnostic, test)
     in_domain = {}
