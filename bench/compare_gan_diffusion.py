@@ -7,7 +7,8 @@ finished run directories are given. From each run it reads (same machine, same c
     (metrics.jsonl, coordinator's heldout/test), and site fidelity (site classifier
     accuracy on generated images);
   - synthetic-only segmentation Dice and its ratio to real-only Dice at the same count,
-    per site (evaluation/utility.py TSTR, written to <run>/utility.json);
+    per site (evaluation/utility.py TSTR, written to <run>/utility.json), and the same
+    with acquisition augmentation (bias field + noise) in every arm (utility-augmented.json);
   - sampling throughput (images/s while synthesising the TSTR pairs, one thread);
   - training time per round (mean over rounds of the slowest site's local training
     seconds, and the wall time between round records);
@@ -116,6 +117,12 @@ def main() -> None:
     for recipe in RECIPES:
         row = read_run(runs[recipe])
         utility = run_utility(runs[recipe], args.per_site, UtilitySettings(steps=args.utility_steps))
+        augmented = run_utility(runs[recipe], args.per_site,
+                                UtilitySettings(steps=args.utility_steps, augment=True))
+        row.update({"tstr_augmented_dice_synthetic": augmented["dice"]["synthetic"],
+                    "tstr_augmented_dice_real": augmented["dice"]["real"],
+                    "tstr_augmented_ratio": augmented["ratio"],
+                    "tstr_augmented_min_ratio": augmented["min_ratio"]})
         row.update({"tstr_dice_synthetic": utility["dice"]["synthetic"],
                     "tstr_dice_real": utility["dice"]["real"],
                     "tstr_dice_real_plus_synthetic": utility["dice"]["real+synthetic"],
@@ -126,7 +133,8 @@ def main() -> None:
         table[recipe] = row
     write_result(args.name, {
         "commands": commands or "existing run dirs (see run_dir)", "table": table,
-        "utility_command": f"python -m medgen.evaluation.utility RUN_DIR --steps {args.utility_steps}",
+        "utility_command": f"python -m medgen.evaluation.utility RUN_DIR --steps {args.utility_steps} "
+                           "[--augment]",
         "fd_extractor": "medgenenc-v1", "unit": "patient",
     })
 
