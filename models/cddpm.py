@@ -12,7 +12,9 @@ embedding (and of the tissue prior below) receives gradient only at site k; the 
 sites' copies move only by DP noise (and Adam's normalised random walk of it). Plain
 FedAvg of that row would shrink site k's update 4-fold on the default federation and add
 three sites' noise to it, every round; measured, that left sites B and C rendered in
-another site's style (bench/results/gan_vs_diffusion.json). The server takes row k from
+another site's style (the first gan_vs_diffusion table, docs/recipes/cddpm.md). Site rows
+alone did not fix it (bench/results/tune_cddpm_siterows.json: site accuracy B, C still 0);
+with the tissue prior and its release they did. The server takes row k from
 site k's reply alone (server/strategy.py ``site_rows_from_own_site``), as for dp-cgan.
 
 Tissue prior (``tissue-prior = true``, x0-prediction only): a table of NUM_CLASSES
