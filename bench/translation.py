@@ -1,6 +1,8 @@
 """bridge-translate: train it federated in-process, evaluate it on ground truth, time it.
 
+    python -m bench.translation pretrain-seg --data-root D --seg-steps 4000 --out S.pt
     python -m bench.translation train    --data-root D --run-dir R [--rounds 10 --local-steps 20]
+                                         [--seg-init S.pt]
     python -m bench.translation evaluate --data-root D --run-dir R
     python -m bench.translation adapt    --data-root D --run-dir R
     python -m bench.translation timing   --data-root D
@@ -122,6 +124,24 @@ def train(args) -> None:
             "accountant": config.accountant, "delta": config.delta, "unit": "patient",
             "sampling": "Poisson", "plans": [p.to_json() for p in plans], "epsilon": eps,
             "histories": histories, "rounds": log})
+
+
+def pretrain_seg(args) -> None:
+    """S on random-contrast renderings of the public bank only (zero privacy cost): what a
+    coordinator computes once and ships as ``--seg-init``."""
+    from medgen.client.site_data import load_public_bank
+    from medgen.models.segmenter import SegmenterSettings, train_contrast_agnostic
+
+    torch.set_num_threads(1)
+    public = load_public_bank(Path(args.data_root) / "public", args.image_size)
+    start = time.perf_counter()
+    net = train_contrast_agnostic(public.label_maps.long(), SegmenterSettings(steps=args.seg_steps, lr=3e-3),
+                                  seed=args.seed + 1)
+    out = Path(args.out or "S.pt")
+    tmp = out.with_suffix(".tmp")
+    torch.save(net.state_dict(), tmp)
+    tmp.replace(out)
+    print(json.dumps({"segmenter": str(out), "steps": args.seg_steps, "seconds": time.perf_counter() - start}))
 
 
 def load_trained(run_dir: Path):
@@ -291,7 +311,7 @@ def timing(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.translation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("train", "evaluate", "adapt", "timing"))
+    parser.add_argument("command", choices=("pretrain-seg", "train", "evaluate", "adapt", "timing"))
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--run-dir", default="runs/bridge-translate")
     parser.add_argument("--rounds", type=int, default=10)
@@ -302,12 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", default="A,B,C,D")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--seg-steps", type=int, default=300, help="adapt: steps per segmenter")
+    parser.add_argument("--seg-steps", type=int, default=300,
+                        help="adapt: steps per segmenter; pretrain-seg: steps of S")
+    parser.add_argument("--out", help="pretrain-seg: where to write S's state dict (default S.pt)")
     parser.add_argument("--seg-init", help="state dict of a segmenter pretrained on public data "
                         "(models.segmenter.train_contrast_agnostic) to start S from")
     parser.add_argument("--option", action="append", help="recipe option KEY=VALUE (repeatable)")
     args = parser.parse_args(argv)
-    {"train": train, "evaluate": evaluate, "adapt": adapt, "timing": timing}[args.command](args)
+    {"pretrain-seg": pretrain_seg, "train": train, "evaluate": evaluate, "adapt": adapt,
+     "timing": timing}[args.command](args)
     return 0
 
 
