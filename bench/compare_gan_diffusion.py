@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from bench.common import write_result
-from medgen.evaluation.utility import UtilitySettings, run_utility
+from medgen.evaluation.utility import UtilitySettings, run_utilities
 
 RECIPES = ("cddpm", "dp-cgan")
 
@@ -116,9 +116,9 @@ def main() -> None:
     table = {}
     for recipe in RECIPES:
         row = read_run(runs[recipe])
-        utility = run_utility(runs[recipe], args.per_site, UtilitySettings(steps=args.utility_steps))
-        augmented = run_utility(runs[recipe], args.per_site,
-                                UtilitySettings(steps=args.utility_steps, augment=True))
+        utility, augmented = run_utilities(runs[recipe], args.per_site,
+                                           (UtilitySettings(steps=args.utility_steps),
+                                            UtilitySettings(steps=args.utility_steps, augment=True)))
         row.update({"tstr_augmented_dice_synthetic": augmented["dice"]["synthetic"],
                     "tstr_augmented_dice_real": augmented["dice"]["real"],
                     "tstr_augmented_ratio": augmented["ratio"],

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from medgen.atomic import atomic_write_json, atomic_write_text
+from medgen.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
 from medgen.config import RunConfig
 
 OPTIONS = {"gen-width": 16, "disc-width": 16, "seg-steps-per-round": 10, "seg-pretrain-steps": 0}
@@ -138,9 +138,7 @@ def pretrain_seg(args) -> None:
     net = train_contrast_agnostic(public.label_maps.long(), SegmenterSettings(steps=args.seg_steps, lr=3e-3),
                                   seed=args.seed + 1)
     out = Path(args.out or "S.pt")
-    tmp = out.with_suffix(".tmp")
-    torch.save(net.state_dict(), tmp)
-    tmp.replace(out)
+    atomic_torch_save(out, net.state_dict())
     print(json.dumps({"segmenter": str(out), "steps": args.seg_steps, "seconds": time.perf_counter() - start}))
 
 

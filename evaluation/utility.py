@@ -33,7 +33,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -148,6 +148,13 @@ def run_utility(run_dir: Path, per_site: int | None = None, settings: UtilitySet
                 seed: int = 0) -> dict[str, Any]:
     """TSTR for a finished run (its checkpoint and config.toml); writes run_dir/utility.json
     (utility-augmented.json with ``settings.augment``)."""
+    return run_utilities(run_dir, per_site, (settings,), seed)[0]
+
+
+def run_utilities(run_dir: Path, per_site: int | None, settings: Sequence[UtilitySettings],
+                  seed: int = 0) -> list[dict[str, Any]]:
+    """``run_utility`` for several settings on ONE set of synthetic pairs: the sampling (the
+    slow part for a diffusion model) is done once; each result is written to its own file."""
     from medgen.client.site_data import load_heldout, load_public_bank
     from medgen.config import RunConfig
     from medgen.models.registry import build_recipe
@@ -178,15 +185,18 @@ def run_utility(run_dir: Path, per_site: int | None = None, settings: UtilitySet
         real[site] = (fit[site].images[:n], fit[site].labels[:n])
         tests[site] = (test[site].images, test[site].labels)
     sampling_seconds = time.perf_counter() - start
-    result = tstr(synth, real, tests, settings, seed)
     n_images = sum(len(p[0]) for p in synth.values())
-    result.update({"recipe": config.recipe, "server_round": checkpoint.server_round,
-                   "synthetic_images": n_images, "sampling_seconds": sampling_seconds,
-                   "sampling_images_per_s": n_images / sampling_seconds,
-                   "real_source": "heldout/fit", "test_source": "heldout/test",
-                   "synthetic_source": "public anatomy bank label maps"})
-    atomic_write_json(run_dir / settings.result_file, result)
-    return result
+    results = []
+    for one in settings:
+        result = tstr(synth, real, tests, one, seed)
+        result.update({"recipe": config.recipe, "server_round": checkpoint.server_round,
+                       "synthetic_images": n_images, "sampling_seconds": sampling_seconds,
+                       "sampling_images_per_s": n_images / sampling_seconds,
+                       "real_source": "heldout/fit", "test_source": "heldout/test",
+                       "synthetic_source": "public anatomy bank label maps"})
+        atomic_write_json(run_dir / one.result_file, result)
+        results.append(result)
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -282,31 +282,15 @@ class BridgeTranslator(Recipe):
                              local_state: dict[str, Any]) -> None:
         """Release this site's style statistics ONCE (privacy argument, point 4).
 
-        Already released (row ``site_index`` of ``model.style_release`` is set, as it comes
-        back from the server every round, or the node kept it in ``local_state``): reuse it,
-        spend nothing. Otherwise one row per patient of ``data`` (this site's dataset: one
-        item = one patient) -> ``private.gaussian_release`` (clip to STYLE_CLIP, sum, noise,
-        accounted as (style-noise-multiplier, 1.0, 1)) -> row ``site_index`` only."""
-        row = model.style_release[site_index]
-        if bool(row.abs().sum() > 0):
-            local_state["style_release"] = [float(v) for v in row]
-            return
-        if local_state.get("style_release") is not None:
-            with torch.no_grad():
-                row.copy_(torch.tensor(local_state["style_release"], dtype=row.dtype))
-            return
-        if getattr(data, "has_labels", True) is False:
-            raise ValueError("bridge-translate's style release needs the site's label maps; this "
-                             "site has none (set options.style-release = false to measure styles "
-                             "on the generator's samples instead)")
-        items = [data[i] for i in range(len(data))]
-        images, labels = self.real_batch((torch.stack([it[0] for it in items]),
-                                          torch.stack([it[1] for it in items])), torch.device("cpu"))
-        noisy = private.gaussian_release(patient_style_statistics(images, labels), STYLE_CLIP,
-                                         self.options.style_noise_multiplier)
-        with torch.no_grad():
-            row.copy_(noisy.to(row.dtype))
-        local_state["style_release"] = [float(v) for v in noisy]
+        ``Recipe.release_once``: reused if the node kept it in ``local_state`` or the row
+        came back from the server set; otherwise one row per patient of ``data`` ->
+        ``private.gaussian_release`` (clip to STYLE_CLIP, sum, noise, accounted as
+        (style-noise-multiplier, 1.0, 1)) -> row ``site_index`` only."""
+        self.release_once(model.style_release[site_index], data, private, local_state,
+                          "style_release", patient_style_statistics, STYLE_CLIP,
+                          self.options.style_noise_multiplier,
+                          no_labels_hint=" (set options.style-release = false to measure styles "
+                                         "on the generator's samples instead)")
 
     def pretrain_segmenter(self, model: BridgeModel, public: PublicData, device: torch.device) -> None:
         """S on random-contrast renderings of public maps only; the seed does not depend on

@@ -89,7 +89,7 @@ from medgen import TISSUE_CLASSES
 from medgen.config import ConfigError
 from medgen.models.blocks import one_hot_labels
 from medgen.models.recipe import PublicData, Recipe, RecipeOptions
-from medgen.models.scanner_moments import MOMENT_DIM, ensure_site_release, moments_from_release
+from medgen.models.scanner_moments import MOMENT_CLIP, MOMENT_DIM, moments_from_release, patient_moments
 
 NUM_CLASSES = len(TISSUE_CLASSES)
 SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
@@ -392,9 +392,9 @@ class ConditionalDDPM(Recipe):
         self.check_train_args(site_index, steps)
         device = torch.device(device)
         model.to(device).train()
-        if self.releases_moments and ensure_site_release(
-                self, model.denoiser.site_moments[site_index], data, private, local_state,
-                o.moment_noise_multiplier):
+        if self.releases_moments and self.release_once(
+                model.denoiser.site_moments[site_index], data, private, local_state,
+                "moment_release", patient_moments, MOMENT_CLIP, o.moment_noise_multiplier):
             model.denoiser.start_from_release(site_index)  # fresh release: the prior starts there
         rounds_done = int(local_state.get("rounds_trained", 0))
         rng = torch.Generator().manual_seed(

@@ -59,7 +59,7 @@ from medgen.config import ConfigError, RunConfig
 from medgen.models.blocks import (DownBlock, ProjectionHead, ScannerHead, SPADEUpBlock,
                                   one_hot_labels, tissue_statistics)
 from medgen.models.recipe import PublicData, Recipe, RecipeOptions
-from medgen.models.scanner_moments import MOMENT_DIM, ensure_site_release, moments_from_release
+from medgen.models.scanner_moments import MOMENT_CLIP, MOMENT_DIM, moments_from_release, patient_moments
 
 if False:  # typing only, as in models/recipe.py
     from medgen.privacy.dp_sgd import PrivateTraining  # noqa: F401
@@ -298,8 +298,8 @@ class DPConditionalGAN(Recipe):
                               site_index: int, local_state: dict[str, Any]) -> None:
         """Release this site's scanner moments ONCE (models/scanner_moments.py); afterwards
         reuse them and spend nothing."""
-        ensure_site_release(self, model.gen.site_moments[site_index], data, private, local_state,
-                            self.options.moment_noise_multiplier)
+        self.release_once(model.gen.site_moments[site_index], data, private, local_state,
+                          "moment_release", patient_moments, MOMENT_CLIP, self.options.moment_noise_multiplier)
 
     def build(self) -> nn.Module:
         o, size = self.options, self.config.image_size

@@ -115,6 +115,38 @@ class Recipe(ABC):
                              f"({size}, {size}) for image-size {size}: reload the site data")
         return images.to(device, torch.float32), labels.to(device)
 
+    def release_once(self, row: torch.Tensor, data: Any, private: "PrivateTraining",
+                     local_state: dict[str, Any], key: str, statistics: Any, clip_norm: float,
+                     noise_multiplier: float, no_labels_hint: str = "") -> bool:
+        """A one-off release of this site's per-patient ``statistics`` into ``row`` (this
+        site's row of a site-indexed buffer), spent only the first time; True if made now.
+
+        Reused, at no cost: the node's own copy ``local_state[key]`` (it wins: the node
+        trusts what it released itself), else a row that came back from the server non-zero
+        (the local state was lost). Otherwise ``statistics(images, labels)`` on ONE slice
+        per patient (``data[i]`` is patient i, the dataset's unit) -> ``private.
+        gaussian_release`` (clip to ``clip_norm``, sum, noise, accounted) -> ``row`` and
+        ``local_state[key]``.
+        """
+        if local_state.get(key) is not None:
+            with torch.no_grad():
+                row.copy_(torch.tensor(local_state[key], dtype=row.dtype))
+            return False
+        if bool(row.abs().sum() > 0):
+            local_state[key] = [float(v) for v in row]
+            return False
+        if getattr(data, "has_labels", True) is False:
+            raise ValueError(f"{self.name}'s one-off release needs the site's label maps "
+                             f"(labels/ folder); this site has none{no_labels_hint}")
+        items = [data[i] for i in range(len(data))]
+        images, labels = self.real_batch((torch.stack([it[0] for it in items]),
+                                          torch.stack([it[1] for it in items])), torch.device("cpu"))
+        noisy = private.gaussian_release(statistics(images, labels), clip_norm, noise_multiplier)
+        with torch.no_grad():
+            row.copy_(noisy.to(row.dtype))
+        local_state[key] = [float(v) for v in noisy]
+        return True
+
     @staticmethod
     def site_ids(site_index: torch.Tensor | int, count: int) -> torch.Tensor:
         """One site id per image: an int broadcasts, a tensor must have ``count`` entries."""

@@ -14,21 +14,16 @@ and ``PrivateTraining.gaussian_release`` clips each row to MOMENT_CLIP, so addin
 removing a patient moves the sum by at most MOMENT_CLIP. It adds N(0, (sigma *
 MOMENT_CLIP)^2 I) and records the accountant entry (sigma, 1.0, 1), which the recipe
 declares in ``one_off_releases`` so the DP-SGD noise is calibrated for the composition.
-The release happens once per site; later rounds and restarts reuse it at no cost.
+The release happens once per site (``Recipe.release_once``); later rounds and restarts reuse
+it at no cost.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
 
 import torch
 
 from medgen import TISSUE_CLASSES
 from medgen.models.blocks import one_hot_labels, tissue_statistics
-
-if TYPE_CHECKING:
-    from medgen.models.recipe import Recipe
-    from medgen.privacy.dp_sgd import PrivateTraining
 
 NUM_CLASSES = len(TISSUE_CLASSES)
 # the released per-patient vector: [1, mean_k a_k (4), sd_k a_k (4), a_k (4), sharpness, noise]
@@ -60,31 +55,3 @@ def moments_from_release(noisy_sum: torch.Tensor) -> torch.Tensor:
     return torch.cat([(total[1:1 + k] / count).clamp(-1.0, 1.0),
                       (total[1 + k:1 + 2 * k] / count).clamp(0.0, 1.0),
                       (total[1 + 3 * k:] / patients).clamp(min=0.0)])
-
-
-def ensure_site_release(recipe: "Recipe", row: torch.Tensor, data, private: "PrivateTraining",
-                        local_state: dict[str, Any], noise_multiplier: float) -> bool:
-    """Fill ``row`` (this site's row of a site-indexed [sites, MOMENT_DIM] buffer) with the
-    site's release, spending it only the first time. Returns True when it was released now.
-
-    The node's own copy (``local_state["moment_release"]``) wins; a row that came back from
-    the server non-zero (local state lost) is adopted; otherwise the Gaussian mechanism runs
-    on one slice per patient (``data[i]`` is patient i: the dataset's unit).
-    """
-    if local_state.get("moment_release") is not None:
-        with torch.no_grad():
-            row.copy_(torch.tensor(local_state["moment_release"], dtype=row.dtype))
-        return False
-    if bool(row.abs().sum() > 0):
-        local_state["moment_release"] = [float(v) for v in row]
-        return False
-    if getattr(data, "has_labels", True) is False:
-        raise ValueError(f"{recipe.name} needs the site's label maps (labels/ folder); this site has none")
-    items = [data[i] for i in range(len(data))]
-    images, labels = recipe.real_batch((torch.stack([it[0] for it in items]),
-                                        torch.stack([it[1] for it in items])), torch.device("cpu"))
-    noisy = private.gaussian_release(patient_moments(images, labels), MOMENT_CLIP, noise_multiplier)
-    with torch.no_grad():
-        row.copy_(noisy.to(row.dtype))
-    local_state["moment_release"] = [float(v) for v in noisy]
-    return True
