@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,11 @@ def _config(args) -> RunConfig:
                      local_steps=args.local_steps, num_rounds=args.rounds, seed=args.seed,
                      target_epsilon=args.epsilon, accountant="prv", sites=args.sites,
                      run_dir=str(args.run_dir), options=options)
+
+
+def _command(args) -> str:
+    """The command line that produced a result, recorded beside it (every option included)."""
+    return "python -m bench.translation " + shlex.join(args.argv)
 
 
 def _sites(config: RunConfig, data_root: Path, cache: Path):
@@ -89,8 +95,11 @@ def train(args) -> None:
         plans.append(PrivacyPlan(config.target_epsilon, config.delta, config.accountant, q, total,
                                  sigma, config.max_grad_norm, releases=recipe.one_off_releases()))
     global_model = recipe.build()
+    seg_init = None
     if args.seg_init:  # S pretrained (set options seg-pretrain-steps=0 then) on public renderings only (zero privacy cost), e.g. by the coordinator
         global_model.seg.load_state_dict(torch.load(args.seg_init, map_location="cpu", weights_only=True))
+        record = _provenance(Path(args.seg_init))
+        seg_init = json.loads(record.read_text()) if record.exists() else {"segmenter": args.seg_init}
     local_models = [copy.deepcopy(global_model) for _ in sites]
     states: list[dict] = [{} for _ in sites]
     histories: list[list] = [[] for _ in sites]
@@ -123,6 +132,7 @@ def train(args) -> None:
         atomic_write_json(run_dir / "privacy.json", {
             "accountant": config.accountant, "delta": config.delta, "unit": "patient",
             "sampling": "Poisson", "plans": [p.to_json() for p in plans], "epsilon": eps,
+            "command": _command(args), "seg_init": seg_init,
             "histories": histories, "rounds": log})
 
 
@@ -131,15 +141,23 @@ def pretrain_seg(args) -> None:
     coordinator computes once and ships as ``--seg-init``."""
     from medgen.client.site_data import load_public_bank
     from medgen.models.segmenter import SegmenterSettings, train_contrast_agnostic
+    from medgen.sim.random_deformation import RandomDeformation
 
     torch.set_num_threads(1)
     public = load_public_bank(Path(args.data_root) / "public", args.image_size)
     start = time.perf_counter()
     net = train_contrast_agnostic(public.label_maps.long(), SegmenterSettings(steps=args.seg_steps, lr=3e-3),
-                                  seed=args.seed + 1)
+                                  seed=args.seed + 1, deformation=RandomDeformation() if args.deform else None)
     out = Path(args.out or "S.pt")
     atomic_torch_save(out, net.state_dict())
-    print(json.dumps({"segmenter": str(out), "steps": args.seg_steps, "seconds": time.perf_counter() - start}))
+    record = {"segmenter": str(out), "steps": args.seg_steps, "deform": args.deform,
+              "seconds": time.perf_counter() - start, "command": _command(args)}
+    atomic_write_json(_provenance(out), record)  # read by ``train --seg-init``
+    print(json.dumps(record))
+
+
+def _provenance(segmenter_path: Path) -> Path:
+    return segmenter_path.with_name(segmenter_path.name + ".json")
 
 
 def load_trained(run_dir: Path):
@@ -205,11 +223,12 @@ def evaluate(args) -> None:
                                        for k, s in enumerate(names)},
                          "generator": {s: v.to_dict() for s, v in gen_styles.items()},
                          "central": {s: v.to_dict() for s, v in central.items()}}
-    results["commands"] = {"dp": f"python -m bench.translation train --data-root {root} --run-dir {run_dir}",
-                           "evaluate": f"python -m bench.translation evaluate --data-root {root} --run-dir {run_dir}"}
+    results["commands"] = {"evaluate": _command(args)}
     privacy = run_dir / "privacy.json"
     if privacy.exists():
-        results["epsilon"] = json.loads(privacy.read_text())["epsilon"]
+        ledger = json.loads(privacy.read_text())
+        results["epsilon"] = ledger["epsilon"]
+        results["commands"]["dp"] = ledger.get("command", "unrecorded (trained before commands were recorded)")
     write_translation_outputs(run_dir, results, test, translators)
     for pair, row in results["pairs"].items():
         print(pair, "  ".join(f"{m} {v['psnr']:.1f}/{v['ssim']:.2f}/{v.get('dice_fraction', float('nan')):.2f}"
@@ -237,7 +256,7 @@ def adapt(args) -> None:
         "A", train_sets, test, lambda x, s, t: translate(model.seg, x, styles[s], styles[t]),
         SegmenterSettings(steps=args.seg_steps, channels=(8, 16, 32, 64)), seed=args.seed,
         contrast_agnostic=model.seg)
-    results["command"] = f"python -m bench.translation adapt --data-root {root} --run-dir {run_dir}"
+    results["command"] = _command(args)
     atomic_write_json(run_dir / "adaptation.json", results)
     print(json.dumps(results, indent=1))
 
@@ -323,10 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seg-steps", type=int, default=300,
                         help="adapt: steps per segmenter; pretrain-seg: steps of S")
     parser.add_argument("--out", help="pretrain-seg: where to write S's state dict (default S.pt)")
+    parser.add_argument("--deform", action="store_true",
+                        help="pretrain-seg: deform every public map afresh (sim/random_deformation.py)")
     parser.add_argument("--seg-init", help="state dict of a segmenter pretrained on public data "
                         "(models.segmenter.train_contrast_agnostic) to start S from")
     parser.add_argument("--option", action="append", help="recipe option KEY=VALUE (repeatable)")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     {"pretrain-seg": pretrain_seg, "train": train, "evaluate": evaluate, "adapt": adapt,
      "timing": timing}[args.command](args)
     return 0

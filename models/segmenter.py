@@ -25,6 +25,7 @@ from torch import nn
 
 from medgen import TISSUE_CLASSES
 from medgen.sim.random_contrast import RandomContrast, render_random_contrast
+from medgen.sim.random_deformation import RandomDeformation, deform_label_maps
 
 NUM_CLASSES = len(TISSUE_CLASSES)
 BatchFn = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -83,9 +84,11 @@ def fit_segmenter(net: nn.Module, draw_batch: BatchFn, settings: SegmenterSettin
 def public_batches(label_maps: torch.Tensor, batch_size: int,
                    ranges: RandomContrast = RandomContrast(),
                    generated: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   generated_fraction: float = 0.25) -> BatchFn:
-    """Batches of random-contrast renderings of public maps, optionally mixed with
-    (generated images, the public maps that conditioned them)."""
+                   generated_fraction: float = 0.25,
+                   deformation: RandomDeformation | None = None) -> BatchFn:
+    """Batches of random-contrast renderings of public maps (each map freshly deformed
+    when ``deformation`` is given), optionally mixed with (generated images, the public maps
+    that conditioned them)."""
     if label_maps.dim() != 3 or label_maps.shape[0] < 1:
         raise ValueError(f"public label maps must be [M>=1,H,W], got {tuple(label_maps.shape)}")
     if generated is not None and generated[0].shape[0] != generated[1].shape[0]:
@@ -95,6 +98,8 @@ def public_batches(label_maps: torch.Tensor, batch_size: int,
     def draw(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.randint(0, label_maps.shape[0], (batch_size - n_generated,), generator=gen)
         labels = label_maps[index].long()
+        if deformation is not None:
+            labels = deform_label_maps(labels, gen, deformation)
         images = render_random_contrast(labels, gen, ranges)
         if n_generated:
             pick = torch.randint(0, generated[0].shape[0], (n_generated,), generator=gen)
@@ -124,10 +129,12 @@ def image_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
 
 def train_contrast_agnostic(label_maps: torch.Tensor, settings: SegmenterSettings = SegmenterSettings(),
                             seed: int = 0, generated: tuple[torch.Tensor, torch.Tensor] | None = None,
-                            ranges: RandomContrast = RandomContrast()) -> nn.Module:
+                            ranges: RandomContrast = RandomContrast(),
+                            deformation: RandomDeformation | None = None) -> nn.Module:
     """S, trained on public renderings (plus generated pairs): zero privacy cost."""
     net = build_segmenter(settings, seed)
-    fit_segmenter(net, public_batches(label_maps, settings.batch_size, ranges, generated), settings, seed + 1)
+    fit_segmenter(net, public_batches(label_maps, settings.batch_size, ranges, generated,
+                                      deformation=deformation), settings, seed + 1)
     return net
 
 
