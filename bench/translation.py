@@ -1,6 +1,6 @@
 """bridge-translate: train it federated in-process, evaluate it on ground truth, time it.
 
-    python -m bench.translation pretrain-seg --data-root D --seg-steps 4000 --out S.pt
+    python -m bench.translation pretrain-seg --data-root D --seg-steps 20000 --out S.pt [--no-deform]
     python -m bench.translation train    --data-root D --run-dir R [--rounds 10 --local-steps 20]
                                          [--seg-init S.pt]
     python -m bench.translation evaluate --data-root D --run-dir R
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from medgen.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
+from medgen.atomic import atomic_write_json, atomic_write_text
 from medgen.config import RunConfig
 
 OPTIONS = {"gen-width": 16, "disc-width": 16, "seg-steps-per-round": 10, "seg-pretrain-steps": 0}
@@ -52,6 +52,8 @@ def _config(args) -> RunConfig:
     for item in args.option or []:
         key, _, value = item.partition("=")
         options[key] = type(OPTIONS.get(key, 0.0))(value) if key in OPTIONS else float(value)
+    if args.seg_init:
+        options["seg-init"] = str(Path(args.seg_init).resolve())
     return RunConfig(recipe="bridge-translate", image_size=args.image_size, batch_size=args.batch_size,
                      local_steps=args.local_steps, num_rounds=args.rounds, seed=args.seed,
                      target_epsilon=args.epsilon, accountant="prv", sites=args.sites,
@@ -74,6 +76,7 @@ def _sites(config: RunConfig, data_root: Path, cache: Path):
 def train(args) -> None:
     from medgen.client.site_data import PatientDataset
     from medgen.models.registry import build_recipe
+    from medgen.models.segmenter_pretrain import provenance_path
     from medgen.privacy.accounting import calibrate_noise, epsilon_of, sample_rate_for
     from medgen.privacy.dp_sgd import PrivateTraining
     from medgen.privacy.ledger import PrivacyPlan
@@ -95,10 +98,10 @@ def train(args) -> None:
         plans.append(PrivacyPlan(config.target_epsilon, config.delta, config.accountant, q, total,
                                  sigma, config.max_grad_norm, releases=recipe.one_off_releases()))
     global_model = recipe.build()
+    recipe.initialise(global_model)  # options.seg-init: S pretrained on public data, as the server does
     seg_init = None
-    if args.seg_init:  # S pretrained (set options seg-pretrain-steps=0 then) on public renderings only (zero privacy cost), e.g. by the coordinator
-        global_model.seg.load_state_dict(torch.load(args.seg_init, map_location="cpu", weights_only=True))
-        record = _provenance(Path(args.seg_init))
+    if args.seg_init:
+        record = provenance_path(args.seg_init)
         seg_init = json.loads(record.read_text()) if record.exists() else {"segmenter": args.seg_init}
     local_models = [copy.deepcopy(global_model) for _ in sites]
     states: list[dict] = [{} for _ in sites]
@@ -138,26 +141,13 @@ def train(args) -> None:
 
 def pretrain_seg(args) -> None:
     """S on random-contrast renderings of the public bank only (zero privacy cost): what a
-    coordinator computes once and ships as ``--seg-init``."""
-    from medgen.client.site_data import load_public_bank
-    from medgen.models.segmenter import SegmenterSettings, train_contrast_agnostic
-    from medgen.sim.random_deformation import RandomDeformation
+    coordinator computes once with ``medgen pretrain-segmenter`` and ships as ``--seg-init``."""
+    from medgen.models.segmenter_pretrain import pretrain
 
     torch.set_num_threads(1)
-    public = load_public_bank(Path(args.data_root) / "public", args.image_size)
-    start = time.perf_counter()
-    net = train_contrast_agnostic(public.label_maps.long(), SegmenterSettings(steps=args.seg_steps, lr=3e-3),
-                                  seed=args.seed + 1, deformation=RandomDeformation() if args.deform else None)
-    out = Path(args.out or "S.pt")
-    atomic_torch_save(out, net.state_dict())
-    record = {"segmenter": str(out), "steps": args.seg_steps, "deform": args.deform,
-              "seconds": time.perf_counter() - start, "command": _command(args)}
-    atomic_write_json(_provenance(out), record)  # read by ``train --seg-init``
+    record = pretrain(Path(args.data_root) / "public", args.out or "S.pt", args.seg_steps, args.image_size,
+                      args.seed, deform=not args.no_deform)
     print(json.dumps(record))
-
-
-def _provenance(segmenter_path: Path) -> Path:
-    return segmenter_path.with_name(segmenter_path.name + ".json")
 
 
 def load_trained(run_dir: Path):
@@ -342,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seg-steps", type=int, default=300,
                         help="adapt: steps per segmenter; pretrain-seg: steps of S")
     parser.add_argument("--out", help="pretrain-seg: where to write S's state dict (default S.pt)")
-    parser.add_argument("--deform", action="store_true",
-                        help="pretrain-seg: deform every public map afresh (sim/random_deformation.py)")
-    parser.add_argument("--seg-init", help="state dict of a segmenter pretrained on public data "
-                        "(models.segmenter.train_contrast_agnostic) to start S from")
+    parser.add_argument("--no-deform", action="store_true",
+                        help="pretrain-seg: draw the public maps undeformed (sim/random_deformation.py)")
+    parser.add_argument("--seg-init", help="train: S pretrained on public data (pretrain-seg, or "
+                        "`medgen pretrain-segmenter`) to start from; sets options.seg-init")
     parser.add_argument("--option", action="append", help="recipe option KEY=VALUE (repeatable)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -4,6 +4,7 @@
     medgen translate ...          translate a hospital's own files into another site's style
     medgen sim build ...          build a simulated federation on disk (sim/cli.py)
     medgen data check DIR         what medgen can use in a folder, read-only (client/data_check.py)
+    medgen pretrain-segmenter ... the bridge's S on public label maps only (models/segmenter_pretrain.py)
 
 Each subcommand is owned by its package; this file only dispatches, so `--help` of each
 subcommand is the owner's own.
@@ -19,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "translate": ("medgen.client.translate", "translate NIfTI/DICOM files into a target site's style"),
     "sim": ("medgen.sim.cli", "build the simulated federation (`medgen sim build --help`)"),
     "data": ("medgen.client.data_check", "`medgen data check DIR`: usable vs skipped files, read-only"),
+    "pretrain-segmenter": ("medgen.models.segmenter_pretrain",
+                           "train bridge-translate's segmenter S on public label maps only (options.seg-init)"),
 }
 
 

@@ -30,8 +30,10 @@ Two mechanisms read a site's records, both accounted in the site's ONE accountan
      at the plan's fixed multiplier, the accountant the plan names.
   2. ``cgan.gen`` (G) is updated from public label maps, site ids, noise and D's
      released parameters only (dp_cgan's module docstring, point 3): post-processing.
-  3. ``seg`` (S) is updated by ``pretrain_segmenter`` (first round; public renderings only)
-     and ``public_segmenter_update``, whose inputs are
+  3. ``seg`` (S) starts from ``options.seg-init`` (trained by the coordinator on public
+     renderings only, ``medgen pretrain-segmenter``; loaded by ``initialise`` on the
+     server) or else ``pretrain_segmenter`` (first round; public renderings only), and is
+     updated by ``public_segmenter_update``, whose inputs are
      (a) random-contrast renderings of PUBLIC label maps (medgen.sim.random_contrast) and
      (b) G's samples with the public label maps that conditioned them. It receives no
      site data at all (its signature has no dataset), so it is post-processing of DP
@@ -71,6 +73,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -93,6 +96,10 @@ STYLE_CLIP = math.sqrt(STYLE_STAT_DIM)  # every in-range vector has norm <= sqrt
 @dataclass(frozen=True)
 class BridgeOptions(CGANOptions):
     seg_pretrain_steps: int = 600  # first round: S on public renderings (same at every site)
+    # S pretrained by the coordinator on public data (`medgen pretrain-segmenter`): a path on
+    # the SERVER's disk, loaded into the initial model and shipped in round 1; the sites
+    # then skip seg-pretrain-steps
+    seg_init: str = ""
     seg_steps_per_round: int = 10
     seg_batch_size: int = 32
     seg_lr: float = 1e-3
@@ -261,13 +268,31 @@ class BridgeTranslator(Recipe):
         own = ((float(self.options.style_noise_multiplier), 1.0, 1),) if self.options.style_release else ()
         return self.foundation.one_off_releases() + own  # the foundation G's moment release too
 
+    def initialise(self, model: BridgeModel) -> None:
+        """S from ``options.seg-init`` (public data only: no privacy cost), on the coordinator."""
+        if not self.options.seg_init:
+            return
+        path = Path(self.options.seg_init).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"options.seg-init: {path} does not exist on the coordinator (give "
+                              f"an absolute path); make it with `medgen pretrain-segmenter "
+                              f"--public DATA/public --out {path}`")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.seg.load_state_dict(state)
+        except Exception as err:  # a wrong file: say which, and what it should be
+            raise ConfigError(f"options.seg-init: {path} is not a state dict of the bridge's "
+                              f"segmenter (channels {self.seg_settings.channels}, made by `medgen "
+                              f"pretrain-segmenter` at image-size {self.config.image_size}): "
+                              f"{type(err).__name__}: {str(err)[:300]}") from err
+
     # -- training ---------------------------------------------------------------------
     def train_local(self, model, data, public, private, site_index, steps, local_state, device):
         self.check_train_args(site_index, steps)
         rounds_done = int(local_state.get("rounds_trained", 0))
         if self.options.style_release:
             self.ensure_style_release(model, data, private, site_index, local_state)
-        if rounds_done == 0 and self.options.seg_pretrain_steps > 0:
+        if rounds_done == 0 and self.options.seg_pretrain_steps > 0 and not self.options.seg_init:
             self.pretrain_segmenter(model, public, torch.device(device))
         # the private part: D under DP-SGD, G as post-processing (dp_cgan, by composition)
         metrics = self.foundation.train_local(model.cgan, data, public, private, site_index,

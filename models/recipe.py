@@ -46,6 +46,8 @@ class RecipeOptions:
             default = getattr(cls, known[key].name, None)
             if isinstance(default, bool) and not isinstance(value, bool):
                 raise ConfigError(f"options.{key} must be true or false, got {value!r}")
+            if isinstance(default, str) and not isinstance(value, str):
+                raise ConfigError(f"options.{key} must be a string, got {value!r}")
             if isinstance(default, float) and isinstance(value, int):
                 value = float(value)
             parsed[known[key].name] = value
@@ -83,6 +85,10 @@ class Recipe(ABC):
     @abstractmethod
     def build(self) -> nn.Module:
         """All networks of the recipe in one module, deterministically initialised."""
+
+    def initialise(self, model: nn.Module) -> None:
+        """Prepare the initial global model on the coordinator, once, before round 1 (never
+        on resume): e.g. load weights trained on public data only. Nothing by default."""
 
     @abstractmethod
     def train_local(self, model: nn.Module, data: "torch.utils.data.Dataset",

@@ -69,6 +69,7 @@ def _train(grid: Grid, config: RunConfig, run_dir: RunDir) -> int:
         start, run_key = checkpoint.server_round, checkpoint.run_key
         log.info("resuming from the checkpoint of round %d", start)
     else:
+        recipe.initialise(model)  # e.g. weights trained on public data only (bridge's S)
         start, run_key = 0, uuid.uuid4().hex
     run_dir.write_config(config)
     run_dir.restart_metrics(start)

@@ -87,6 +87,8 @@ def test_registry_options_and_what_travels():
     assert recipe.private_modules == ("cgan.disc",)
     with pytest.raises(ConfigError, match="no option 'bogus'"):
         build_recipe(RunConfig(recipe="bridge-translate", options={"bogus": 1}))
+    with pytest.raises(ConfigError, match="options.seg-init must be a string"):
+        build_recipe(RunConfig(recipe="bridge-translate", options={"seg-init": 5}))
 
 
 def test_each_site_trainer_gets_only_its_own_data_and_only_d_is_made_private(monkeypatch):
@@ -326,3 +328,78 @@ def test_each_site_releases_only_its_own_statistics_once(monkeypatch):
     # both lost: a second release would spend twice, and is refused
     with pytest.raises(RuntimeError, match="already in this site's privacy history"):
         recipe.train_local(recipe.build(), sites[0], public, PrivateTraining(plan, histories[0]), 0, 1, {}, "cpu")
+
+
+def test_seg_init_loads_the_coordinators_segmenter_and_the_sites_keep_it(tmp_path):
+    """options.seg-init: the coordinator's S goes into the initial model (``initialise``),
+    and a site's first round does not pretrain over it."""
+    from medgen.atomic import atomic_torch_save
+
+    donor = setup(size=16)[0].build().seg
+    with torch.no_grad():
+        for p in donor.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path / "S.pt"
+    atomic_torch_save(path, donor.state_dict())
+    recipe, public, plan = setup(size=16, options={"seg-init": str(path), "seg-steps-per-round": 0})
+    model = recipe.build()
+    recipe.initialise(model)
+    assert all(torch.equal(a, b) for a, b in zip(model.seg.state_dict().values(), donor.state_dict().values()))
+    recipe.train_local(model, site_data(16, 16, T1, 1), public, PrivateTraining(plan, [], seed=0), 0, 2, {}, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(model.seg.state_dict().values(), donor.state_dict().values()))
+    # without seg-init the same first round pretrains S (seg-pretrain-steps = 2)
+    plain, _, _ = setup(size=16, options={"seg-steps-per-round": 0})
+    other = plain.build()
+    start = copy.deepcopy(other.seg.state_dict())
+    plain.train_local(other, site_data(16, 16, T1, 1), public, PrivateTraining(plan, [], seed=0), 0, 2, {}, "cpu")
+    assert not all(torch.equal(a, b) for a, b in zip(other.seg.state_dict().values(), start.values()))
+
+
+def test_seg_init_errors_name_the_option_and_the_file(tmp_path):
+    missing = tmp_path / "nope.pt"
+    recipe, _, _ = setup(options={"seg-init": str(missing)})
+    with pytest.raises(ConfigError, match="options.seg-init: .*nope.pt does not exist.*pretrain-segmenter"):
+        recipe.initialise(recipe.build())
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"weight": torch.zeros(3)}, wrong)
+    recipe, _, _ = setup(options={"seg-init": str(wrong)})
+    with pytest.raises(ConfigError, match="wrong.pt is not a state dict of the bridge's segmenter"):
+        recipe.initialise(recipe.build())
+
+
+@pytest.mark.slow
+def test_flower_simulation_ships_the_coordinators_segmenter(tiny_federation, tmp_path):
+    """`medgen pretrain-segmenter`, then `medgen-server simulate --set recipe=bridge-translate
+    --set options.seg-init=S.pt`: 2 rounds, 2 sites, 32 px through Flower. With no public S
+    steps per round, the global S after round 2 is bit-for-bit the coordinator's file: the
+    server shipped it and no site pretrained over it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from medgen.models.segmenter_pretrain import main as pretrain_main
+    from medgen.server.checkpoint import load_checkpoint
+
+    s_path = tmp_path / "S.pt"
+    assert pretrain_main(["--public", str(tiny_federation / "public"), "--out", str(s_path),
+                          "--steps", "2", "--image-size", "32"]) == 0
+    out = tmp_path / "run"
+    cli = Path(sys.executable).parent / "medgen-server"
+    settings = ["recipe=bridge-translate", "num-rounds=2", "local-steps=2", "image-size=32", "batch-size=4",
+                "accountant=rdp", "target-epsilon=8.0", "eval-every=0", "options.gen-width=4",
+                "options.disc-width=4", "options.noise-dim=8", "options.seg-steps-per-round=0",
+                "options.style-samples=8", f"options.seg-init={s_path}"]
+    done = subprocess.run([str(cli), "simulate", "--data-root", str(tiny_federation), "--out", str(out),
+                           "--timeout", "900", *[a for s in settings for a in ("--set", s)]],
+                          capture_output=True, text=True, timeout=1000)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    checkpoint = load_checkpoint(out)
+    assert checkpoint is not None and checkpoint.server_round == 2
+    shipped = torch.load(s_path, weights_only=True)
+    assert all(torch.equal(checkpoint.shared_state[f"seg.{k}"], v) for k, v in shipped.items())
+    trains = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line).get("kind") == "train"]
+    for site in ("A", "B"):
+        eps = [t["per_site"][site]["epsilon"] for t in trains]
+        assert 0 < eps[0] < eps[1] <= 8.0 + 1e-6
