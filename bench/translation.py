@@ -2,7 +2,7 @@
 
     python -m bench.translation pretrain-seg --data-root D --seg-steps 20000 --out S.pt [--no-deform]
     python -m bench.translation train    --data-root D --run-dir R [--rounds 10 --local-steps 20]
-                                         [--seg-init S.pt]
+                                         [--seg-init S.pt[,S2.pt]]
     python -m bench.translation evaluate --data-root D --run-dir R
     python -m bench.translation adapt    --data-root D --run-dir R
     python -m bench.translation timing   --data-root D
@@ -53,7 +53,7 @@ def _config(args) -> RunConfig:
         key, _, value = item.partition("=")
         options[key] = type(OPTIONS.get(key, 0.0))(value) if key in OPTIONS else float(value)
     if args.seg_init:
-        options["seg-init"] = str(Path(args.seg_init).resolve())
+        options["seg-init"] = ",".join(str(Path(p.strip()).resolve()) for p in args.seg_init.split(","))
     return RunConfig(recipe="bridge-translate", image_size=args.image_size, batch_size=args.batch_size,
                      local_steps=args.local_steps, num_rounds=args.rounds, seed=args.seed,
                      target_epsilon=args.epsilon, accountant="prv", sites=args.sites,
@@ -99,10 +99,10 @@ def train(args) -> None:
                                  sigma, config.max_grad_norm, releases=recipe.one_off_releases()))
     global_model = recipe.build()
     recipe.initialise(global_model)  # options.seg-init: S pretrained on public data, as the server does
-    seg_init = None
-    if args.seg_init:
-        record = provenance_path(args.seg_init)
-        seg_init = json.loads(record.read_text()) if record.exists() else {"segmenter": args.seg_init}
+    seg_init = []  # how each pretrained S was made (its S.pt.json), in member order
+    for path in recipe.options.seg_init_paths:
+        record = provenance_path(path)
+        seg_init.append(json.loads(record.read_text()) if record.exists() else {"segmenter": str(path)})
     local_models = [copy.deepcopy(global_model) for _ in sites]
     states: list[dict] = [{} for _ in sites]
     histories: list[list] = [[] for _ in sites]
@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-deform", action="store_true",
                         help="pretrain-seg: draw the public maps undeformed (sim/random_deformation.py)")
     parser.add_argument("--seg-init", help="train: S pretrained on public data (pretrain-seg, or "
-                        "`medgen pretrain-segmenter`) to start from; sets options.seg-init")
+                        "`medgen pretrain-segmenter`) to start from; comma-separated paths make "
+                        "S their ensemble; sets options.seg-init")
     parser.add_argument("--option", action="append", help="recipe option KEY=VALUE (repeatable)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -98,8 +98,12 @@ class BridgeOptions(CGANOptions):
     seg_pretrain_steps: int = 600  # first round: S on public renderings (same at every site)
     # S pretrained by the coordinator on public data (`medgen pretrain-segmenter`): a path on
     # the SERVER's disk, loaded into the initial model and shipped in round 1; the sites
-    # then skip seg-pretrain-steps
+    # then skip seg-pretrain-steps. Several comma-separated paths: S is their ensemble
     seg_init: str = ""
+
+    @property
+    def seg_init_paths(self) -> tuple[Path, ...]:
+        return tuple(Path(p.strip()).expanduser() for p in self.seg_init.split(",") if p.strip())
     seg_steps_per_round: int = 10
     seg_batch_size: int = 32
     seg_lr: float = 1e-3
@@ -260,7 +264,9 @@ class BridgeTranslator(Recipe):
                                               lr=self.options.seg_lr)
 
     def build(self) -> nn.Module:
-        return BridgeModel(self.foundation.build(), build_segmenter(self.seg_settings, self.config.seed + 1),
+        members = max(1, len(self.options.seg_init_paths))
+        return BridgeModel(self.foundation.build(),
+                           build_segmenter(self.seg_settings, self.config.seed + 1, members),
                            self.num_sites)
 
     def one_off_releases(self) -> tuple[tuple[float, float, int], ...]:
@@ -269,22 +275,22 @@ class BridgeTranslator(Recipe):
         return self.foundation.one_off_releases() + own  # the foundation G's moment release too
 
     def initialise(self, model: BridgeModel) -> None:
-        """S from ``options.seg-init`` (public data only: no privacy cost), on the coordinator."""
-        if not self.options.seg_init:
-            return
-        path = Path(self.options.seg_init).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"options.seg-init: {path} does not exist on the coordinator (give "
-                              f"an absolute path); make it with `medgen pretrain-segmenter "
-                              f"--public DATA/public --out {path}`")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            model.seg.load_state_dict(state)
-        except Exception as err:  # a wrong file: say which, and what it should be
-            raise ConfigError(f"options.seg-init: {path} is not a state dict of the bridge's "
-                              f"segmenter (channels {self.seg_settings.channels}, made by `medgen "
-                              f"pretrain-segmenter` at image-size {self.config.image_size}): "
-                              f"{type(err).__name__}: {str(err)[:300]}") from err
+        """S from ``options.seg-init`` (public data only: no privacy cost), on the coordinator;
+        several paths fill the ensemble's members in order."""
+        paths = self.options.seg_init_paths
+        members = list(model.seg.members) if len(paths) > 1 else [model.seg]
+        for path, member in zip(paths, members):
+            if not path.is_file():
+                raise ConfigError(f"options.seg-init: {path} does not exist on the coordinator (give "
+                                  f"an absolute path); make it with `medgen pretrain-segmenter "
+                                  f"--public DATA/public --out {path}`")
+            try:
+                member.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            except Exception as err:  # a wrong file: say which, and what it should be
+                raise ConfigError(f"options.seg-init: {path} is not a state dict of the bridge's "
+                                  f"segmenter (channels {self.seg_settings.channels}, made by `medgen "
+                                  f"pretrain-segmenter` at image-size {self.config.image_size}): "
+                                  f"{type(err).__name__}: {str(err)[:300]}") from err
 
     # -- training ---------------------------------------------------------------------
     def train_local(self, model, data, public, private, site_index, steps, local_state, device):

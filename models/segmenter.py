@@ -16,6 +16,7 @@ per-image normalisation helps contrast invariance.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,15 +46,39 @@ class SegmenterSettings:
             raise ValueError(f"SegmenterSettings needs steps >= 1, batch_size >= 1, lr > 0; got {self}")
 
 
-def build_segmenter(settings: SegmenterSettings = SegmenterSettings(), seed: int = 0) -> nn.Module:
-    """A 2D MONAI UNet, 1 input channel -> NUM_CLASSES logits, deterministic init."""
+def build_segmenter(settings: SegmenterSettings = SegmenterSettings(), seed: int = 0,
+                    members: int = 1) -> nn.Module:
+    """A 2D MONAI UNet, 1 input channel -> NUM_CLASSES logits, deterministic init; with
+    ``members`` > 1 a ``SegmenterEnsemble`` of that many (seeds seed, seed + 1, ...)."""
     from monai.networks.nets import UNet
 
+    if members < 1:
+        raise ValueError(f"a segmenter needs members >= 1, got {members}")
+    if members > 1:
+        return SegmenterEnsemble([build_segmenter(settings, seed + i) for i in range(members)])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet(spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES,
                     channels=settings.channels, strides=(2,) * (len(settings.channels) - 1),
                     num_res_units=1, norm="instance")
+
+
+class SegmenterEnsemble(nn.Module):
+    """Several segmenters as one (a deep ensemble). Its logits are the log of the members'
+    mean softmax, so everything that applies softmax or argmax to a segmenter's output
+    (``predict_probs``, Dice-CE) sees the averaged probabilities unchanged. Members trained
+    differently (e.g. with and without label-map deformation) err in different places;
+    averaging them is the cheapest accuracy there is at no privacy cost."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least 2 members")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([F.log_softmax(member(x), dim=1) for member in self.members])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
 
 
 def fit_segmenter(net: nn.Module, draw_batch: BatchFn, settings: SegmenterSettings,

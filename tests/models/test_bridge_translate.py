@@ -355,6 +355,28 @@ def test_seg_init_loads_the_coordinators_segmenter_and_the_sites_keep_it(tmp_pat
     assert not all(torch.equal(a, b) for a, b in zip(other.seg.state_dict().values(), start.values()))
 
 
+def test_several_seg_init_paths_make_an_ensemble_filled_in_order(tmp_path):
+    from medgen.atomic import atomic_torch_save
+    from medgen.models.segmenter import SegmenterEnsemble
+
+    single = setup(size=16)[0]
+    paths = []
+    for i in range(2):
+        donor = single.build().seg
+        with torch.no_grad():
+            for p in donor.parameters():
+                p.fill_(0.01 * (i + 1))
+        paths.append(tmp_path / f"S{i}.pt")
+        atomic_torch_save(paths[-1], donor.state_dict())
+    recipe, _, _ = setup(size=16, options={"seg-init": f"{paths[0]}, {paths[1]}"})
+    model = recipe.build()
+    assert isinstance(model.seg, SegmenterEnsemble) and len(model.seg.members) == 2
+    recipe.initialise(model)
+    for i, member in enumerate(model.seg.members):
+        assert all(torch.equal(v, torch.load(paths[i], weights_only=True)[k]) for k, v in member.state_dict().items())
+    assert any(k.startswith("seg.members.1.") for k in recipe.shared_keys(model))  # both travel
+
+
 def test_seg_init_errors_name_the_option_and_the_file(tmp_path):
     missing = tmp_path / "nope.pt"
     recipe, _, _ = setup(options={"seg-init": str(missing)})

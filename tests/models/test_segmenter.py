@@ -38,3 +38,20 @@ def test_with_deformation_the_maps_are_new_anatomies_and_the_images_follow_them(
         lost, gained = (label == 0) & (one[0] > 0), (label > 0) & (one[0] == 0)
         if lost.any() and gained.any():
             assert image[lost].mean() < image[gained].mean()
+
+
+def test_ensemble_probabilities_are_the_mean_of_its_members():
+    """Oracle: softmax of the ensemble's output equals the average of the members'
+    softmaxes, so predict_probs and Dice-CE see the averaged probabilities."""
+    from medgen.models.segmenter import SegmenterSettings, build_segmenter, predict_probs
+
+    settings = SegmenterSettings(channels=(4, 8))
+    ensemble = build_segmenter(settings, seed=3, members=3)
+    members = [build_segmenter(settings, seed=3 + i) for i in range(3)]
+    for member, built in zip(members, ensemble.members):  # member i is seed + i, as documented
+        assert all(torch.equal(a, b) for a, b in zip(member.state_dict().values(), built.state_dict().values()))
+    x = torch.rand(5, 1, 16, 16) * 2 - 1
+    expected = torch.stack([predict_probs(m, x) for m in members]).mean(0)
+    assert torch.allclose(predict_probs(ensemble, x), expected, atol=1e-6)
+    assert not torch.allclose(predict_probs(members[0], x), expected, atol=1e-3)  # members differ
+    assert type(build_segmenter(settings, members=1)).__name__ == "UNet"  # one member: no wrapper
