@@ -30,9 +30,9 @@ Two mechanisms read a site's records, both accounted in the site's ONE accountan
      at the plan's fixed multiplier, the accountant the plan names.
   2. ``cgan.gen`` (G) is updated from public label maps, site ids, noise and D's
      released parameters only (dp_cgan's module docstring, point 3): post-processing.
-  3. ``seg`` (S) starts from ``options.seg-init`` (trained by the coordinator on public
-     renderings only, ``medgen pretrain-segmenter``; loaded by ``initialise`` on the
-     server) or else ``pretrain_segmenter`` (first round; public renderings only), and is
+  3. ``seg`` (S; an ensemble when ``seg-init`` names several files) starts from
+     ``options.seg-init`` (trained by the coordinator on public renderings only, ``medgen
+     pretrain-segmenter``; loaded by ``initialise`` on the server) or else ``pretrain_segmenter`` (first round; public renderings only), and is
      updated by ``public_segmenter_update``, whose inputs are
      (a) random-contrast renderings of PUBLIC label maps (medgen.sim.random_contrast) and
      (b) G's samples with the public label maps that conditioned them. It receives no
