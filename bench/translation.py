@@ -6,6 +6,7 @@
     python -m bench.translation evaluate --data-root D --run-dir R
     python -m bench.translation adapt    --data-root D --run-dir R
     python -m bench.translation timing   --data-root D
+    python -m bench.translation summarise R1 R2 ... --name translation_seeds
 
 ``train`` runs the recipe's REAL local training (train_local with PrivateTraining: Poisson
 sampling of patients, per-patient clipping, noise calibrated once for the whole schedule
@@ -315,11 +316,49 @@ def timing(args) -> None:
         "note": "1 torch thread per process; machine shared with other jobs (timings are upper bounds)"})
 
 
+def summarise(args) -> None:
+    """Per target, over the runs given (e.g. seeds): the acceptance numbers of every run and
+    their mean, min and max -> bench/results/<--name>.json."""
+    import statistics
+
+    from bench.common import write_result
+
+    runs = {}
+    for run_dir in args.runs:
+        translation = json.loads((Path(run_dir) / "translation.json").read_text())
+        adaptation = json.loads((Path(run_dir) / "adaptation.json").read_text())
+        ledger = json.loads((Path(run_dir) / "privacy.json").read_text())
+        per_target = {}
+        for method in ("bridge", "bridge-central"):
+            accepted = translation["acceptance"][method]
+            per_target[method] = {
+                target: {key: statistics.fmean(v[key] for pair, v in accepted.items() if pair.endswith("->" + target))
+                         for key in ("ssim", "baseline_ssim", "dice_fraction")}
+                for target in translation["reference_dice"]}
+        runs[str(run_dir)] = {
+            "command": ledger.get("command"), "seg_init": ledger.get("seg_init"), "epsilon": ledger["epsilon"],
+            "noise_multiplier": ledger["plans"][0]["noise_multiplier"], "releases": ledger["plans"][0]["releases"],
+            "ssim_pair_wins": sum(v["beats_baseline_ssim"] for v in translation["acceptance"]["bridge"].values()),
+            "per_target": per_target, "adaptation_recovery": adaptation["recovery"],
+            "adaptation_dice": adaptation["dice"]}
+    first = next(iter(runs.values()))
+    spread = {method: {target: {key: {"mean": statistics.fmean(r["per_target"][method][target][key] for r in runs.values()),
+                                      "min": min(r["per_target"][method][target][key] for r in runs.values()),
+                                      "max": max(r["per_target"][method][target][key] for r in runs.values())}
+                                for key in first["per_target"][method][target]}
+                       for target in first["per_target"][method]}
+              for method in first["per_target"]}
+    write_result(args.name, {"runs": runs, "over_runs": spread,
+                             "command": _command(args), "note": "per target = mean over the 3 source sites"})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.translation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("pretrain-seg", "train", "evaluate", "adapt", "timing"))
-    parser.add_argument("--data-root", required=True)
+    parser.add_argument("command", choices=("pretrain-seg", "train", "evaluate", "adapt", "timing", "summarise"))
+    parser.add_argument("runs", nargs="*", help="summarise: run directories (evaluated and adapted)")
+    parser.add_argument("--name", default="translation_seeds", help="summarise: bench/results/NAME.json")
+    parser.add_argument("--data-root", help="the federation's data root (every command but summarise)")
     parser.add_argument("--run-dir", default="runs/bridge-translate")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-steps", type=int, default=20)
@@ -340,8 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--option", action="append", help="recipe option KEY=VALUE (repeatable)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.command != "summarise" and not args.data_root:
+        parser.error(f"{args.command} needs --data-root")
     {"pretrain-seg": pretrain_seg, "train": train, "evaluate": evaluate, "adapt": adapt,
-     "timing": timing}[args.command](args)
+     "timing": timing, "summarise": summarise}[args.command](args)
     return 0
 
 
