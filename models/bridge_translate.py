@@ -71,6 +71,7 @@ it for the non-private ceiling only; it is never called by ``train_local``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,10 @@ class BridgeOptions(CGANOptions):
     seg_generated_from_round: int = 2  # G's samples join S's batches from this round on
     style_samples: int = 64
     style_release: bool = True  # SiteStyle from a DP release of the site's own statistics
-    style_noise_multiplier: float = 2.0  # sigma of that one Gaussian release (x STYLE_CLIP)
+    style_noise_multiplier: float = 1.0  # sigma of that one Gaussian release (x STYLE_CLIP)
+    # a patient's tissue mean counts fully once the tissue covers this quantile of the public
+    # maps' areas (less below it); 0 = every patient having the tissue counts fully
+    style_weight_quantile: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,6 +124,8 @@ class BridgeOptions(CGANOptions):
                               "style-samples >= 4")
         if not (self.style_noise_multiplier > 0 and math.isfinite(self.style_noise_multiplier)):
             raise ConfigError("options.style-noise-multiplier must be a finite number > 0")
+        if not 0.0 <= self.style_weight_quantile <= 1.0:
+            raise ConfigError("options.style-weight-quantile must be in [0, 1]")
         if not 0.0 <= self.seg_generated_fraction < 1.0:
             raise ConfigError("options.seg-generated-fraction must be in [0, 1)")
 
@@ -165,37 +171,51 @@ def style_from_images(images: torch.Tensor, labels: torch.Tensor) -> SiteStyle:
     return SiteStyle(tuple(means), BLUR_GRID[min(range(len(errors)), key=errors.__getitem__)])
 
 
-def patient_style_statistics(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def patient_style_statistics(images: torch.Tensor, labels: torch.Tensor,
+                             reference_counts: torch.Tensor | None = None) -> torch.Tensor:
     """One statistic vector per patient (one row per image [N,1,H,W] with label map [N,H,W]):
 
-        [1, m_0 a_0, ..., m_3 a_3, a_0, ..., a_3, b / 3]
+        [1, m_0 w_0, ..., m_3 w_3, w_0, ..., w_3, b / 3]
 
-    m_k = the image's mean intensity in tissue class k (0 if absent), a_k = 1 if class k
-    occurs in its label map, b = the blur of BLUR_GRID (0..3 px) minimising the MSE
-    between the image and its own flat tissue rendering blurred by b. Computed from that
-    patient's image and labels alone; for images in [-1, 1] its L2 norm is <= sqrt(10) =
-    STYLE_CLIP. float64."""
+    m_k = the image's mean intensity in tissue class k (0 if absent), w_k its weight: 1 if
+    class k occurs in its label map, or with ``reference_counts`` [4] (public constants)
+    min(1, n_k / reference_counts[k]) for a class covering n_k pixels, so a patient whose
+    tissue is a thin, partial-volume-dominated sliver counts less (the released mean moves
+    toward the pixel-pooled mean; see ``style_reference_counts``). b = the blur of
+    BLUR_GRID (0..3 px) minimising the MSE between the image and its own flat tissue
+    rendering blurred by b. Computed from that patient's image and labels alone; w_k is in
+    [0, 1] and images are in [-1, 1], so its L2 norm is <= sqrt(10) = STYLE_CLIP. float64."""
     if images.shape[0] != labels.shape[0] or images.shape[-2:] != labels.shape[-2:]:
         raise ValueError(f"images {tuple(images.shape)} and labels {tuple(labels.shape)} do not pair")
     n = images.shape[0]
     x = images[:, 0].double()
     onehot = torch.nn.functional.one_hot(labels.long(), NUM_CLASSES).permute(0, 3, 1, 2).double()
     count = onehot.sum(dim=(2, 3))
-    present = (count > 0).double()
+    weight = (count > 0).double()
+    if reference_counts is not None:
+        weight = (count / reference_counts.double().clamp(min=1.0)).clamp(max=1.0)
     means = (onehot * x[:, None]).sum(dim=(2, 3)) / count.clamp(min=1.0)
     flat = (onehot * means[:, :, None, None]).sum(dim=1, keepdim=True).float()
     errors = torch.stack([((gaussian_blur(flat, torch.full((n,), s)) - images.float()) ** 2).mean(dim=(1, 2, 3))
                           for s in BLUR_GRID], dim=1)
     best = torch.tensor(BLUR_GRID, dtype=torch.float64)[errors.argmin(dim=1)]
-    return torch.cat([torch.ones(n, 1, dtype=torch.float64), means * present, present,
+    return torch.cat([torch.ones(n, 1, dtype=torch.float64), means * weight, weight,
                       (best / BLUR_GRID[-1])[:, None]], dim=1)
+
+
+def style_reference_counts(public_label_maps: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Per tissue class, the ``quantile`` of its pixel count over the PUBLIC label maps: the
+    area above which a patient's tissue mean counts fully in the style release. Public data
+    only, identical at every site, so it costs no privacy and changes no sensitivity."""
+    counts = torch.nn.functional.one_hot(public_label_maps.long(), NUM_CLASSES).sum(dim=(1, 2)).double()
+    return torch.quantile(counts, quantile, dim=0)
 
 
 def style_from_statistics(total: torch.Tensor) -> SiteStyle:
     """A SiteStyle from a (noisy) sum of ``patient_style_statistics`` rows: post-processing.
 
-    Tissue mean k = sum of per-patient means / number of patients having class k; blur =
-    mean per-patient best blur. Noisy counts are floored at 1, means clamped to [-1, 1],
+    Tissue mean k = weighted sum of per-patient means / sum of their weights; blur = mean
+    per-patient best blur. Noisy counts are floored at 1, means clamped to [-1, 1],
     the blur to the grid's range."""
     t = [float(v) for v in total]
     if len(t) != STYLE_STAT_DIM:
@@ -297,7 +317,7 @@ class BridgeTranslator(Recipe):
         self.check_train_args(site_index, steps)
         rounds_done = int(local_state.get("rounds_trained", 0))
         if self.options.style_release:
-            self.ensure_style_release(model, data, private, site_index, local_state)
+            self.ensure_style_release(model, data, private, site_index, local_state, public)
         if rounds_done == 0 and self.options.seg_pretrain_steps > 0 and not self.options.seg_init:
             self.pretrain_segmenter(model, public, torch.device(device))
         # the private part: D under DP-SGD, G as post-processing (dp_cgan, by composition)
@@ -310,15 +330,20 @@ class BridgeTranslator(Recipe):
         return metrics
 
     def ensure_style_release(self, model: BridgeModel, data, private, site_index: int,
-                             local_state: dict[str, Any]) -> None:
+                             local_state: dict[str, Any], public: PublicData | None = None) -> None:
         """Release this site's style statistics ONCE (privacy argument, point 4).
 
         ``Recipe.release_once``: reused if the node kept it in ``local_state`` or the row
         came back from the server set; otherwise one row per patient of ``data`` ->
         ``private.gaussian_release`` (clip to STYLE_CLIP, sum, noise, accounted as
-        (style-noise-multiplier, 1.0, 1)) -> row ``site_index`` only."""
+        (style-noise-multiplier, 1.0, 1)) -> row ``site_index`` only. The area weights'
+        reference counts come from the public maps (``style-weight-quantile``)."""
+        reference = None
+        if public is not None and self.options.style_weight_quantile > 0:
+            reference = style_reference_counts(public.label_maps, self.options.style_weight_quantile)
         self.release_once(model.style_release[site_index], data, private, local_state,
-                          "style_release", patient_style_statistics, STYLE_CLIP,
+                          "style_release", functools.partial(patient_style_statistics,
+                                                             reference_counts=reference), STYLE_CLIP,
                           self.options.style_noise_multiplier,
                           no_labels_hint=" (set options.style-release = false to measure styles "
                                          "on the generator's samples instead)")

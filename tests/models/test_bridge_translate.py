@@ -15,7 +15,8 @@ from torch.utils.data import TensorDataset
 from medgen.config import ConfigError, RunConfig
 from medgen.models.bridge_translate import (STYLE_CLIP, BridgeTranslator, SiteStyle,
                                             patient_style_statistics, style_from_images,
-                                            style_from_statistics, translate)
+                                            style_from_statistics, style_reference_counts,
+                                            translate)
 from medgen.models.dp_cgan import disc_loss
 from medgen.models.recipe import PublicData
 from medgen.models.registry import build_recipe
@@ -80,9 +81,10 @@ def test_registry_options_and_what_travels():
     assert shared and all(k.startswith(("cgan.gen.", "seg.", "style_release")) for k in shared)
     assert any(k.startswith("seg.") for k in shared) and "style_release" in shared
     assert "style_release" in recipe.site_indexed_keys  # row k from site k's reply only
-    assert (2.0, 1.0, 1) in recipe.one_off_releases()
+    style = (recipe.options.style_noise_multiplier, 1.0, 1)
+    assert style == (1.0, 1.0, 1) and style in recipe.one_off_releases()
     off = build_recipe(RunConfig(recipe="bridge-translate", options={"style-release": False}))
-    assert (2.0, 1.0, 1) not in off.one_off_releases()
+    assert style not in off.one_off_releases()
     assert all(k.startswith("cgan.disc.") for k in recipe.local_only_state(model))  # D stays home
     assert recipe.private_modules == ("cgan.disc",)
     with pytest.raises(ConfigError, match="no option 'bogus'"):
@@ -226,7 +228,7 @@ def test_two_round_federated_run_on_tiny_images():
         global_model.load_state_dict({**global_model.state_dict(), **averaged})
     assert states[0]["rounds_trained"] == 2 and "opt_seg" in states[0]
     # one release per site, in the first round, before its DP-SGD steps
-    assert all(sum(1 for e in h if tuple(e) == (2.0, 1.0, 1)) == 1 for h in histories)
+    assert all(sum(1 for e in h if tuple(e) == (1.0, 1.0, 1)) == 1 for h in histories)
     assert all(recipe.has_released_style(global_model, k) for k in range(2))
     assert all(0 < PrivateTraining(plan, h).epsilon(1e-5) < 100 for h in histories)
     styles = recipe.site_styles(global_model, public)
@@ -283,6 +285,31 @@ def test_noiseless_release_equals_the_central_measurement():
     assert released.tissue_means[1:] == pytest.approx(T1[1:], abs=0.02)  # background clamps at -1
 
 
+def test_area_weights_move_the_released_mean_to_the_pixel_pooled_mean():
+    """Oracle: with reference counts above every tissue's area, w_k = n_k / ref_k, and the
+    released mean sum_i m_ik w_ik / sum_i w_ik is exactly the pixel-pooled mean of
+    style_from_images; with tiny reference counts every w_k = 1 (the presence weighting).
+    Whatever the weights, every row stays within STYLE_CLIP."""
+    labels = ellipses(12, 32, 4)
+    images = render(labels, T1, seed=3, noise=0.05)
+    images[:4] = images[:4] * 0.5  # patients differ, so the two weightings disagree
+    pooled = style_from_images(images, labels).tissue_means
+    total = patient_style_statistics(images, labels, torch.full((4,), 32.0 * 32.0)).sum(0)
+    by_area = (total[1:5] / total[5:9]).tolist()  # style_from_statistics' ratio (its count floor aside)
+    assert by_area == pytest.approx(pooled, abs=1e-6)
+    by_presence = patient_style_statistics(images, labels)
+    assert torch.equal(patient_style_statistics(images, labels, torch.full((4,), 1e-3)), by_presence)
+    per_patient = style_from_statistics(by_presence.sum(0)).tissue_means
+    assert max(abs(a - b) for a, b in zip(per_patient, pooled)) > 1e-3  # the weighting matters here
+    weighted = patient_style_statistics(images, labels, torch.tensor([500.0, 60.0, 200.0, 80.0]))
+    assert (weighted.norm(dim=1) <= STYLE_CLIP + 1e-9).all()
+    assert ((weighted[:, 5:9] >= 0) & (weighted[:, 5:9] <= 1)).all()
+    # reference counts are quantiles of the PUBLIC maps' tissue areas
+    maps = ellipses(9, 16, 7)
+    counts = torch.nn.functional.one_hot(maps, 4).sum(dim=(1, 2)).double()
+    assert torch.allclose(style_reference_counts(maps, 0.5), counts.median(dim=0).values)
+
+
 def test_each_site_releases_only_its_own_statistics_once(monkeypatch):
     recipe, public, plan = setup()
     released = []
@@ -302,19 +329,21 @@ def test_each_site_releases_only_its_own_statistics_once(monkeypatch):
         private = PrivateTraining(plan, [], seed=index)
         recipe.train_local(model, data, public, private, index, 2, states[index], "cpu")
         histories[index] = private.history
-        own = patient_style_statistics(*data.tensors)
-        assert torch.equal(released[-1][0], own)  # this site's patients, one row each
-        assert released[-1][1:] == (STYLE_CLIP, 2.0)
+        # this site's patients, one row each, area weights from the PUBLIC maps' median areas
+        reference = style_reference_counts(public.label_maps, recipe.options.style_weight_quantile)
+        own = patient_style_statistics(*data.tensors, reference)
+        assert torch.equal(released[-1][0], own)
+        assert released[-1][1:] == (STYLE_CLIP, 1.0)
         others = [k for k in range(2) if k != index]
         assert torch.equal(model.style_release[others], before[others])  # other rows untouched
         assert states[index]["style_release"] == pytest.approx(model.style_release[index].tolist())
-        assert private.history.count((2.0, 1.0, 1)) == 1
+        assert private.history.count((1.0, 1.0, 1)) == 1
         assert private.accounted_steps == 2 + sum(1 for e in private.history if e[1] == 1.0)
     assert len(released) == 2
-    # the rows are the noisy sums (noise std 2 x sqrt(10) per entry), and the style comes from them
+    # the rows are the noisy sums (noise std 1 x sqrt(10) per entry), and the style comes from them
     for index, data in sites.items():
-        noise = model.style_release[index].double() - patient_style_statistics(*data.tensors).sum(0)
-        assert 0 < float(noise.abs().max()) < 6 * 2.0 * STYLE_CLIP
+        noise = model.style_release[index].double() - patient_style_statistics(*data.tensors, reference).sum(0)
+        assert 0 < float(noise.abs().max()) < 6 * 1.0 * STYLE_CLIP
     assert recipe.site_style(model, public, 1) == style_from_statistics(model.style_release[1])
     # later rounds reuse the release (from the model row, or from the node's local state)
     for index, data in sites.items():
