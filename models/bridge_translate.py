@@ -41,10 +41,13 @@ Two mechanisms read a site's records, both accounted in the site's ONE accountan
      update is identical for two models whose D (the only data-dependent part) differs.
   4. SiteStyle release (``ensure_style_release``, once per site, in its first round,
      before its DP-SGD steps). Per patient i (one dataset item = one patient) the vector
-     v_i = [1, m_ik a_ik (k = 0..3), a_ik (k = 0..3), b_i / 3] (``patient_style_statistics``:
-     m_ik = its mean intensity in tissue k, a_ik = 1 if tissue k occurs in its label map,
-     b_i = the BLUR_GRID blur best fitting its own image), computed from patient i's record
-     alone. Images are in [-1, 1], so ||v_i|| <= sqrt(10) = STYLE_CLIP; v_i is clipped to
+     v_i = [1, m_ik w_ik (k = 0..3), w_ik (k = 0..3), b_i / 3] (``patient_style_statistics``:
+     m_ik = its mean intensity in tissue k, w_ik = min(1, n_ik / r_k) with n_ik the pixels
+     of tissue k in its label map and r_k the median area of tissue k over the PUBLIC maps
+     (``style_reference_counts``: public constants, identical at every site; with
+     ``style-weight-quantile = 0`` w_ik = 1 if tissue k occurs), b_i = the BLUR_GRID blur
+     best fitting its own image), computed from patient i's record alone. Images are in
+     [-1, 1] and w_ik in [0, 1], so ||v_i|| <= sqrt(10) = STYLE_CLIP; v_i is clipped to
      STYLE_CLIP anyway, so adding or removing one patient moves S = sum_i v_i by at most
      STYLE_CLIP (L2 sensitivity). Released: S + N(0, (sigma_style STYLE_CLIP)^2 I), the
      Gaussian mechanism (``PrivateTraining.gaussian_release``, same noise source as
@@ -54,7 +57,7 @@ Two mechanisms read a site's records, both accounted in the site's ONE accountan
      is written to row k of ``style_release`` (site k's row only), kept in the node's
      local state and shared with the federation (every site may translate into every
      other site's style). Everything after it is post-processing: the style
-     (``style_from_statistics``: means = noisy per-class sums / noisy per-class counts,
+     (``style_from_statistics``: means = noisy weighted sums / noisy sums of weights,
      blur = noisy mean best blur), the server's copy of the row, translation. A second
      release never spends again: an existing row or local copy is reused, and failing
      those ``gaussian_release`` returns the values the ledger stored with the spent entry
