@@ -341,14 +341,15 @@ def summarise(args) -> None:
             "ssim_pair_wins": sum(v["beats_baseline_ssim"] for v in translation["acceptance"]["bridge"].values()),
             "per_target": per_target, "adaptation_recovery": adaptation["recovery"],
             "adaptation_dice": adaptation["dice"]}
-    first = next(iter(runs.values()))
-    spread = {method: {target: {key: {"mean": statistics.fmean(r["per_target"][method][target][key] for r in runs.values()),
-                                      "min": min(r["per_target"][method][target][key] for r in runs.values()),
-                                      "max": max(r["per_target"][method][target][key] for r in runs.values())}
-                                for key in first["per_target"][method][target]}
-                       for target in first["per_target"][method]}
-              for method in first["per_target"]}
-    write_result(args.name, {"runs": runs, "over_runs": spread,
+    def spread(method: str, target: str, key: str) -> dict[str, float]:
+        values = [r["per_target"][method][target][key] for r in runs.values()]
+        return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+
+    first = next(iter(runs.values()))["per_target"]
+    over_runs = {method: {target: {key: spread(method, target, key) for key in first[method][target]}
+                          for target in first[method]}
+                 for method in first}
+    write_result(args.name, {"runs": runs, "over_runs": over_runs,
                              "command": _command(args), "note": "per target = mean over the 3 source sites"})
 
 

@@ -74,7 +74,6 @@ it for the non-private ceiling only; it is never called by ``train_local``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,12 +340,16 @@ class BridgeTranslator(Recipe):
         ``private.gaussian_release`` (clip to STYLE_CLIP, sum, noise, accounted as
         (style-noise-multiplier, 1.0, 1)) -> row ``site_index`` only. The area weights'
         reference counts come from the public maps (``style-weight-quantile``)."""
-        reference = None
-        if public is not None and self.options.style_weight_quantile > 0:
-            reference = style_reference_counts(public.label_maps, self.options.style_weight_quantile)
+        quantile = self.options.style_weight_quantile
+
+        def statistics(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            # only called when the release is made, so later rounds skip the public counts
+            weighted = public is not None and quantile > 0
+            reference = style_reference_counts(public.label_maps, quantile) if weighted else None
+            return patient_style_statistics(images, labels, reference)
+
         self.release_once(model.style_release[site_index], data, private, local_state,
-                          "style_release", functools.partial(patient_style_statistics,
-                                                             reference_counts=reference), STYLE_CLIP,
+                          "style_release", statistics, STYLE_CLIP,
                           self.options.style_noise_multiplier,
                           no_labels_hint=" (set options.style-release = false to measure styles "
                                          "on the generator's samples instead)")

@@ -419,16 +419,11 @@ def test_seg_init_errors_name_the_option_and_the_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_flower_simulation_ships_the_coordinators_segmenter(tiny_federation, tmp_path):
+def test_flower_simulation_ships_the_coordinators_segmenter(tiny_federation, tmp_path, simulate):
     """`medgen pretrain-segmenter`, then `medgen-server simulate --set recipe=bridge-translate
     --set options.seg-init=S.pt`: 2 rounds, 2 sites, 32 px through Flower. With no public S
     steps per round, the global S after round 2 is bit-for-bit the coordinator's file: the
     server shipped it and no site pretrained over it."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from medgen.models.segmenter_pretrain import main as pretrain_main
     from medgen.server.checkpoint import load_checkpoint
 
@@ -436,21 +431,15 @@ def test_flower_simulation_ships_the_coordinators_segmenter(tiny_federation, tmp
     assert pretrain_main(["--public", str(tiny_federation / "public"), "--out", str(s_path),
                           "--steps", "2", "--image-size", "32"]) == 0
     out = tmp_path / "run"
-    cli = Path(sys.executable).parent / "medgen-server"
     settings = ["recipe=bridge-translate", "num-rounds=2", "local-steps=2", "image-size=32", "batch-size=4",
                 "accountant=rdp", "target-epsilon=8.0", "eval-every=0", "options.gen-width=4",
                 "options.disc-width=4", "options.noise-dim=8", "options.seg-steps-per-round=0",
                 "options.style-samples=8", f"options.seg-init={s_path}"]
-    done = subprocess.run([str(cli), "simulate", "--data-root", str(tiny_federation), "--out", str(out),
-                           "--timeout", "900", *[a for s in settings for a in ("--set", s)]],
-                          capture_output=True, text=True, timeout=1000)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trains = simulate(tiny_federation, out, settings, timeout=900)
     checkpoint = load_checkpoint(out)
     assert checkpoint is not None and checkpoint.server_round == 2
     shipped = torch.load(s_path, weights_only=True)
     assert all(torch.equal(checkpoint.shared_state[f"seg.{k}"], v) for k, v in shipped.items())
-    trains = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line).get("kind") == "train"]
     for site in ("A", "B"):
         eps = [t["per_site"][site]["epsilon"] for t in trains]
         assert 0 < eps[0] < eps[1] <= 8.0 + 1e-6

@@ -352,32 +352,23 @@ def test_samples_come_out_in_the_requested_sites_style():
 
 
 @pytest.mark.slow
-def test_two_federated_rounds_on_tiny_images_then_tstr_utility(tiny_federation, tmp_path):
+def test_two_federated_rounds_on_tiny_images_then_tstr_utility(tiny_federation, tmp_path, simulate):
     """`medgen-server simulate --set recipe=cddpm`: 2 rounds, 2 sites, 32 px, through Flower;
     then the TSTR utility of the final checkpoint lands in the run dir."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from medgen.evaluation.utility import UtilitySettings, run_utility
     from medgen.server.checkpoint import load_checkpoint
 
     out = tmp_path / "run"
-    cli = Path(sys.executable).parent / "medgen-server"
-    settings = ["recipe=cddpm", "num-rounds=2", "local-steps=2", "image-size=32", "batch-size=4",
-                "accountant=rdp", "target-epsilon=8.0", "eval-samples=4", "options.channels=8,16",
-                "options.norm-groups=4", "options.sample-steps=3"]
-    done = subprocess.run([str(cli), "simulate", "--data-root", str(tiny_federation), "--out", str(out),
-                           "--timeout", "1500", *[a for s in settings for a in ("--set", s)]],
-                          capture_output=True, text=True, timeout=1600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trains = simulate(tiny_federation, out, ["recipe=cddpm", "num-rounds=2", "local-steps=2", "image-size=32",
+                                             "batch-size=4", "accountant=rdp", "target-epsilon=8.0",
+                                             "eval-samples=4", "options.channels=8,16",
+                                             "options.norm-groups=4", "options.sample-steps=3"], timeout=1500)
     checkpoint = load_checkpoint(out)
     assert checkpoint is not None and checkpoint.server_round == 2
     assert set(checkpoint.shared_state) == set(ConditionalDDPM(
         RunConfig.from_toml(out / "config.toml")).build().state_dict())
-    trains = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line).get("kind") == "train"]
     assert [t["round"] for t in trains] == [1, 2]
     for site in ("A", "B"):
         eps = [t["per_site"][site]["epsilon"] for t in trains]
