@@ -21,6 +21,13 @@ import stat
 import sys
 from pathlib import Path
 
+from medgen.atomic import atomic_write_text
+from medgen.client.data_check import main as data_check
+from medgen.client.node import epsilon_cap
+from medgen.config import ConfigError
+from medgen.deploy.allowlist import AllowList, AllowListError
+from medgen.deploy.launch import NodeLaunch, flower_env, node_config_toml, supernode_command
+
 DEFAULT_PORT = 9094
 
 
@@ -83,12 +90,9 @@ def node_settings(args: argparse.Namespace) -> dict[str, object]:
     if mode & 0o077:
         raise ClientSetupError(f"--key {args.key} is readable by others (mode {mode:o}); "
                                f"run `chmod 600 {args.key}`")
-    if args.epsilon_cap is not None and not (args.epsilon_cap > 0 and math.isfinite(args.epsilon_cap)):
-        raise ClientSetupError(f"--epsilon-cap must be a positive number, got {args.epsilon_cap}")
+    _check_numbers(args)
     allow = None
     if args.allow is not None:
-        from medgen.deploy.allowlist import AllowList, AllowListError
-
         try:
             AllowList.load(args.allow)  # fail now, not at the first round
         except AllowListError as err:
@@ -99,10 +103,24 @@ def node_settings(args: argparse.Namespace) -> dict[str, object]:
             "public-dir": str(public), "epsilon-cap": args.epsilon_cap, "allow-list": allow}
 
 
-def start(args: argparse.Namespace) -> int:
-    from medgen.atomic import atomic_write_text
-    from medgen.deploy.launch import NodeLaunch, flower_env, node_config_toml, supernode_command
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric flag finite and in range, refused with the flag's name."""
+    if args.epsilon_cap is not None:
+        try:  # the node applies the same rule to node-config 'epsilon-cap' (client/node.py)
+            epsilon_cap({"epsilon-cap": args.epsilon_cap})
+        except ConfigError:
+            raise ClientSetupError(f"--epsilon-cap must be a finite number > 0, got {args.epsilon_cap}; "
+                                   "leave it out to use the run's target-epsilon") from None
+    if not 1 <= args.port <= 65535:
+        raise ClientSetupError(f"--port must be in [1, 65535], got {args.port}")
+    if args.max_retries is not None and args.max_retries < 0:
+        raise ClientSetupError(f"--max-retries must be >= 0, got {args.max_retries}")
+    if args.max_wait_time is not None and not (math.isfinite(args.max_wait_time) and args.max_wait_time > 0):
+        raise ClientSetupError(f"--max-wait-time must be a finite number of seconds > 0, "
+                               f"got {args.max_wait_time}; leave it out to wait forever")
 
+
+def start(args: argparse.Namespace) -> int:
     settings = node_settings(args)
     state = Path(str(settings["state-dir"]))
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -125,8 +143,6 @@ def start(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["data", "check"]:
-        from medgen.client.data_check import main as data_check
-
         return data_check(argv[2:])
     if argv[:1] == ["data"]:
         print("usage: medgen-client data check DIR [--image-size N] [--json]", file=sys.stderr)

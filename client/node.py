@@ -88,11 +88,22 @@ def _deployed(config: RunConfig, node_config: Mapping[str, Any]) -> NodeSetup:
     if site not in config.site_names:
         raise ConfigError(f"this node is site {site!r}, which is not in the run's sites "
                           f"({config.sites}); ask the coordinator to add it")
-    cap = node_config.get("epsilon-cap", math.inf)
-    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0:
-        raise ConfigError(f"node-config 'epsilon-cap' must be a positive number, got {cap!r}")
+    cap = epsilon_cap(node_config)
     return NodeSetup(site=site, site_index=config.site_names.index(site),
                      data_dir=Path(str(node_config["data-dir"])),
                      state_dir=Path(str(node_config["state-dir"])),
                      public_dir=Path(str(node_config["public-dir"])),
-                     epsilon_cap=float(cap), simulated=False)
+                     epsilon_cap=cap, simulated=False)
+
+
+def epsilon_cap(node_config: Mapping[str, Any]) -> float:
+    """The site's own ceiling from node-config 'epsilon-cap' (absent: math.inf, no cap of its
+    own). NaN, inf, zero, negative and non-numbers are refused: ``min(target, nan)`` would
+    silently drop the cap (issue 13)."""
+    if "epsilon-cap" not in node_config:
+        return math.inf
+    cap = node_config["epsilon-cap"]
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+        raise ConfigError(f"node-config 'epsilon-cap' must be a finite number > 0, got {cap!r}; "
+                          "leave it out to use the run's target-epsilon")
+    return float(cap)

@@ -9,6 +9,7 @@ and are parsed by the recipe's own ``Options`` dataclass (models/recipe.py).
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -48,6 +49,8 @@ class RunConfig:
     state_root: str = ""
     run_dir: str = "runs/latest"
     resume: bool = True
+    # the coordinator process that owns run-dir (server/run_lock.py); written into DONE
+    coordinator_id: str = ""
     # evaluation on the coordinator's held-out data (never on a site's training data)
     eval_every: int = 1
     eval_samples: int = 64
@@ -64,30 +67,7 @@ class RunConfig:
     options: Mapping[str, Scalar] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(self.num_rounds >= 1, "num-rounds", "must be >= 1")
-        _require(self.local_steps >= 1, "local-steps", "must be >= 1")
-        _require(self.batch_size >= 1, "batch-size", "must be >= 1")
-        _require(16 <= self.image_size <= 256 and self.image_size % 16 == 0, "image-size",
-                 "must be a multiple of 16 between 16 and 256")
-        _require(self.target_epsilon > 0, "target-epsilon", "must be > 0")
-        _require(0 < self.delta < 1, "delta", "must be in (0, 1)")
-        _require(self.accountant in ACCOUNTANTS, "accountant", f"must be one of {ACCOUNTANTS}")
-        _require(self.max_grad_norm > 0, "max-grad-norm", "must be > 0")
-        _require(self.min_sites >= 1, "min-sites", "must be >= 1")
-        _require(len(self.site_names) >= 1 and len(set(self.site_names)) == len(self.site_names),
-                 "sites", "must be a comma-separated list of distinct site names")
-        _require(self.eval_every >= 0, "eval-every", "must be >= 0 (0 disables evaluation)")
-        _require(self.secagg_max_dropped >= 0, "secagg-max-dropped", "must be >= 0")
-        _require(self.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}")
-        _require(0.0 <= self.trim_fraction < 0.5, "trim-fraction", "must be in [0, 0.5)")
-        _require(self.norm_outlier_mads >= 0, "norm-outlier-mads", "must be >= 0 (0 disables it)")
-        _require(self.client_dp_noise_multiplier >= 0, "client-dp-noise-multiplier",
-                 "must be >= 0 (0 disables client-level DP)")
-        _require(self.client_dp_clipping_norm > 0, "client-dp-clipping-norm", "must be > 0")
-        _require(not (self.secure_aggregation and self.aggregation != "mean"), "aggregation",
-                 "must be 'mean' with secure-aggregation = true (the server only sees the sum)")
-        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-                 "device", "must be 'auto', 'cpu' or 'cuda[:N]'")
+        _validate(self)
 
     @property
     def site_names(self) -> tuple[str, ...]:
@@ -168,6 +148,62 @@ def parse_overrides(items: list[str]) -> dict[str, Scalar]:
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _validate(config: "RunConfig") -> None:
+    """Every field in range and consistent with the others; the error names the key."""
+    c, sites = config, config.site_names
+    _require(c.num_rounds >= 1, "num-rounds", "must be >= 1")
+    _require(c.local_steps >= 1, "local-steps", "must be >= 1")
+    _require(c.batch_size >= 1, "batch-size", "must be >= 1")
+    _require(16 <= c.image_size <= 256 and c.image_size % 16 == 0, "image-size",
+             "must be a multiple of 16 between 16 and 256")
+    _require(0 <= c.seed < 2 ** 63, "seed", "must be in [0, 2**63)")
+    _require(_finite(c.target_epsilon) and c.target_epsilon > 0, "target-epsilon",
+             f"must be a finite number > 0 (the noise is calibrated to it), got {c.target_epsilon!r}")
+    _require(_finite(c.delta) and 0 < c.delta < 1, "delta", f"must be in (0, 1), got {c.delta!r}")
+    _require(c.accountant in ACCOUNTANTS, "accountant", f"must be one of {ACCOUNTANTS}")
+    _require(_finite(c.max_grad_norm) and c.max_grad_norm > 0, "max-grad-norm",
+             f"must be a finite number > 0 (per-sample clipping bound), got {c.max_grad_norm!r}")
+    _require(len(sites) >= 1 and len(set(sites)) == len(sites),
+             "sites", "must be a comma-separated list of distinct site names")
+    _require(1 <= c.min_sites <= len(sites), "min-sites",
+             f"must be between 1 and the number of sites ({len(sites)}: {c.sites}), got {c.min_sites}")
+    _require(_finite(c.round_timeout) and c.round_timeout > 0, "round-timeout",
+             f"must be a finite number of seconds > 0 (use a large value for no practical limit), "
+             f"got {c.round_timeout!r}")
+    _require(c.eval_every >= 0, "eval-every", "must be >= 0 (0 disables evaluation)")
+    _require(c.eval_samples >= 0, "eval-samples", f"must be >= 0, got {c.eval_samples}")
+    _require(c.eval_every == 0 or c.eval_samples >= 2, "eval-samples",
+             f"must be >= 2 when eval-every > 0 (a feature distance needs at least 2 generated "
+             f"images per site), got {c.eval_samples}; or set eval-every = 0")
+    _require(c.secagg_max_dropped >= 0, "secagg-max-dropped", "must be >= 0")
+    if c.secure_aggregation:
+        _require(len(sites) >= 3, "sites", "must name at least 3 sites with secure-aggregation = "
+                 "true (with 2, each site learns the other's update from the sum)")
+        _require(c.secagg_max_dropped < len(sites) / 2, "secagg-max-dropped",
+                 f"must be in [0, {(len(sites) - 1) // 2}] for {len(sites)} sites (a reconstruction "
+                 "threshold at or below half the sites lets the server unmask one site)")
+    _require(c.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}")
+    _require(_finite(c.trim_fraction) and 0.0 <= c.trim_fraction < 0.5, "trim-fraction",
+             "must be in [0, 0.5)")
+    _require(_finite(c.norm_outlier_mads) and c.norm_outlier_mads >= 0, "norm-outlier-mads",
+             "must be a finite number >= 0 (0 disables it)")
+    _require(_finite(c.client_dp_noise_multiplier) and c.client_dp_noise_multiplier >= 0,
+             "client-dp-noise-multiplier", "must be a finite number >= 0 (0 disables client-level DP)")
+    _require(_finite(c.client_dp_clipping_norm) and c.client_dp_clipping_norm > 0,
+             "client-dp-clipping-norm", "must be a finite number > 0")
+    _require(not (c.secure_aggregation and c.aggregation != "mean"), "aggregation",
+             "must be 'mean' with secure-aggregation = true (the server only sees the sum)")
+    _require(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"),
+             "device", "must be 'auto', 'cpu' or 'cuda[:N]'")
+    for key, value in c.options.items():
+        _require(not isinstance(value, float) or math.isfinite(value), f"options.{key}",
+                 f"must be finite, got {value!r}")
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _require(ok: bool, key: str, why: str) -> None:
