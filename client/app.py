@@ -2,9 +2,10 @@
 
 Per train message: resolve the node (client/node.py) -> replayed request? send the stored
 reply (client/local_state.py) -> load the site's data (cached tensors) and the public
-anatomy bank -> ledger: plan once (composed with the recipe's one-off releases), check the budget (refuse with an error reply if the
-round would exceed it, without training) -> recipe.train_local through PrivateTraining ->
-ledger.commit_round -> persist local state -> reply.
+anatomy bank -> derive the round seed, once -> ONE privacy round (privacy/round.py: plan
+once, composed with the recipe's one-off releases; refuse before any training if the
+round would pass the budget; commit atomically on a clean exit) around
+recipe.train_local(model, RoundContext) -> persist local state -> reply.
 
 The reply is ONE ArrayRecord (the recipe's shared weights) and ONE MetricRecord of
 scalars (num-examples, epsilon, delta, site-index, steps, the recipe's public-input
@@ -26,11 +27,17 @@ from flwr.clientapp import ClientApp
 from medgen.client.local_state import (LocalState, ReplyStore, StoredReply, load_local_state,
                                        request_id, save_local_state)
 from medgen.client.node import NodeSetup, resolve_node
+from medgen.client.site_data import PatientDataset, load_public_bank, load_site
 from medgen.config import RunConfig
-from medgen.privacy.client_dp import client_clipping_mod
-from medgen.privacy.message_audit import outbox_mod
-from medgen.privacy.secagg import secure_aggregation_mod
 from medgen.deploy.allowlist import NOT_ALLOWED, AllowListError, NotAllowed, enforce_node_allow_list
+from medgen.models.recipe import RoundContext
+from medgen.models.registry import build_recipe
+from medgen.privacy.accounting import sample_rate_for
+from medgen.privacy.client_dp import client_clipping_mod
+from medgen.privacy.ledger import BudgetExceeded
+from medgen.privacy.message_audit import outbox_mod
+from medgen.privacy.round import PrivacyRound, PrivacySchedule
+from medgen.privacy.secagg import secure_aggregation_mod
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +65,11 @@ def train(msg: Message, context: Context) -> Message:
         reason = str(err) if isinstance(err, NotAllowed) else \
             "refused: this hospital's allow-list file is unreadable (see the node log)"
         return Message(Error(NOT_ALLOWED, f"site {site}: {reason}"), reply_to=msg)
+    except BudgetExceeded as err:
+        log.warning("%s", err)
+        return Message(Error(BUDGET_EXCEEDED, f"site {site}: refused to train, its privacy "
+                             "budget would be exceeded (see the node log)"), reply_to=msg)
     except Exception as err:  # noqa: BLE001 - every failure becomes a clean error reply
-        from medgen.privacy.ledger import BudgetExceeded
-        if isinstance(err, BudgetExceeded):
-            log.warning("%s", err)
-            return Message(Error(BUDGET_EXCEEDED, f"site {site}: refused to train, its privacy "
-                                 "budget would be exceeded (see the node log)"), reply_to=msg)
         log.error("site %s: training failed:\n%s", site, traceback.format_exc())
         return Message(Error(TRAINING_FAILED, f"site {site}: training failed with "
                              f"{type(err).__name__} (details in the node log)"), reply_to=msg)
@@ -71,12 +77,6 @@ def train(msg: Message, context: Context) -> Message:
 
 def train_round(config: RunConfig, node: NodeSetup, content: RecordDict) -> RecordDict:
     """Train one round at this node; returns the reply content (replayed if seen before)."""
-    from medgen.client.site_data import PatientDataset, load_public_bank, load_site
-    from medgen.models.registry import build_recipe
-    from medgen.privacy.dp_sgd import PrivateTraining
-    from medgen.privacy.accounting import sample_rate_for
-    from medgen.privacy.ledger import PrivacyLedger
-
     incoming = content["arrays"]
     settings = content["config"]
     run_key, server_round = str(settings["run-key"]), int(settings["absolute-round"])
@@ -100,38 +100,34 @@ def train_round(config: RunConfig, node: NodeSetup, content: RecordDict) -> Reco
 
     data = load_site(node.data_dir, config.image_size, cache_dir=node.cache_dir)
     public = load_public_bank(node.public_dir, config.image_size)
-    ledger = PrivacyLedger.open(node.ledger_path, site=node.site)
-    cap = node.target_epsilon(config)
-    plan = ledger.ensure_plan(target_epsilon=cap, delta=config.delta, accountant=config.accountant,
-                              sample_rate=sample_rate_for(data.num_patients, config.batch_size),
-                              total_steps=config.num_rounds * config.local_steps,
-                              max_grad_norm=config.max_grad_norm,
-                              releases=recipe.one_off_releases())
-    ledger.check_budget(config.local_steps, cap)  # raises BudgetExceeded: no training at all
-
-    seed = _round_seed(config, node, server_round)
-    private = PrivateTraining(plan, ledger.history, seed=seed if node.simulated else None,
-                              released=ledger.released)
-    dataset = PatientDataset(data, generator_seed=seed)
-    recipe_metrics = recipe.train_local(model, dataset, public, private, node.site_index,
-                                        config.local_steps, local.recipe_state, _device(config))
-    epsilon = ledger.commit_round(run_id=request, server_round=server_round,
-                                  history=private.history, steps=private.accounted_steps,
-                                  releases=private.new_releases)
+    cap = node.target_epsilon(config)  # the run's target, tightened by the site's own cap
+    schedule = PrivacySchedule(target_epsilon=cap, delta=config.delta,
+                               accountant=config.accountant,
+                               sample_rate=sample_rate_for(data.num_patients, config.batch_size),
+                               total_steps=config.num_rounds * config.local_steps,
+                               max_grad_norm=config.max_grad_norm, releases=recipe.one_off_releases())
+    seed = _round_seed(config, node, server_round)  # the one seed of every draw this round
+    privacy = PrivacyRound.at(node.ledger_path, node.site, schedule, run_id=request,
+                              server_round=server_round, steps=config.local_steps, cap_epsilon=cap,
+                              seed=seed if node.simulated else None)
+    with privacy as private:  # BudgetExceeded here: nothing trains, the ledger is untouched
+        ctx = RoundContext(PatientDataset(data, generator_seed=seed), public, private, node.site_index,
+                           config.local_steps, local.recipe_state, _device(config), seed)
+        recipe_metrics = recipe.train_local(model, ctx)
     model.cpu()
     save_local_state(node.local_state_path,
                      LocalState(run_key, recipe.local_only_state(model), local.recipe_state))
     metrics: dict[str, float | int] = {
         **{k: float(v) for k, v in recipe_metrics.items() if _is_scalar(v)},
-        "num-examples": int(data.num_patients), "epsilon": float(epsilon),
-        "delta": float(plan.delta), "site-index": int(node.site_index),
-        "steps": int(private.steps_taken),
+        "num-examples": int(data.num_patients), "epsilon": float(privacy.epsilon),
+        "delta": float(privacy.plan.delta), "site-index": int(node.site_index),
+        "steps": int(privacy.steps_taken),
     }
     reply = StoredReply({k: v.detach().cpu() for k, v in recipe.shared_state(model).items()}, metrics)
     replies.save(request, reply)
     log.info("site %s: round %d trained %d steps, epsilon %.3f (delta %g, %s accountant, unit "
-             "patient)", node.site, server_round, private.steps_taken, epsilon, plan.delta,
-             plan.accountant)
+             "patient)", node.site, server_round, privacy.steps_taken, privacy.epsilon,
+             privacy.plan.delta, privacy.plan.accountant)
     return _reply(reply)
 
 

@@ -7,51 +7,35 @@ shared with the federation (the rest stays on the node), the local training step
 sampling, and nothing else. Client, server, privacy and evaluation code never branch on
 the recipe name: they call these methods.
 
-Contract for ``train_local``:
-- real records come only from ``data`` (this site's patients), and only through the
-  loader returned by ``private.make_private`` (Poisson sampling, per-patient clipping,
-  noise, accounting);
-- every other network update consumes only ``public`` inputs or generated samples;
-- it takes exactly ``steps`` private optimizer steps (the client charged the ledger for
-  them before calling) and returns scalar metrics (losses), never tensors;
+Contract for ``train_local(model, ctx)`` (``ctx``: a ``RoundContext``):
+- real records come only from ``ctx.data`` (this site's patients), and only through
+  ``ctx.private``: DP-SGD on the private module via ``privacy.dp_step.DPModule`` (Poisson
+  sampling, per-patient clipping, noise, accounting);
+- every other network update consumes only ``ctx.public`` inputs or generated samples;
+- it takes exactly ``ctx.steps`` private optimizer steps (the node's ``PrivacyRound``
+  checked the budget for them) and returns scalar metrics (losses), never tensors;
 - the only other use of real records allowed is a release declared by
-  ``one_off_releases`` and made through ``private.gaussian_release`` (accounted in the
-  same history; the plan's noise was calibrated for it).
+  ``one_off_releases`` and made through ``release_once`` (accounted in the same history;
+  the plan's noise was calibrated for it; the ledger stores its values).
+
+Optional abilities (membership scores for the audit, translation) are declared by
+implementing the protocols of models/capabilities.py; callers check them there.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
 
-from medgen.config import ConfigError, RunConfig
+from medgen.config import RunConfig
+from medgen.models.options import RecipeOptions
+from medgen.models.round_context import PublicData, RoundContext
 
-
-@dataclass(frozen=True)
-class RecipeOptions:
-    """Base for a recipe's own options (``options.<name>`` keys in the run config)."""
-
-    @classmethod
-    def from_mapping(cls, recipe: str, values: Mapping[str, Any]) -> "RecipeOptions":
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        parsed = {}
-        for key, value in values.items():
-            if key not in known:
-                raise ConfigError(f"recipe '{recipe}' has no option '{key}'; "
-                                  f"its options: {', '.join(sorted(known)) or '(none)'}")
-            default = getattr(cls, known[key].name, None)
-            if isinstance(default, bool) and not isinstance(value, bool):
-                raise ConfigError(f"options.{key} must be true or false, got {value!r}")
-            if isinstance(default, str) and not isinstance(value, str):
-                raise ConfigError(f"options.{key} must be a string, got {value!r}")
-            if isinstance(default, float) and isinstance(value, int):
-                value = float(value)
-            parsed[known[key].name] = value
-        return cls(**parsed)
+__all__ = ["PublicData", "Recipe", "RecipeOptions", "RoundContext"]  # the recipe contract, in one import
 
 
 class Recipe(ABC):
@@ -91,10 +75,8 @@ class Recipe(ABC):
         on resume): e.g. load weights trained on public data only. Nothing by default."""
 
     @abstractmethod
-    def train_local(self, model: nn.Module, data: "torch.utils.data.Dataset",
-                    public: "PublicData", private: "PrivateTraining", site_index: int,
-                    steps: int, local_state: dict[str, Any], device: torch.device) -> dict[str, float]:
-        """Train in place for ``steps`` private steps; return scalar metrics."""
+    def train_local(self, model: nn.Module, ctx: RoundContext) -> dict[str, float]:
+        """Train in place for ``ctx.steps`` private steps; return scalar metrics."""
 
     @abstractmethod
     def sample(self, model: nn.Module, label_maps: torch.Tensor, site_index: torch.Tensor,
@@ -102,11 +84,11 @@ class Recipe(ABC):
         """Images [N,1,H,W] in [-1, 1] for integer label maps [N,H,W] and site ids [N]."""
 
     # -- checks every recipe's train_local/sample make the same way ---------------------
-    def check_train_args(self, site_index: int, steps: int) -> None:
-        if not 0 <= site_index < self.num_sites:
-            raise ValueError(f"site_index {site_index} out of range for sites {self.config.site_names}")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+    def check_round(self, ctx: RoundContext) -> None:
+        if not 0 <= ctx.site_index < self.num_sites:
+            raise ValueError(f"site_index {ctx.site_index} out of range for sites {self.config.site_names}")
+        if ctx.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {ctx.steps}")
 
     def real_batch(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(images [B,1,S,S] float32, labels [B,S,S]) from a PatientDataset batch, on ``device``."""
@@ -121,37 +103,45 @@ class Recipe(ABC):
                              f"({size}, {size}) for image-size {size}: reload the site data")
         return images.to(device, torch.float32), labels.to(device)
 
-    def release_once(self, row: torch.Tensor, data: Any, private: "PrivateTraining",
-                     local_state: dict[str, Any], key: str, statistics: Any, clip_norm: float,
-                     noise_multiplier: float, no_labels_hint: str = "") -> bool:
+    def release_once(self, row: torch.Tensor, ctx: RoundContext,
+                     statistics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     clip_norm: float, noise_multiplier: float, no_labels_hint: str = "") -> bool:
         """A one-off release of this site's per-patient ``statistics`` into ``row`` (this
-        site's row of a site-indexed buffer), spent only the first time; True if made now.
+        site's row of a site-indexed buffer), spent only the first time. Returns True if
+        ``row`` was empty before (the model meets the release for the first time).
 
-        Reused, at no cost: the node's own copy ``local_state[key]`` (it wins: the node
-        trusts what it released itself), else a row that came back from the server non-zero
-        (the local state was lost). Otherwise ``statistics(images, labels)`` on ONE slice
-        per patient (``data[i]`` is patient i, the dataset's unit) -> ``private.
-        gaussian_release`` (clip to ``clip_norm``, sum, noise, accounted) -> ``row`` and
-        ``local_state[key]``.
+        Made before (this site's ledger stores its values: ``ctx.private.stored_release``)?
+        Then those values, at no cost. Otherwise ``statistics(images, labels)`` on ONE slice
+        per patient (``ctx.data[i]`` is patient i, the unit) -> ``ctx.private.
+        gaussian_release`` (clip to ``clip_norm``, sum, noise, accounted; the ledger keeps the
+        values with the round's commit).
         """
-        if local_state.get(key) is not None:
-            with torch.no_grad():
-                row.copy_(torch.tensor(local_state[key], dtype=row.dtype))
-            return False
-        if bool(row.abs().sum() > 0):
-            local_state[key] = [float(v) for v in row]
-            return False
-        if getattr(data, "has_labels", True) is False:
-            raise ValueError(f"{self.name}'s one-off release needs the site's label maps "
-                             f"(labels/ folder); this site has none{no_labels_hint}")
-        items = [data[i] for i in range(len(data))]
-        images, labels = self.real_batch((torch.stack([it[0] for it in items]),
-                                          torch.stack([it[1] for it in items])), torch.device("cpu"))
-        noisy = private.gaussian_release(statistics(images, labels), clip_norm, noise_multiplier)
+        values = ctx.private.stored_release(noise_multiplier, row.numel())
+        if values is None:
+            data = ctx.data
+            if getattr(data, "has_labels", True) is False:
+                raise ValueError(f"{self.name}'s one-off release needs the site's label maps "
+                                 f"(labels/ folder); this site has none{no_labels_hint}")
+            items = [data[i] for i in range(len(data))]
+            images, labels = self.real_batch((torch.stack([it[0] for it in items]),
+                                              torch.stack([it[1] for it in items])), torch.device("cpu"))
+            values = ctx.private.gaussian_release(statistics(images, labels), clip_norm, noise_multiplier)
+        fresh = not bool(row.abs().sum() > 0)
         with torch.no_grad():
-            row.copy_(noisy.to(row.dtype))
-        local_state[key] = [float(v) for v in noisy]
-        return True
+            row.copy_(values.to(row.dtype))
+        return fresh
+
+    @staticmethod
+    @contextlib.contextmanager
+    def inference(model: nn.Module) -> Iterator[torch.device]:
+        """Eval mode and no gradients for sampling or scoring; yields the model's device."""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                yield next(model.parameters()).device
+        finally:
+            model.train(was_training)
 
     @staticmethod
     def site_ids(site_index: torch.Tensor | int, count: int) -> torch.Tensor:
@@ -176,18 +166,3 @@ class Recipe(ABC):
     def local_only_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         shared = set(self.shared_keys(model))
         return {k: v for k, v in model.state_dict().items() if k not in shared}
-
-
-@dataclass(frozen=True)
-class PublicData:
-    """Inputs any site may use at no privacy cost: label maps from a public anatomy bank."""
-
-    label_maps: torch.Tensor  # [M,H,W] int64, values index medgen.TISSUE_CLASSES
-
-    def draw(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        index = torch.randint(0, self.label_maps.shape[0], (n,), generator=generator)
-        return self.label_maps[index]
-
-
-if False:  # typing only; avoids an import cycle at run time
-    from medgen.privacy.dp_sgd import PrivateTraining  # noqa: F401

@@ -14,7 +14,10 @@ per-record clipping, Gaussian noise at the plan's FIXED noise multiplier), and e
             fake_loss = ...                    # forward + loss on fakes
             grads = private.public_grads(fake_loss, d_opt)
         private.step(d_opt, grads)             # clip+noise real part, add fake part, step
-    ledger.commit_round(..., history=private.history, steps=private.steps_taken)
+    ledger.commit_round(..., spend=private.spend())
+
+In the product the round is opened by ``PrivacyRound`` (privacy/round.py: plan, budget,
+this object, commit) and the recipe drives it through ``DPModule`` (privacy/dp_step.py).
 
 If several networks see real records, put them in ONE nn.Module (e.g. a ModuleDict)
 and call make_private once: they then share one clip bound and one accountant step.
@@ -23,7 +26,8 @@ A recipe may also make ONE-OFF Gaussian releases of per-patient statistics
 (``gaussian_release``: clip each patient's vector to L2 norm C, sum, add N(0, (sigma C)^2)),
 each declared beforehand (``Recipe.one_off_releases`` -> ``PrivacyPlan.releases``, composed
 into the calibration) and recorded in the same accountant history as the DP-SGD steps, as
-the entry (sigma, 1.0, 1). Commit with ``steps=private.accounted_steps`` then.
+the entry (sigma, 1.0, 1); ``spend()`` then counts it. The mechanism and the stored values
+live in privacy/releases.py; the site's ledger is the one store of those values.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ from torch.utils.data import DataLoader, Dataset
 from medgen.privacy.accounting import (History, epsilon_of, extend_history, history_steps,
                                        normalize_history, sample_rate_for)
 from medgen.privacy.guards import check_private_module, make_conv_inputs_contiguous
-from medgen.privacy.ledger import PrivacyPlan
+from medgen.privacy.ledger import PrivacyPlan, RoundSpend
+from medgen.privacy.releases import ReleasedValue, check_release_arguments, find_release, gaussian_sum
 
 SAMPLE_RATE_TOLERANCE = 1e-12
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "no_op")
@@ -56,7 +61,7 @@ class PrivateTraining:
 
     def __init__(self, plan: PrivacyPlan, history: list[tuple[float, float, int]], *,
                  secure_rng: bool = False, seed: int | None = None,
-                 released: Sequence[dict] = ()):
+                 released: Sequence[ReleasedValue] = ()):
         if plan is None:
             raise ValueError("PrivateTraining needs the site's PrivacyPlan (PrivacyLedger.ensure_plan)")
         self.plan = plan
@@ -69,8 +74,8 @@ class PrivateTraining:
         self._wrapped: GradSampleModule | None = None
         self._steps_taken = 0
         self._release_steps = 0
-        self._released = [dict(r) for r in released]  # earlier releases (ledger.released)
-        self._new_releases: list[dict] = []
+        self._released = list(released)  # earlier releases: the ledger's stored values
+        self._new_releases: list[ReleasedValue] = []
 
     # -- wrapping ------------------------------------------------------------------
     def make_private(self, module: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset,
@@ -199,47 +204,37 @@ class PrivateTraining:
         Returns the noisy sum [d] (float64, CPU); everything computed from it is
         post-processing.
         """
-        from opacus.optimizers.optimizer import _generate_noise
-
         sigma = float(noise_multiplier)
-        if not (sigma > 0 and math.isfinite(sigma)) or not clip_norm > 0:
-            raise ValueError(f"gaussian_release needs noise_multiplier > 0 and clip_norm > 0, got "
-                             f"{noise_multiplier} and {clip_norm}")
-        if vectors.dim() != 2 or vectors.shape[0] < 1:
-            raise ValueError(f"gaussian_release needs [patients, dim] vectors, got {tuple(vectors.shape)}")
+        check_release_arguments(vectors, clip_norm, sigma)
         if (sigma, 1.0, 1) not in self.plan.releases:
             raise ValueError(f"the privacy plan declares no release at noise_multiplier {sigma} "
                              f"(plan releases: {list(self.plan.releases)}): an undeclared release "
                              "would spend budget the calibration did not plan for")
         if (sigma, 1.0, 1) not in self.plan.pending_releases(self.history):
-            for earlier in self._released + self._new_releases:
-                if earlier["noise_multiplier"] == sigma and len(earlier["values"]) == vectors.shape[1]:
-                    # spent before (an earlier round or run on this ledger): its values again,
-                    # post-processing of a DP output, nothing spent
-                    return torch.tensor(earlier["values"], dtype=torch.float64)
+            earlier = self.stored_release(sigma, vectors.shape[1])
+            if earlier is not None:  # post-processing of a DP output: nothing spent
+                return earlier
             raise RuntimeError(
                 f"the planned release(s) {list(self.plan.releases)} are already in this site's "
                 "privacy history and their values were not passed (PrivateTraining(..., "
                 "released=ledger.released)): releasing again would spend budget twice")
-        x = vectors.detach().to("cpu", torch.float64)
-        if not torch.isfinite(x).all():
-            raise ValueError("gaussian_release got non-finite per-patient vectors")
-        norms = x.norm(dim=1)
-        clipped = x * (clip_norm / (norms + 1e-12)).clamp(max=1.0)[:, None]
-        total = clipped.sum(dim=0)
         generator = None
         if self.seed is not None and not self.secure_rng:
             generator = torch.Generator().manual_seed(self.seed + 2)
-        noise = _generate_noise(std=sigma * clip_norm, reference=total, generator=generator,
+        released = gaussian_sum(vectors, clip_norm, sigma, generator=generator,
                                 secure_mode=self.secure_rng)
         if self._engine is None:
             self._initial_history = extend_history(self._initial_history, sigma, 1.0, 1)
         else:
             self._engine.accountant.step(noise_multiplier=sigma, sample_rate=1.0)
         self._release_steps += 1
-        released = total + noise
-        self._new_releases.append({"noise_multiplier": sigma, "values": [float(v) for v in released]})
+        self._new_releases.append(ReleasedValue(sigma, tuple(float(v) for v in released)))
         return released
+
+    def stored_release(self, noise_multiplier: float, dim: int) -> torch.Tensor | None:
+        """The values of a release already made at this site (this round or, through the
+        ledger, an earlier one), float64; None if it was never made."""
+        return find_release(self._released + self._new_releases, noise_multiplier, dim)
 
     # -- accounting ----------------------------------------------------------------
     @property
@@ -254,15 +249,18 @@ class PrivateTraining:
         return self._steps_taken
 
     @property
-    def new_releases(self) -> list[dict]:
-        """The releases made by this object, for ``PrivacyLedger.commit_round(releases=...)``."""
-        return [dict(r) for r in self._new_releases]
+    def new_releases(self) -> tuple[ReleasedValue, ...]:
+        """The releases made by this object (the ledger stores them with the commit)."""
+        return tuple(self._new_releases)
 
     @property
     def accounted_steps(self) -> int:
-        """Accountant steps added by this object: private steps plus one-off releases
-        (what ``PrivacyLedger.commit_round`` must be told the history grew by)."""
+        """Accountant steps added by this object: private steps plus one-off releases."""
         return self._steps_taken + self._release_steps
+
+    def spend(self) -> RoundSpend:
+        """What this round added, as ONE value for ``PrivacyLedger.commit_round``."""
+        return RoundSpend(self.history, self.accounted_steps, self.new_releases)
 
     @property
     def sample_rate(self) -> float:

@@ -14,6 +14,12 @@ Commit rule (idempotent per ``(run_id, server_round)``), see docs/privacy.md:
   it IS charged (even under an already-committed round id: the ledger never
   under-reports). Clients avoid that cost by checking ``has_round`` and not re-training;
 - a history that does not extend the stored one is refused (a stale or foreign writer).
+
+A round is committed as ONE ``RoundSpend`` (``PrivateTraining.spend()``: the full history,
+the accountant steps it added, the one-off releases it made). ``privacy/round.py`` wraps
+plan -> budget check -> training -> commit into one call; use that, not these pieces.
+The ledger is the one store of one-off release values (``released``): later rounds and
+runs reuse them at no cost (privacy/releases.py).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 from medgen.atomic import atomic_write_json
 from medgen.privacy.accounting import (History, calibrate_noise, epsilon_of, history_steps,
                                        make_accountant, normalize_history, project_epsilon)
+from medgen.privacy.releases import ReleasedValue
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +103,15 @@ class PrivacyPlan:
         return pending
 
 
+@dataclass(frozen=True)
+class RoundSpend:
+    """What one round added to a site's accounting, committed as one value."""
+
+    history: History                          # the full accountant history after the round
+    steps: int                                # accountant steps it added (DP-SGD + releases)
+    releases: tuple[ReleasedValue, ...] = ()  # the one-off releases it made (values kept)
+
+
 def _expand(history: History) -> list[tuple[float, float]]:
     """One (sigma, q) per step: lets us compare histories however Opacus merged them."""
     return [(sigma, q) for sigma, q, steps in history for _ in range(steps)]
@@ -115,7 +131,7 @@ class PrivacyLedger:
 
     def __init__(self, path: Path, site: str, plan: PrivacyPlan | None,
                  history: History, rounds: list[dict[str, Any]],
-                 released: list[dict[str, Any]] | None = None):
+                 released: list[ReleasedValue] | None = None):
         self.path = Path(path)
         self.site = site
         self.plan = plan
@@ -123,7 +139,7 @@ class PrivacyLedger:
         self.rounds = rounds
         #: the values of one-off releases already made (DP outputs, node-local): a later run
         #: on this ledger reuses them for free instead of releasing (and spending) again
-        self.released: list[dict[str, Any]] = list(released or [])
+        self.released: list[ReleasedValue] = list(released or [])
         self._epsilon_cache: tuple[tuple, float] | None = None
 
     # -- loading -------------------------------------------------------------------
@@ -142,8 +158,7 @@ class PrivacyLedger:
             plan = PrivacyPlan.from_json(data["plan"]) if data.get("plan") is not None else None
             history = normalize_history(data["history"])
             rounds = list(data["rounds"])
-            released = [{"noise_multiplier": float(r["noise_multiplier"]),
-                         "values": [float(v) for v in r["values"]]} for r in data.get("released", [])]
+            released = [ReleasedValue.from_json(r) for r in data.get("released", [])]
             stored_site = data["site"]
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
                 ValueError) as err:
@@ -162,8 +177,9 @@ class PrivacyLedger:
     # -- the plan ------------------------------------------------------------------
     def ensure_plan(self, *, target_epsilon: float, delta: float, accountant: str,
                     sample_rate: float, total_steps: int, max_grad_norm: float,
-                    releases: Any = ()) -> PrivacyPlan:
-        """First call calibrates the noise and saves; later calls return the stored plan.
+                    releases: Any = (), save: bool = True) -> PrivacyPlan:
+        """First call calibrates the noise (and saves, unless ``save=False``: then the plan
+        reaches the file with the first commit); later calls return the stored plan.
 
         ``releases``: the recipe's one-off Gaussian releases (``Recipe.one_off_releases``),
         composed with the DP-SGD schedule in the calibration and recorded in the plan.
@@ -189,7 +205,8 @@ class PrivacyLedger:
                                 accountant=accountant, sample_rate=float(sample_rate),
                                 total_steps=int(total_steps), noise_multiplier=sigma,
                                 max_grad_norm=float(max_grad_norm), releases=releases)
-        self._save()
+        if save:
+            self._save()
         log.info("site %s: calibrated noise_multiplier=%.4f for epsilon=%.3g, delta=%.3g over %d "
                  "steps at q=%.5g (%s accountant)%s", self.site, sigma, target_epsilon, delta,
                  total_steps, sample_rate, accountant,
@@ -234,19 +251,17 @@ class PrivacyLedger:
     def has_round(self, run_id: str, server_round: int) -> bool:
         return any(e["run_id"] == run_id and e["server_round"] == int(server_round) for e in self.rounds)
 
-    def commit_round(self, *, run_id: str, server_round: int,
-                     history: list[tuple[float, float, int]], steps: int,
-                     releases: list[dict[str, Any]] | None = None) -> float:
+    def commit_round(self, *, run_id: str, server_round: int, spend: RoundSpend) -> float:
         """Persist the round's full accountant history atomically; returns the epsilon spent.
 
         Idempotent per (run_id, server_round): see the module docstring for the rule.
-        ``releases``: the one-off releases made this round (``PrivateTraining.new_releases``),
-        stored with the history that accounts them, so later runs reuse their values.
+        ``spend.releases`` are stored with the history that accounts them, so later rounds
+        and runs reuse their values.
         """
         self._require_plan()
-        new = normalize_history(history)
+        new, steps, releases = normalize_history(spend.history), int(spend.steps), list(spend.releases)
         if releases:
-            sigmas = {float(r["noise_multiplier"]) for r in releases}
+            sigmas = {r.noise_multiplier for r in releases}
             grown_releases = sum(1 for e in _expand(new) if e[1] == 1.0 and e[0] in sigmas) - \
                 sum(1 for e in _expand(self.history) if e[1] == 1.0 and e[0] in sigmas)
             if grown_releases != len(releases):
@@ -258,8 +273,8 @@ class PrivacyLedger:
                 if steps != 0:
                     raise LedgerError(
                         f"privacy ledger {self.path}: round {server_round} of run {run_id!r} claims "
-                        f"{steps} steps but the history did not grow; pass the history returned by "
-                        "PrivateTraining.history after training")
+                        f"{steps} steps but the history did not grow; commit the spend returned by "
+                        "PrivateTraining.spend() after training")
                 self._append_entry(run_id, server_round, 0)
                 self._save()
             else:
@@ -280,8 +295,7 @@ class PrivacyLedger:
                         "charged (fresh noise on real records)", self.site, server_round, run_id, grown)
         old_history, old_rounds, old_released = self.history, list(self.rounds), list(self.released)
         self.history = new
-        self.released.extend({"noise_multiplier": float(r["noise_multiplier"]),
-                              "values": [float(v) for v in r["values"]]} for r in releases or [])
+        self.released.extend(releases)
         self._append_entry(run_id, server_round, grown)
         try:
             self._save()
@@ -324,5 +338,5 @@ class PrivacyLedger:
             "plan": self.plan.to_json() if self.plan else None,
             "history": [list(entry) for entry in self.history],
             "rounds": self.rounds,
-            **({"released": self.released} if self.released else {}),
+            **({"released": [r.to_json() for r in self.released]} if self.released else {}),
         }, mode=0o600)

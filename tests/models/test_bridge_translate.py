@@ -18,7 +18,7 @@ from medgen.models.bridge_translate import (STYLE_CLIP, BridgeTranslator, SiteSt
                                             style_from_statistics, style_reference_counts,
                                             translate)
 from medgen.models.dp_cgan import disc_loss
-from medgen.models.recipe import PublicData
+from medgen.models.recipe import PublicData, RoundContext
 from medgen.models.registry import build_recipe
 from medgen.privacy.accounting import sample_rate_for
 from medgen.privacy.dp_sgd import PrivateTraining
@@ -64,6 +64,11 @@ def site_data(n: int, size: int, contrast, seed: int) -> TensorDataset:
     return TensorDataset(render(labels, contrast, seed), labels)
 
 
+def train(recipe, model, data, public, private, site, steps, state, seed=0):
+    """One round of ``train_local`` as the node runs it (a RoundContext)."""
+    return recipe.train_local(model, RoundContext(data, public, private, site, steps, state, "cpu", seed))
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     previous = torch.get_num_threads()
@@ -98,15 +103,15 @@ def test_each_site_trainer_gets_only_its_own_data_and_only_d_is_made_private(mon
     seen = []
     original = PrivateTraining.make_private
 
-    def spy(self, module, optimizer, dataset, batch_size):
+    def spy(self, module, optimizer, dataset, batch_size, **kwargs):
         seen.append((module, dataset))
-        return original(self, module, optimizer, dataset, batch_size)
+        return original(self, module, optimizer, dataset, batch_size, **kwargs)
 
     monkeypatch.setattr(PrivateTraining, "make_private", spy)
     model = recipe.build()
     sites = {0: site_data(16, 16, T1, 1), 1: site_data(16, 16, T2, 2)}
     for index, data in sites.items():
-        recipe.train_local(model, data, public, PrivateTraining(plan, [], seed=index), index, 2, {}, "cpu")
+        train(recipe, model, data, public, PrivateTraining(plan, [], seed=index), index, 2, {}, seed=index)
     assert [d for _, d in seen] == [sites[0], sites[1]]  # identity: nothing else reaches DP-SGD
     assert all(m is model.cgan.disc for m, _ in seen)
 
@@ -208,16 +213,16 @@ def test_two_round_federated_run_on_tiny_images():
     global_model = recipe.build()
     sites = [site_data(16, 16, T1, 1), site_data(16, 16, T2, 2)]
     states = [{}, {}]
-    histories = [[], []]
+    histories, released = [[], []], [[], []]
     local_models = [copy.deepcopy(global_model) for _ in sites]
-    for _ in range(2):
+    for round_ in range(2):
         shared = []
         for k, data in enumerate(sites):
             local = local_models[k]
             local.load_state_dict({**local.state_dict(), **recipe.shared_state(global_model)})
-            private = PrivateTraining(plan, histories[k], seed=k)
-            metrics = recipe.train_local(local, data, public, private, k, 3, states[k], "cpu")
-            histories[k] = private.history
+            private = PrivateTraining(plan, histories[k], seed=k, released=released[k])
+            metrics = train(recipe, local, data, public, private, k, 3, states[k], seed=10 * round_ + k)
+            histories[k], released[k] = private.history, released[k] + list(private.new_releases)
             assert set(metrics) >= {"loss_gen", "loss_seg_public"}
             assert all(isinstance(v, float) for v in metrics.values())
             shared.append(recipe.shared_state(local))
@@ -232,7 +237,7 @@ def test_two_round_federated_run_on_tiny_images():
     assert all(recipe.has_released_style(global_model, k) for k in range(2))
     assert all(0 < PrivateTraining(plan, h).epsilon(1e-5) < 100 for h in histories)
     styles = recipe.site_styles(global_model, public)
-    out = translate(global_model.seg, sites[0].tensors[0][:4], styles["A"], styles["B"])
+    out = recipe.translate_images(global_model, sites[0].tensors[0][:4], styles["A"], styles["B"])
     assert out.shape == (4, 1, 16, 16) and torch.isfinite(out).all()
     assert recipe.gan_translate(global_model, sites[0].tensors[0][:4], 1).shape == (4, 1, 16, 16)
 
@@ -323,12 +328,12 @@ def test_each_site_releases_only_its_own_statistics_once(monkeypatch):
     monkeypatch.setattr(PrivateTraining, "gaussian_release", spy)
     model = recipe.build()
     sites = {0: site_data(16, 16, T1, 1), 1: site_data(16, 16, T2, 2)}
-    states, histories = {0: {}, 1: {}}, {0: [], 1: []}
+    states, histories, stored = {0: {}, 1: {}}, {0: [], 1: []}, {0: (), 1: ()}
     for index, data in sites.items():
         before = model.style_release.clone()
         private = PrivateTraining(plan, [], seed=index)
-        recipe.train_local(model, data, public, private, index, 2, states[index], "cpu")
-        histories[index] = private.history
+        train(recipe, model, data, public, private, index, 2, states[index], seed=index)
+        histories[index], stored[index] = private.history, private.new_releases
         # this site's patients, one row each, area weights from the PUBLIC maps' median areas
         reference = style_reference_counts(public.label_maps, recipe.options.style_weight_quantile)
         own = patient_style_statistics(*data.tensors, reference)
@@ -336,7 +341,9 @@ def test_each_site_releases_only_its_own_statistics_once(monkeypatch):
         assert released[-1][1:] == (STYLE_CLIP, 1.0)
         others = [k for k in range(2) if k != index]
         assert torch.equal(model.style_release[others], before[others])  # other rows untouched
-        assert states[index]["style_release"] == pytest.approx(model.style_release[index].tolist())
+        style = [r for r in stored[index] if r.noise_multiplier == 1.0]  # the ledger's one copy
+        assert style and list(style[0].values) == pytest.approx(model.style_release[index].tolist())
+        assert "style_release" not in states[index]  # not a second copy in the node's state
         assert private.history.count((1.0, 1.0, 1)) == 1
         assert private.accounted_steps == 2 + sum(1 for e in private.history if e[1] == 1.0)
     assert len(released) == 2
@@ -345,18 +352,18 @@ def test_each_site_releases_only_its_own_statistics_once(monkeypatch):
         noise = model.style_release[index].double() - patient_style_statistics(*data.tensors, reference).sum(0)
         assert 0 < float(noise.abs().max()) < 6 * 1.0 * STYLE_CLIP
     assert recipe.site_style(model, public, 1) == style_from_statistics(model.style_release[1])
-    # later rounds reuse the release (from the model row, or from the node's local state)
+    # later rounds reuse the release values the ledger stored: nothing more is spent
     for index, data in sites.items():
-        private = PrivateTraining(plan, histories[index], seed=10 + index)
-        recipe.train_local(model, data, public, private, index, 1, states[index], "cpu")
+        private = PrivateTraining(plan, histories[index], seed=10 + index, released=stored[index])
+        train(recipe, model, data, public, private, index, 1, states[index], seed=10 + index)
         assert private.accounted_steps == 1
-    fresh = recipe.build()  # the row lost (e.g. a server restart): restored from local state
-    private = PrivateTraining(plan, histories[0], seed=20)
-    recipe.train_local(fresh, sites[0], public, private, 0, 1, states[0], "cpu")
+    fresh = recipe.build()  # the row lost (e.g. a server restart): restored from the ledger
+    private = PrivateTraining(plan, histories[0], seed=20, released=stored[0])
+    train(recipe, fresh, sites[0], public, private, 0, 1, states[0], seed=20)
     assert len(released) == 2 and torch.equal(fresh.style_release[0], model.style_release[0])
-    # both lost: a second release would spend twice, and is refused
+    # the ledger's values lost too: a second release would spend twice, and is refused
     with pytest.raises(RuntimeError, match="already in this site's privacy history"):
-        recipe.train_local(recipe.build(), sites[0], public, PrivateTraining(plan, histories[0]), 0, 1, {}, "cpu")
+        train(recipe, recipe.build(), sites[0], public, PrivateTraining(plan, histories[0]), 0, 1, {})
 
 
 def test_seg_init_loads_the_coordinators_segmenter_and_the_sites_keep_it(tmp_path):
@@ -374,13 +381,13 @@ def test_seg_init_loads_the_coordinators_segmenter_and_the_sites_keep_it(tmp_pat
     model = recipe.build()
     recipe.initialise(model)
     assert all(torch.equal(a, b) for a, b in zip(model.seg.state_dict().values(), donor.state_dict().values()))
-    recipe.train_local(model, site_data(16, 16, T1, 1), public, PrivateTraining(plan, [], seed=0), 0, 2, {}, "cpu")
+    train(recipe, model, site_data(16, 16, T1, 1), public, PrivateTraining(plan, [], seed=0), 0, 2, {})
     assert all(torch.equal(a, b) for a, b in zip(model.seg.state_dict().values(), donor.state_dict().values()))
     # without seg-init the same first round pretrains S (seg-pretrain-steps = 2)
     plain, _, _ = setup(size=16, options={"seg-steps-per-round": 0})
     other = plain.build()
     start = copy.deepcopy(other.seg.state_dict())
-    plain.train_local(other, site_data(16, 16, T1, 1), public, PrivateTraining(plan, [], seed=0), 0, 2, {}, "cpu")
+    train(plain, other, site_data(16, 16, T1, 1), public, PrivateTraining(plan, [], seed=0), 0, 2, {})
     assert not all(torch.equal(a, b) for a, b in zip(other.seg.state_dict().values(), start.values()))
 
 

@@ -14,6 +14,7 @@ from medgen.evaluation.networks import TrainSettings, train_site_classifier
 from medgen.models.blocks import one_hot_labels
 from medgen.models.cddpm import (ConditionalDDPM, ddim_step, ddim_timesteps, record_losses,
                                  training_target)
+from medgen.models.recipe import RoundContext
 from medgen.models.registry import build_recipe
 from medgen.privacy.dp_sgd import PrivateTraining
 from medgen.privacy.guards import per_sample_grads_reference
@@ -38,6 +39,11 @@ def batch(seed=0, n=N):
 def plan(sigma=1.0, clip=1.0, q=1.0, releases=()):
     return PrivacyPlan(target_epsilon=10.0, delta=1e-5, accountant="rdp", sample_rate=q,
                        total_steps=1000, noise_multiplier=sigma, max_grad_norm=clip, releases=releases)
+
+
+def train(r, model, data, private, site, steps, state, seed=0):
+    """One round of ``train_local`` as the node runs it (a RoundContext; no public data)."""
+    return r.train_local(model, RoundContext(data, None, private, site, steps, state, "cpu", seed))
 
 
 def wrap(r, model, images, labels):
@@ -193,7 +199,7 @@ def test_one_fedavg_round_takes_each_site_row_from_its_own_site(prior):
         local = copy.deepcopy(global_model)
         images, labels = batch(seed=site, n=8)
         private = PrivateTraining(plan(q=0.5, releases=r.one_off_releases()), [], seed=site)
-        r.train_local(local, TensorDataset(images, labels), None, private, site, 2, {}, "cpu")
+        train(r, local, TensorDataset(images, labels), private, site, 2, {}, seed=site)
         replies.append(AcceptedReply(site="ABC"[site], num_examples=8.0, metrics={},
                                      arrays={k: v.numpy().copy() for k, v in r.shared_state(local).items()}))
     specs = specs_of(ArrayRecord({k: Array(v) for k, v in current.items()}))
@@ -266,7 +272,7 @@ def test_train_local_takes_exactly_the_steps_and_returns_no_private_losses():
     images, labels = batch(n=12)
     private = PrivateTraining(plan(q=1 / 3, releases=r.one_off_releases()), [], seed=0)
     state: dict = {}
-    metrics = r.train_local(model, TensorDataset(images, labels), None, private, 2, 3, state, "cpu")
+    metrics = train(r, model, TensorDataset(images, labels), private, 2, 3, state)
     assert private.steps_taken == 3
     assert private.history == [(3.0, 1.0, 1), (1.0, 1 / 3, 3)]  # the moment release, then 3 DP steps
     assert metrics["denoiser_steps"] == 3
@@ -324,15 +330,16 @@ def test_samples_come_out_in_the_requested_sites_style():
                     options={"channels": "16,32", "norm-groups": 8, "sample-steps": 10, "lr": 3e-3,
                              "grad-sample-mode": "hooks"})
     r = ConditionalDDPM(cfg)
-    model, states = r.build(), [{}, {}]
+    model, states, released = r.build(), [{}, {}], [[], []]
     data = [TensorDataset(render(blob_maps(64, 10 + s), s, 20 + s), blob_maps(64, 10 + s)) for s in (0, 1)]
     for rnd in range(6):
         replies = []
         for site in (0, 1):
             local = copy.deepcopy(model)
             private = PrivateTraining(plan(sigma=0.05, clip=10.0, q=0.5, releases=r.one_off_releases()),
-                                      [], seed=2 * rnd + site)
-            r.train_local(local, data[site], None, private, site, 20, states[site], "cpu")
+                                      [], seed=2 * rnd + site, released=released[site])
+            train(r, local, data[site], private, site, 20, states[site], seed=2 * rnd + site)
+            released[site] = released[site] + list(private.new_releases)  # the ledger's store
             replies.append(local.state_dict())
         averaged = {k: (replies[0][k] + replies[1][k]) / 2 for k in replies[0]}
         for key in r.site_indexed_keys:  # as the server does: row k from site k's reply
@@ -401,17 +408,18 @@ def test_moment_release_is_spent_once_and_starts_the_prior_at_the_released_means
     try:
         private = PrivateTraining(plan(releases=r.one_off_releases()), [], seed=0)
         state: dict = {}
-        r.train_local(model, data, None, private, 1, 1, state, "cpu")
+        train(r, model, data, private, 1, 1, state)
     finally:
         type(model.denoiser).start_from_release = original
-    released = torch.tensor(state["moment_release"], dtype=torch.float32)
+    (release,) = private.new_releases  # what the ledger stores with the round's commit
+    released = torch.tensor(release.values, dtype=torch.float32)
     assert torch.equal(model.denoiser.site_moments[1], released)
     assert torch.allclose(seen["row"], moments_from_release(released)[:4])
     assert model.denoiser.site_moments[0].abs().sum() == 0  # other sites' rows untouched
     # round 2, same node state: the release is reused, the history gains only the DP step
     second = PrivateTraining(plan(releases=r.one_off_releases()), list(private.history), seed=1,
                              released=private.new_releases)
-    r.train_local(model, data, None, second, 1, 1, state, "cpu")
+    train(r, model, data, second, 1, 1, state, seed=1)
     q = private.history[-1][1]
     assert private.history == [(3.0, 1.0, 1), (1.0, q, 1)]
     assert second.history == [(3.0, 1.0, 1), (1.0, q, 2)]  # one more DP step, no second release

@@ -15,10 +15,11 @@ from torch.utils.data import TensorDataset
 from medgen.config import RunConfig
 from medgen.models.blocks import one_hot_labels
 from medgen.models.dp_cgan import DPConditionalGAN, disc_loss
-from medgen.models.recipe import PublicData
+from medgen.models.recipe import PublicData, RoundContext
 from medgen.models.registry import build_recipe
 from medgen.privacy.accounting import sample_rate_for
 from medgen.privacy.dp_sgd import PrivateTraining
+from medgen.privacy.dp_step import DPModule, clip_total_norm
 from medgen.privacy.guards import per_sample_grads_reference
 from medgen.privacy.ledger import PrivacyPlan
 
@@ -57,6 +58,11 @@ def setup(size=16, n=24, batch=8, noise=1.0, seed=0, options=None, intensity=SIT
                        noise_multiplier=noise, max_grad_norm=1.0,
                        releases=recipe.one_off_releases())
     return recipe, data, public, plan
+
+
+def train(recipe, model, data, public, private, site, steps, state, seed=0):
+    """One round of ``train_local`` as the node runs it (a RoundContext)."""
+    return recipe.train_local(model, RoundContext(data, public, private, site, steps, state, "cpu", seed))
 
 
 @pytest.fixture(autouse=True)
@@ -125,12 +131,12 @@ def _gen_after_one_d_and_g_step(data, recipe, public, plan, disc_state):
     model = recipe.build()
     opt_g = torch.optim.Adam(model.gen.parameters(), lr=1e-2)
     private = PrivateTraining(plan, [], seed=0)
-    disc, dp_opt, _ = private.make_private(model.disc, torch.optim.Adam(model.disc.parameters()), data, 8)
-    images, labels = data.tensors[0][:8], data.tensors[1][:8]
-    rng = torch.Generator().manual_seed(5)
-    recipe._disc_step(model, disc, dp_opt, private, images, labels, public, 0, 8, rng, torch.device("cpu"))
-    model.disc.load_state_dict(disc_state)  # "the same D parameters"
-    recipe._gen_step(model, disc, opt_g, public, 0, 8, torch.Generator().manual_seed(7), torch.device("cpu"))
+    with DPModule(private, model.disc, torch.optim.Adam(model.disc.parameters()), data, 8) as d:
+        images, labels = data.tensors[0][:8], data.tensors[1][:8]
+        rng = torch.Generator().manual_seed(5)
+        recipe.disc_step(model, d, images, labels, public, 0, rng, torch.device("cpu"))
+        model.disc.load_state_dict(disc_state)  # "the same D parameters"
+        recipe.gen_step(model, d, opt_g, public, 0, torch.Generator().manual_seed(7), torch.device("cpu"))
     return model.gen.state_dict()
 
 
@@ -151,14 +157,14 @@ def test_generator_step_refuses_unreleased_private_state_on_disc():
     recipe, data, public, plan = setup()
     model = recipe.build()
     private = PrivateTraining(plan, [], seed=0)
-    disc, dp_opt, _ = private.make_private(model.disc, torch.optim.Adam(model.disc.parameters()), data, 8)
-    images, labels = data.tensors[0][:8], data.tensors[1][:8]
-    logits = disc(images, one_hot_labels(labels, 4), torch.zeros(8, dtype=torch.long))
-    disc_loss(logits, real=True, kind="nonsat").mean().backward()  # per-sample grads, not yet noised
-    opt_g = torch.optim.Adam(model.gen.parameters())
-    with pytest.raises(AssertionError, match="grad_sample"):
-        recipe._gen_step(model, disc, opt_g, public, 0, 8, torch.Generator().manual_seed(0),
-                         torch.device("cpu"))
+    with DPModule(private, model.disc, torch.optim.Adam(model.disc.parameters()), data, 8) as d:
+        images, labels = data.tensors[0][:8], data.tensors[1][:8]
+        logits = d.module(images, one_hot_labels(labels, 4), torch.zeros(8, dtype=torch.long))
+        disc_loss(logits, real=True, kind="nonsat").mean().backward()  # per-sample grads, not yet noised
+        opt_g = torch.optim.Adam(model.gen.parameters())
+        with pytest.raises(AssertionError, match="grad_sample"):
+            recipe.gen_step(model, d, opt_g, public, 0, torch.Generator().manual_seed(0),
+                            torch.device("cpu"))
 
 
 @pytest.mark.parametrize("steps,n_critic,gen_steps", [(3, 2, 1), (1, 5, 1), (4, 1, 4)])
@@ -168,7 +174,7 @@ def test_train_local_takes_exactly_steps_private_steps(steps, n_critic, gen_step
     prior = [(plan.noise_multiplier, plan.sample_rate, 5)]
     private = PrivateTraining(plan, prior, seed=0)
     state: dict = {}
-    metrics = recipe.train_local(model, data, public, private, 1, steps, state, torch.device("cpu"))
+    metrics = train(recipe, model, data, public, private, 1, steps, state)
     assert private.steps_taken == steps
     assert sum(h[2] for h in private.history) == 5 + steps + 1  # + the one moment release
     assert metrics["disc_steps"] == steps and metrics["gen_steps"] == gen_steps
@@ -178,9 +184,9 @@ def test_train_local_takes_exactly_steps_private_steps(steps, n_critic, gen_step
     assert all(isinstance(v, float) for v in metrics.values())
     # the model is left clean (no Opacus hooks) and the optimizer states persist
     assert not hasattr(model.disc, "autograd_grad_sample_hooks")
-    assert {"opt_gen", "opt_disc", "moment_release"} <= set(state) and state["rounds_trained"] == 1
-    again = PrivateTraining(plan, private.history, seed=1)
-    recipe.train_local(model, data, public, again, 1, 1, state, torch.device("cpu"))
+    assert {"opt_gen", "opt_disc"} <= set(state) and state["rounds_trained"] == 1
+    again = PrivateTraining(plan, private.history, seed=1, released=private.new_releases)
+    train(recipe, model, data, public, again, 1, 1, state)
     # the next round reuses the release: one more step, no second release
     assert state["rounds_trained"] == 2 and sum(h[2] for h in again.history) == 5 + steps + 1 + 1
 
@@ -189,20 +195,19 @@ def test_fake_count_is_fixed_whatever_the_poisson_batch_size(monkeypatch):
     recipe, data, public, plan = setup(n=24, batch=8)
     model = recipe.build()
     real_sizes, fake_sizes = [], []
-    original_disc_step, original_draw = DPConditionalGAN._disc_step, PublicData.draw
+    original_disc_step, original_draw = DPConditionalGAN.disc_step, PublicData.draw
 
-    def spy_disc_step(self, model, disc, dp_opt, private, images, *args):
+    def spy_disc_step(self, model, d, images, *args):
         real_sizes.append(images.shape[0])
-        return original_disc_step(self, model, disc, dp_opt, private, images, *args)
+        return original_disc_step(self, model, d, images, *args)
 
     def spy_draw(self, n, generator=None):
         fake_sizes.append(n)
         return original_draw(self, n, generator)
 
-    monkeypatch.setattr(DPConditionalGAN, "_disc_step", spy_disc_step)
+    monkeypatch.setattr(DPConditionalGAN, "disc_step", spy_disc_step)
     monkeypatch.setattr(PublicData, "draw", spy_draw)
-    recipe.train_local(model, data, public, PrivateTraining(plan, [], seed=3), 0, 12, {},
-                       torch.device("cpu"))
+    train(recipe, model, data, public, PrivateTraining(plan, [], seed=3), 0, 12, {})
     assert len(set(real_sizes)) > 1, "the Poisson batch sizes did not vary: the test proves nothing"
     assert fake_sizes and set(fake_sizes) == {8}
 
@@ -211,12 +216,11 @@ def test_empty_poisson_batch_takes_an_accounted_noise_only_step():
     recipe, data, public, plan = setup()
     model = recipe.build()
     private = PrivateTraining(plan, [], seed=0)
-    disc, dp_opt, _ = private.make_private(model.disc, torch.optim.SGD(model.disc.parameters(), lr=0.1),
-                                           data, 8)
     before = copy.deepcopy(model.disc.state_dict())
     empty_images, empty_labels = torch.zeros(0, 1, 16, 16), torch.zeros(0, 16, 16, dtype=torch.long)
-    recipe._disc_step(model, disc, dp_opt, private, empty_images, empty_labels, public, 0, 8,
-                      torch.Generator().manual_seed(0), torch.device("cpu"))
+    with DPModule(private, model.disc, torch.optim.SGD(model.disc.parameters(), lr=0.1), data, 8) as d:
+        recipe.disc_step(model, d, empty_images, empty_labels, public, 0,
+                         torch.Generator().manual_seed(0), torch.device("cpu"))
     assert private.steps_taken == 1
     assert any(not torch.equal(v, model.disc.state_dict()[k]) for k, v in before.items())
 
@@ -263,25 +267,24 @@ def test_short_training_learns_the_site_tissue_intensities():
     untrained = error()
     state: dict = {}
     history: list = []
+    released: list = []  # the ledger's stored release values
     for round_ in range(4):  # a few "rounds", node state carried as the client does
-        private = PrivateTraining(plan, history, seed=round_)
-        recipe.train_local(model, data, public, private, 0, 40, state, torch.device("cpu"))
-        history = private.history
+        private = PrivateTraining(plan, history, seed=round_, released=released)
+        train(recipe, model, data, public, private, 0, 40, state, seed=round_)
+        history, released = private.history, released + list(private.new_releases)
     trained = error()
     assert trained < 0.25 and trained < 0.5 * untrained, (untrained, trained)
 
 
 def test_fake_term_gradient_is_bounded_by_the_clipping_norm_and_keeps_its_direction():
-    from medgen.models.dp_cgan import _clip_total_norm
-
     big = [torch.tensor([3.0, 4.0]), None, torch.tensor([[12.0]])]   # total norm 13
-    clipped = _clip_total_norm(big, 1.0)
+    clipped = clip_total_norm(big, 1.0)
     assert clipped[1] is None
     total = torch.sqrt(sum((g ** 2).sum() for g in clipped if g is not None))
     assert float(total) == pytest.approx(1.0, rel=1e-6)
     assert torch.allclose(clipped[0] * 13.0, big[0]) and torch.allclose(clipped[2] * 13.0, big[2])
     small = [torch.tensor([0.3, 0.4])]
-    assert torch.equal(_clip_total_norm(small, 1.0)[0], small[0])    # below C: untouched
+    assert torch.equal(clip_total_norm(small, 1.0)[0], small[0])    # below C: untouched
 
 
 
@@ -310,20 +313,25 @@ def test_moment_release_is_made_once_accounted_and_only_from_the_sites_own_data(
     model = recipe.build()
     private = PrivateTraining(plan, [], seed=0)
     state: dict = {}
-    recipe.train_local(model, data, public, private, 1, 2, state, torch.device("cpu"))
+    train(recipe, model, data, public, private, 1, 2, state)
     assert (3.0, 1.0, 1) in private.history and private.accounted_steps == 3
     row = model.gen.site_moments[1]
-    assert torch.allclose(row, torch.tensor(state["moment_release"], dtype=row.dtype))
+    (release,) = private.new_releases  # what the ledger stores with the round's commit
+    assert torch.allclose(row, torch.tensor(release.values, dtype=row.dtype))
     assert model.gen.site_moments[0].abs().sum() == 0  # site B (index 1) wrote its own row only
     # the released count is the number of patients plus Gaussian noise of sd 3 * MOMENT_CLIP
     assert abs(float(row[0]) - len(data)) < 5 * 3.0 * 4.0
     # the release travels with G and the server keeps each site's own row
     assert "gen.site_moments" in recipe.shared_keys(model)
     assert "gen.site_moments" in recipe.site_indexed_keys
-    # a second round on the same node: no new release, nothing more spent on it
-    again = PrivateTraining(plan, private.history, seed=1)
-    recipe.train_local(model, data, public, again, 1, 1, state, torch.device("cpu"))
-    assert again.accounted_steps == 1
+    # a second round on the same node (the ledger passes its stored values): no new release
+    again = PrivateTraining(plan, private.history, seed=1, released=private.new_releases)
+    fresh = recipe.build()  # even into a model whose row was lost: the ledger's values come back
+    train(recipe, fresh, data, public, again, 1, 1, state)
+    assert again.accounted_steps == 1 and torch.equal(fresh.gen.site_moments[1], row)
+    # without the stored values a second release would spend twice: refused
+    with pytest.raises(RuntimeError, match="already in this site's privacy history"):
+        train(recipe, recipe.build(), data, public, PrivateTraining(plan, private.history), 1, 1, {})
 
 
 def test_without_moment_release_nothing_is_released():
@@ -331,5 +339,5 @@ def test_without_moment_release_nothing_is_released():
     assert recipe.one_off_releases() == ()
     model = recipe.build()
     private = PrivateTraining(plan, [], seed=0)
-    recipe.train_local(model, data, public, private, 0, 2, {}, torch.device("cpu"))
+    train(recipe, model, data, public, private, 0, 2, {})
     assert private.accounted_steps == 2 and model.gen.site_moments.abs().sum() == 0

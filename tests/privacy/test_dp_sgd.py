@@ -226,8 +226,7 @@ def test_rounds_through_the_ledger_account_like_one_uninterrupted_run(tmp_path):
             ((wrapped(x) - y) ** 2).sum(dim=1).mean().backward()
             private.step(opt)
         private.close()
-        ledger.commit_round(run_id="run", server_round=server_round, history=private.history,
-                            steps=private.steps_taken)
+        ledger.commit_round(run_id="run", server_round=server_round, spend=private.spend())
     fresh = RDPAccountant()
     for _ in range(6):
         fresh.step(noise_multiplier=p.noise_multiplier, sample_rate=Q)

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from medgen.privacy.accounting import epsilon_of, extend_history
-from medgen.privacy.ledger import BudgetExceeded, LedgerError, PrivacyLedger
+from medgen.privacy.ledger import BudgetExceeded, LedgerError, PrivacyLedger, RoundSpend
 
 PLAN = dict(target_epsilon=3.0, delta=1e-5, accountant="rdp", sample_rate=0.1,
             total_steps=100, max_grad_norm=1.0)
@@ -32,7 +32,7 @@ def test_plan_is_calibrated_once_and_spending_survives_reopen(tmp_path):
     # the full schedule lands at (just under) the target: calibrated for all 100 steps
     full = epsilon_of([(plan.noise_multiplier, 0.1, 100)], 1e-5, "rdp")
     assert 2.95 < full <= 3.0
-    eps = ledger.commit_round(run_id="r1", server_round=1, history=_train(ledger, 20), steps=20)
+    eps = ledger.commit_round(run_id="r1", server_round=1, spend=RoundSpend(_train(ledger, 20), 20))
     assert eps == epsilon_of([(plan.noise_multiplier, 0.1, 20)], 1e-5, "rdp") > 0
 
     again = PrivacyLedger.open(path, site="hospital-A")
@@ -45,7 +45,7 @@ def test_plan_is_calibrated_once_and_spending_survives_reopen(tmp_path):
 def test_crash_during_commit_leaves_the_old_ledger(tmp_path, monkeypatch):
     path = tmp_path / "ledger.json"
     ledger = _planned(path)
-    eps1 = ledger.commit_round(run_id="r1", server_round=1, history=_train(ledger, 10), steps=10)
+    eps1 = ledger.commit_round(run_id="r1", server_round=1, spend=RoundSpend(_train(ledger, 10), 10))
     before = path.read_bytes()
 
     def crash(src, dst):
@@ -53,7 +53,7 @@ def test_crash_during_commit_leaves_the_old_ledger(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
-        ledger.commit_round(run_id="r1", server_round=2, history=_train(ledger, 10), steps=10)
+        ledger.commit_round(run_id="r1", server_round=2, spend=RoundSpend(_train(ledger, 10), 10))
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert PrivacyLedger.open(path, site="hospital-A").spent_epsilon() == eps1
@@ -63,7 +63,7 @@ def test_crash_during_commit_leaves_the_old_ledger(tmp_path, monkeypatch):
 
 def test_budget_refusal_names_the_site_and_respects_the_stricter_cap(tmp_path):
     ledger = _planned(tmp_path / "ledger.json")
-    ledger.commit_round(run_id="r1", server_round=1, history=_train(ledger, 90), steps=90)
+    ledger.commit_round(run_id="r1", server_round=1, spend=RoundSpend(_train(ledger, 90), 90))
     projected = ledger.check_budget(10, cap_epsilon=100.0)  # the plan's own schedule fits
     assert projected <= 3.0 + 1e-9
     with pytest.raises(BudgetExceeded) as err:
@@ -77,31 +77,31 @@ def test_replayed_round_is_not_charged_twice_but_retraining_is(tmp_path):
     path = tmp_path / "ledger.json"
     ledger = _planned(path)
     history = _train(ledger, 10)
-    eps = ledger.commit_round(run_id="r1", server_round=1, history=history, steps=10)
+    eps = ledger.commit_round(run_id="r1", server_round=1, spend=RoundSpend(history, 10))
     # the same commit replayed (e.g. retried after a server restart): no new charge
-    assert ledger.commit_round(run_id="r1", server_round=1, history=history, steps=10) == eps
+    assert ledger.commit_round(run_id="r1", server_round=1, spend=RoundSpend(history, 10)) == eps
     reopened = PrivacyLedger.open(path, site="hospital-A")
     assert reopened.has_round("r1", 1) and not reopened.has_round("r1", 2)
-    assert reopened.commit_round(run_id="r1", server_round=1, history=history, steps=10) == eps
+    assert reopened.commit_round(run_id="r1", server_round=1, spend=RoundSpend(history, 10)) == eps
     assert reopened.steps == 10 and reopened.summary()["rounds_trained"] == 1
     # training the round AGAIN drew fresh noise on real records: that is charged
-    eps2 = reopened.commit_round(run_id="r1", server_round=1, history=_train(reopened, 10), steps=10)
+    eps2 = reopened.commit_round(run_id="r1", server_round=1, spend=RoundSpend(_train(reopened, 10), 10))
     assert eps2 > eps and reopened.steps == 20
 
 
 def test_stale_or_inconsistent_commits_are_refused(tmp_path):
     ledger = _planned(tmp_path / "ledger.json")
-    ledger.commit_round(run_id="r1", server_round=1, history=_train(ledger, 10), steps=10)
+    ledger.commit_round(run_id="r1", server_round=1, spend=RoundSpend(_train(ledger, 10), 10))
     with pytest.raises(LedgerError, match="does not extend"):
-        ledger.commit_round(run_id="r1", server_round=2, history=[(9.0, 0.1, 11)], steps=1)
+        ledger.commit_round(run_id="r1", server_round=2, spend=RoundSpend([(9.0, 0.1, 11)], 1))
     with pytest.raises(LedgerError, match="grew by"):
-        ledger.commit_round(run_id="r1", server_round=2, history=_train(ledger, 3), steps=2)
+        ledger.commit_round(run_id="r1", server_round=2, spend=RoundSpend(_train(ledger, 3), 2))
     assert ledger.steps == 10  # refused commits charge nothing
 
 
 def test_corrupt_ledger_is_an_error_and_is_never_overwritten(tmp_path):
     path = tmp_path / "ledger.json"
-    _planned(path).commit_round(run_id="r1", server_round=1, history=[], steps=0)
+    _planned(path).commit_round(run_id="r1", server_round=1, spend=RoundSpend([], 0))
     torn = path.read_text()[:40]
     path.write_text(torn)
     with pytest.raises(LedgerError, match=str(path)) as err:
@@ -119,7 +119,7 @@ def test_a_ledger_of_another_site_is_refused(tmp_path):
 
 def test_summary_is_json_scalars_only(tmp_path):
     ledger = _planned(tmp_path / "ledger.json")
-    ledger.commit_round(run_id="r1", server_round=1, history=_train(ledger, 10), steps=10)
+    ledger.commit_round(run_id="r1", server_round=1, spend=RoundSpend(_train(ledger, 10), 10))
     summary = json.loads(json.dumps(ledger.summary()))
     assert summary["site"] == "hospital-A" and summary["unit"] == "patient"
     assert summary["accountant"] == "rdp" and summary["delta"] == 1e-5

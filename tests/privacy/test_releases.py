@@ -147,9 +147,7 @@ def test_release_is_accounted_in_the_same_history_and_the_ledger_composes_it(tmp
                 nn.functional.cross_entropy(net(x), y).backward()
             private.step(opt)
         private.close()
-        return private, ledger.commit_round(run_id="r", server_round=server_round,
-                                            history=private.history, steps=private.accounted_steps,
-                                            releases=private.new_releases)
+        return private, ledger.commit_round(run_id="r", server_round=server_round, spend=private.spend())
 
     private, eps1 = one_round(1, release=True)
     assert private.steps_taken == 10 and private.accounted_steps == 11
@@ -163,11 +161,11 @@ def test_release_is_accounted_in_the_same_history_and_the_ledger_composes_it(tmp
     # release returns those values and spends nothing, and without them it is refused
     ledger = PrivacyLedger.open(tmp_path / "ledger.json", site="A")
     assert ledger.plan.pending_releases(ledger.history) == []
-    assert len(ledger.released) == 1 and ledger.released[0]["noise_multiplier"] == RELEASE[0]
+    assert len(ledger.released) == 1 and ledger.released[0].noise_multiplier == RELEASE[0]
     again = PrivateTraining(ledger.plan, ledger.history, released=ledger.released)
     values = again.gaussian_release(torch.rand(n, 3), math.sqrt(3), RELEASE[0])
-    assert values.tolist() == ledger.released[0]["values"]
-    assert again.history == ledger.history and again.accounted_steps == 0 and again.new_releases == []
+    assert values.tolist() == list(ledger.released[0].values)
+    assert again.history == ledger.history and again.accounted_steps == 0 and again.new_releases == ()
     with pytest.raises(RuntimeError, match="already in this site's privacy history"):
         PrivateTraining(ledger.plan, ledger.history).gaussian_release(torch.rand(n, 3), 1.0, RELEASE[0])
     one_round(2, release=False)

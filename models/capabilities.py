@@ -1,0 +1,61 @@
+"""Optional recipe abilities, declared as protocols and checked with a clear refusal.
+
+Every recipe trains and samples (models/recipe.py). Some can do more, and the tools that
+need more ask for the ability, never for a recipe class:
+
+- ``MembershipScores``: a white-box score per real record from the networks that trained
+  on real data (higher = "was trained on"); the membership-inference audit
+  (privacy/audit.py) attacks it. A GAN scores with its discriminator's logit, a diffusion
+  model could with its denoising loss; a recipe that declares nothing is refused there.
+- ``Translation``: a site's style and an image translated from one style to another, run
+  by whoever holds the image (``medgen translate``, client/translate.py).
+
+A recipe declares an ability by implementing the protocol's methods; ``require`` checks it
+and says what is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import torch
+from torch import nn
+
+from medgen.config import ConfigError
+
+Capability = TypeVar("Capability")
+
+
+@runtime_checkable
+class MembershipScores(Protocol):
+    def membership_scores(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                          site_index: int) -> torch.Tensor:
+        """One score per record [N] (or per patch, [N, ...], averaged by the caller) for real
+        images [N,1,H,W] with label maps [N,H,W], as site ``site_index``; no gradients."""
+
+
+@runtime_checkable
+class Translation(Protocol):
+    def site_style(self, model: nn.Module, public: Any, site_index: int, seed: int = 0) -> Any:
+        """Site ``site_index``'s style from released or public-only quantities."""
+
+    def translate_images(self, model: nn.Module, images: torch.Tensor, source: Any,
+                         target: Any) -> torch.Tensor:
+        """Images [N,1,H,W] in [-1,1] from ``source``'s style to ``target``'s."""
+
+
+class MissingCapability(ConfigError):
+    """The recipe of a run does not declare an ability a tool needs."""
+
+
+def require(recipe: Any, capability: type[Capability], purpose: str) -> Capability:
+    """``recipe`` if it declares ``capability``; else a ``MissingCapability`` saying which."""
+    if isinstance(recipe, capability):
+        return recipe
+    needed = sorted(name for name in vars(capability)
+                    if not name.startswith("_") and callable(getattr(capability, name)))
+    name = getattr(recipe, "name", type(recipe).__name__)
+    raise MissingCapability(
+        f"recipe {name!r} does not declare the {capability.__name__} capability "
+        f"({', '.join(needed)}), which {purpose} needs; run it on a recipe that does, or give "
+        f"the recipe those methods (models/capabilities.py)")
