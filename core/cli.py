@@ -4,6 +4,7 @@
     medgen translate ...          translate a hospital's own files into another site's style
     medgen sim build ...          build a simulated federation on disk (sim/cli.py)
     medgen data check DIR         what medgen can use in a folder, read-only (client/data_check.py)
+    medgen data public-bank ...   a public label bank in the federation's schema (data/public_bank.py)
     medgen pretrain-segmenter ... the bridge's S on public label maps only (models/segmenter_pretrain.py)
 
 Each subcommand is owned by its package; this file only dispatches, so `--help` of each
@@ -37,8 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command == "data":  # `medgen data check DIR`: the checker's own argv starts at DIR
+        if rest and rest[0] == "public-bank":  # medgen.data's own commands
+            return int(importlib.import_module("medgen.data.cli").main(rest[1:]) or 0)
         if not rest or rest[0] != "check":
-            print("usage: medgen data check DIR [--image-size N] [--json]", file=sys.stderr)
+            print("usage: medgen data check DIR [--image-size N] [--json]\n"
+                  "       medgen data public-bank --labels DIR --remap FILE --schema FILE --out DIR",
+                  file=sys.stderr)
             return 2
         rest = rest[1:]
     module = importlib.import_module(COMMANDS[command][0])
