@@ -28,7 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medgen.client.site_data import normalise, robust_scaling, square_resize
+from medgen.client.site_data import load_public_bank, normalise, robust_scaling, square_resize
+from medgen.config import RunConfig
+from medgen.models.capabilities import Translation, declares
+from medgen.models.registry import build_recipe
+from medgen.server.checkpoint import load_checkpoint
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -41,19 +45,14 @@ class Translator:
     """The trained model, its styles and the preprocessing, bound to one source -> target."""
 
     def __init__(self, run_dir: Path, public_dir: Path, source: str, target: str, seed: int = 0):
-        from medgen.client.site_data import load_public_bank
-        from medgen.config import RunConfig
-        from medgen.models.bridge_translate import BridgeTranslator
-        from medgen.models.registry import build_recipe
-        from medgen.server.checkpoint import load_checkpoint
-
         config_path = run_dir / "config.toml"
         if not config_path.is_file():
             raise TranslateError(f"{config_path} does not exist: --run-dir must be a trained run")
         config = RunConfig.from_toml(config_path)
         self.recipe = build_recipe(config)
-        if not isinstance(self.recipe, BridgeTranslator):
-            raise TranslateError(f"{run_dir} trained recipe '{config.recipe}', not bridge-translate")
+        if not declares(self.recipe, Translation):  # a declared capability, not a recipe class
+            raise TranslateError(f"{run_dir} trained recipe '{config.recipe}', which does not declare "
+                                 "the Translation capability (e.g. bridge-translate does)")
         for name, site in (("--source-site", source), ("--target-site", target)):
             if site not in config.site_names:
                 raise TranslateError(f"{name} {site} is not a site of this run: {', '.join(config.site_names)}")
@@ -72,8 +71,6 @@ class Translator:
 
     def translate_volume(self, array: np.ndarray, spacing: tuple[float, float, float] | None) -> np.ndarray:
         """(H, W) or (H, W, S) scanner values -> translated float32 of the same shape."""
-        from medgen.models.bridge_translate import translate
-
         squeeze = array.ndim == 2
         volume = array[..., None] if squeeze else array
         if volume.ndim != 3:
@@ -84,7 +81,7 @@ class Translator:
         if scaling.keep.any():
             x = square_resize(normalise(volume, scaling), self.size, spacing, "image")[:, None]
             with torch.no_grad():
-                y = translate(self.model.seg, x, self.source_style, self.target_style)
+                y = self.recipe.translate_images(self.model, x, self.source_style, self.target_style)
             y = _unsquare(y, volume.shape[:2], spacing)  # [S_kept, H, W] in [-1, 1]
             low, high = scaling.low[scaling.keep], scaling.high[scaling.keep]
             values = low[:, None, None] + (y.numpy().astype(np.float64) + 1.0) / 2.0 * (high - low)[:, None, None]

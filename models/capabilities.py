@@ -11,12 +11,12 @@ need more ask for the ability, never for a recipe class:
   by whoever holds the image (``medgen translate``, client/translate.py).
 
 A recipe declares an ability by implementing the protocol's methods; ``require`` checks it
-and says what is missing.
+on the recipe object and says what is missing.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -26,7 +26,6 @@ from medgen.config import ConfigError
 Capability = TypeVar("Capability")
 
 
-@runtime_checkable
 class MembershipScores(Protocol):
     def membership_scores(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                           site_index: int) -> torch.Tensor:
@@ -34,7 +33,6 @@ class MembershipScores(Protocol):
         images [N,1,H,W] with label maps [N,H,W], as site ``site_index``; no gradients."""
 
 
-@runtime_checkable
 class Translation(Protocol):
     def site_style(self, model: nn.Module, public: Any, site_index: int, seed: int = 0) -> Any:
         """Site ``site_index``'s style from released or public-only quantities."""
@@ -48,14 +46,23 @@ class MissingCapability(ConfigError):
     """The recipe of a run does not declare an ability a tool needs."""
 
 
+def declares(recipe: Any, capability: type) -> bool:
+    """Whether ``recipe`` has every method of ``capability`` (checked on the object, each
+    time: no isinstance cache, no recipe class named)."""
+    return all(callable(getattr(recipe, name, None)) for name in _methods(capability))
+
+
 def require(recipe: Any, capability: type[Capability], purpose: str) -> Capability:
     """``recipe`` if it declares ``capability``; else a ``MissingCapability`` saying which."""
-    if isinstance(recipe, capability):
+    if declares(recipe, capability):
         return recipe
-    needed = sorted(name for name in vars(capability)
-                    if not name.startswith("_") and callable(getattr(capability, name)))
     name = getattr(recipe, "name", type(recipe).__name__)
     raise MissingCapability(
         f"recipe {name!r} does not declare the {capability.__name__} capability "
-        f"({', '.join(needed)}), which {purpose} needs; run it on a recipe that does, or give "
-        f"the recipe those methods (models/capabilities.py)")
+        f"({', '.join(_methods(capability))}), which {purpose} needs; run it on a recipe that "
+        f"does, or give the recipe those methods (models/capabilities.py)")
+
+
+def _methods(capability: type) -> list[str]:
+    return sorted(name for name, value in vars(capability).items()
+                  if not name.startswith("_") and callable(value))

@@ -25,10 +25,11 @@ since the discriminator never leaves it):
   rendering of the record's OWN label map (a conditional generator that memorised a
   patient reproduces it from its anatomy), averaged over a few noise draws.
 
-The recipe supplies the private scores through ``membership_scores(model, images,
-labels, site_index) -> Tensor[N]`` if it defines it; otherwise the conditional
-discriminator convention ``model.<private module>(image, one_hot(labels), site)`` is
-used (dp-cgan), and anything else is refused with a clear error.
+The recipe supplies the private scores: it declares the ``MembershipScores`` capability
+(models/capabilities.py: ``membership_scores(model, images, labels, site_index)``; a GAN's
+discriminator logit, a diffusion model's denoising loss). ``medgen audit`` refuses a
+recipe that declares none (privacy/audit_cli.py); nothing here guesses at a network's
+call signature.
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-
-from medgen import TISSUE_CLASSES
 
 LOW_FPR = 0.01
 
@@ -100,37 +99,18 @@ def _finite(scores, who: str) -> np.ndarray:
 
 
 # -- attack scores ------------------------------------------------------------------------
-def one_hot(labels: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.one_hot(labels.long(), len(TISSUE_CLASSES)).permute(0, 3, 1, 2).float()
-
-
 @torch.no_grad()
 def private_network_scores(recipe, model: torch.nn.Module, images: torch.Tensor,
                            labels: torch.Tensor, site_index: int, batch: int = 64) -> np.ndarray:
-    """Score of each real record by the network(s) that trained on real data."""
-    hook = getattr(recipe, "membership_scores", None)
+    """Score of each real record by the network(s) that trained on real data: the recipe's
+    ``membership_scores`` (a per-patch score is averaged per record)."""
     model.eval()
     out = []
     for start in range(0, images.shape[0], batch):
         x, y = images[start:start + batch].float(), labels[start:start + batch]
-        site = torch.full((x.shape[0],), site_index, dtype=torch.long)
-        if hook is not None:
-            scores = hook(model, x, y, site_index)
-        else:
-            scores = _conditional_discriminator(recipe, model)(x, one_hot(y), site)
-        # a patch discriminator gives one logit per patch: a record's score is their mean
+        scores = recipe.membership_scores(model, x, y, site_index)
         out.append(torch.as_tensor(scores).reshape(x.shape[0], -1).double().mean(1).cpu())
     return torch.cat(out).numpy()
-
-
-def _conditional_discriminator(recipe, model):
-    private = tuple(getattr(recipe, "private_modules", ()))
-    if len(private) != 1 or not hasattr(model, private[0]):
-        raise NotImplementedError(
-            f"recipe {getattr(recipe, 'name', type(recipe).__name__)!r} has private modules "
-            f"{private}; the audit knows only a single conditional discriminator. Give the "
-            "recipe a membership_scores(model, images, labels, site_index) method.")
-    return getattr(model, private[0])
 
 
 @torch.no_grad()

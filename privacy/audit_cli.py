@@ -8,6 +8,12 @@ subjects (``<data-root>/heldout/<split>/<site>``, never trained on) as non-membe
 Writes ``RUN_DIR/privacy_audit.json`` (atomically) and prints a table; with several run
 dirs (e.g. a DP run and a non-DP run of the same data), every json also holds the others'
 summary, side by side, with each run's epsilon and accountant.
+
+The private-network attack asks the recipe for its ``MembershipScores`` capability
+(models/capabilities.py: a GAN scores with its discriminator, cddpm with its denoising
+loss); a recipe that declares none is refused before anything is loaded, with a message
+naming the capability. This module is an entry point (the `medgen audit` command): it
+composes the run directory's pieces from every layer (see tests/test_layering.py).
 """
 
 from __future__ import annotations
@@ -23,10 +29,16 @@ from typing import Sequence
 import torch
 
 from medgen.atomic import atomic_write_json
+from medgen.client.local_state import load_local_state
+from medgen.client.site_data import load_heldout, load_public_bank, load_site
 from medgen.config import ConfigError, RunConfig
+from medgen.evaluation.report import write_report
+from medgen.models.capabilities import MembershipScores, require
+from medgen.models.registry import build_recipe
 from medgen.privacy.audit import (AttackResult, attack_result, generated_samples,
                                   nearest_generated_scores, per_patient, private_network_scores,
                                   reconstruction_scores)
+from medgen.server.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +52,7 @@ class Records:
     patient_index: torch.Tensor   # [N] slice -> patient
 
 
-def audit_site(recipe, model, site_index: int, members: Records, nonmembers: Records,
+def audit_site(recipe: MembershipScores, model, site_index: int, members: Records, nonmembers: Records,
                public_maps: torch.Tensor, num_generated: int, seed: int) -> list[AttackResult]:
     """Every attack on one site's networks; scores are averaged per patient."""
     def both(score_fn):
@@ -62,18 +74,13 @@ def audit_site(recipe, model, site_index: int, members: Records, nonmembers: Rec
 def audit_run(run_dir: Path, *, num_generated: int = 256, seed: int = 0,
               splits: Sequence[str] = ("test", "fit")) -> dict:
     """Audit every site of a finished simulated run; writes RUN_DIR/privacy_audit.json."""
-    from medgen.client.local_state import load_local_state
-    from medgen.client.site_data import load_heldout, load_public_bank, load_site
-    from medgen.models.registry import build_recipe
-    from medgen.server.checkpoint import load_checkpoint
-
     run_dir = Path(run_dir)
     config = _config(run_dir)
+    recipe = require(build_recipe(config), MembershipScores, "`medgen audit` (its private-network attack)")
     checkpoint = load_checkpoint(run_dir)
     if checkpoint is None:
         raise ConfigError(f"{run_dir}: no checkpoint; audit a run that trained at least one round")
     data_root, state_root = Path(config.data_root), Path(config.state_root)
-    recipe = build_recipe(config)
     heldout = [load_heldout(data_root, split, config.image_size) for split in splits]
     public = load_public_bank(data_root / "public", config.image_size).label_maps
     report: dict = {"run_dir": str(run_dir), "recipe": config.recipe, "unit": "patient",
@@ -117,7 +124,6 @@ def _into_run_report(run_dir: Path, report: dict) -> None:
                                        "worst_site_per_attack": report["summary"]}
     atomic_write_json(path, privacy)
     try:
-        from medgen.evaluation.report import write_report
         write_report(run_dir)
     except Exception:  # noqa: BLE001 - the audit result stands without the HTML report
         log.warning("could not rebuild the report in %s", run_dir, exc_info=True)

@@ -76,8 +76,13 @@ class ToyModel(nn.Module):
 
 
 class ToyRecipe:
+    """Declares the MembershipScores capability: the discriminator's logit of a record."""
+
     name = "toy"
-    private_modules = ("disc",)
+
+    def membership_scores(self, model, images, labels, site_index):
+        onehot = nn.functional.one_hot(labels.long(), 4).permute(0, 3, 1, 2).float()
+        return model.disc(images, onehot, torch.full((images.shape[0],), site_index))
 
 
 def toy_records(n: int, seed: int):
@@ -135,13 +140,17 @@ def test_nearest_generated_detects_copies_and_not_fresh_samples():
     assert abs(clean.auc - 0.5) < 4 * clean.auc_null_sd
 
 
-def test_recipe_without_a_known_private_network_is_refused():
+def test_capability_check_refuses_a_recipe_without_membership_scores_and_names_it():
+    from medgen.models.capabilities import MembershipScores, MissingCapability, require
+
     class Unknown:
         name = "unknown"
         private_modules = ("denoiser", "encoder")
 
-    with pytest.raises(NotImplementedError, match="membership_scores"):
-        private_network_scores(Unknown(), ToyModel(), *toy_records(2, 0), site_index=0)
+    with pytest.raises(MissingCapability, match="'unknown' does not declare the MembershipScores "
+                                                "capability \\(membership_scores\\)"):
+        require(Unknown(), MembershipScores, "the audit")
+    assert require(ToyRecipe(), MembershipScores, "the audit") is not None
 
 
 # -- the whole command over a tiny run directory ---------------------------------------
@@ -185,6 +194,78 @@ def test_medgen_audit_over_a_run_directory(tiny_federation, tmp_path, capsys):
         assert len(report["compared_with"]) == 1  # the other run, side by side
     after = {p: p.stat().st_mtime_ns for p in tiny_federation.rglob("*") if p.is_file()}
     assert {p: t for p, t in after.items() if p in before} == before  # input data untouched
+
+
+def _run_dir(federation, run_dir, recipe_name, options, eps=5.0):
+    """A finished run directory as `medgen-server simulate` leaves it (untrained weights)."""
+    from medgen.client.local_state import LocalState, save_local_state
+    from medgen.config import RunConfig
+    from medgen.models.registry import build_recipe
+    from medgen.server.checkpoint import new_checkpoint, save_checkpoint
+
+    config = RunConfig(recipe=recipe_name, sites="A,B", image_size=32, batch_size=4, target_epsilon=eps,
+                       data_root=str(federation), state_root=str(run_dir / "state"),
+                       run_dir=str(run_dir), options=options)
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text(config.to_toml())
+    recipe = build_recipe(config)
+    model = recipe.build()
+    save_checkpoint(run_dir, new_checkpoint(recipe.shared_state(model), 2, config, "key"))
+    for site in config.site_names:
+        save_local_state(run_dir / "state" / site / "local_state.pt",
+                         LocalState("key", recipe.local_only_state(model), {}))
+    return run_dir
+
+
+CDDPM_TINY = {"channels": "8,16", "norm-groups": 4, "train-timesteps": 50, "sample-steps": 2}
+
+
+def test_medgen_audit_on_a_cddpm_run_scores_the_denoiser(tiny_federation, tmp_path, capsys):
+    """cddpm declares MembershipScores by its denoising loss: the audit runs every attack
+    (it used to call the denoiser as a conditional discriminator and crash)."""
+    from medgen.privacy.audit_cli import AUDIT_FILE, main
+
+    torch.set_num_threads(1)
+    run_dir = _run_dir(tiny_federation, tmp_path / "cddpm", "cddpm", CDDPM_TINY)
+    assert main([str(run_dir), "--generated", "4"]) == 0
+    report = json.loads((run_dir / AUDIT_FILE).read_text())
+    result = report["sites"]["B"]["discriminator-logit"]
+    assert result["members"] == 8 and 0.0 <= result["auc"] <= 1.0
+    assert set(report["summary"]) == {"discriminator-logit", "nearest-generated",
+                                      "conditional-reconstruction"}
+
+
+def test_medgen_audit_refuses_a_recipe_without_the_capability_before_loading(tiny_federation, tmp_path,
+                                                                             capsys, monkeypatch):
+    from medgen.models.cddpm import ConditionalDDPM
+    from medgen.privacy.audit_cli import AUDIT_FILE, main
+
+    run_dir = _run_dir(tiny_federation, tmp_path / "cddpm", "cddpm", CDDPM_TINY)
+    monkeypatch.delattr(ConditionalDDPM, "membership_scores")
+    assert main([str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "recipe 'cddpm' does not declare the MembershipScores capability" in err
+    assert not (run_dir / AUDIT_FILE).exists()
+
+
+def test_denoising_loss_scores_separate_a_memorised_record():
+    """The cddpm score is minus the record's denoising loss: a record the denoiser
+    reproduces exactly scores higher than one it does not."""
+    from medgen.config import RunConfig
+    from medgen.models.cddpm import ConditionalDDPM
+
+    recipe = ConditionalDDPM(RunConfig(recipe="cddpm", image_size=16, sites="A,B",
+                                       options={**CDDPM_TINY, "tissue-prior": False}))
+    model = recipe.build()
+    images, labels = toy_records(4, 0)
+    images = images.clamp(-1, 1)
+    scores = recipe.membership_scores(model, images, labels, 0)
+    assert scores.shape == (4,) and torch.isfinite(scores).all() and (scores <= 0).all()
+    # a denoiser that outputs x0 perfectly for record 0 only (x0-prediction): loss 0 there
+    copy_first = lambda x, t, class_labels: images[:1].repeat(x.shape[0], 1, 1, 1)  # noqa: E731
+    model.denoiser.forward = copy_first
+    scores = recipe.membership_scores(model, images, labels, 0)
+    assert float(scores[0]) == 0.0 and (scores[1:] < 0).all()
 
 
 def test_medgen_audit_names_a_directory_that_is_not_a_run(tmp_path, capsys):
