@@ -1,5 +1,5 @@
-"""The ServerApp: validated FedAvg rounds, a checkpoint after every round, evaluation on
-the coordinator's held-out data, the report at the end.
+"""The ServerApp: validated FedAvg rounds, a checkpoint after every round that trained,
+evaluation on the coordinator's held-out data, the report at the end.
 
 Resume: if run-dir holds a checkpoint with the same config hash (server/checkpoint.py),
 training continues from its absolute round with its run key, so clients can recognise a
@@ -9,11 +9,20 @@ remaining ``num-rounds - checkpoint round`` rounds run.
 The run directory (server/run_log.py) receives config.toml, metrics.jsonl, sample grids,
 the checkpoint, privacy.json, report.html and finally the DONE marker with the status,
 which is how ``medgen-server simulate`` learns that the run ended (``flwr run`` returns as
-soon as the run is submitted, and exits 0 even when every ClientApp failed).
+soon as the run is submitted, and exits 0 even when every ClientApp failed). DONE carries
+the run config's coordinator-id (the harness trusts only its own), the last round that
+trained and the rounds that trained no site.
+
+No lost work: a round in which no site's update was aggregated (every site refused, e.g.
+budget exhausted) writes no checkpoint and is not evaluated, so the checkpoint's round is
+the last round that trained (server/outcome.py). A ServerApp whose run directory was taken
+over by another coordinator (run-dir/.coordinator/lock names another id) stops at its next
+round end without writing anything more.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback
 import uuid
@@ -25,9 +34,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 import medgen
+from medgen.atomic import atomic_write_json
 from medgen.config import ConfigError, RunConfig
+from medgen.evaluation.report import write_report
 from medgen.models.recipe import Recipe
-from medgen.server.checkpoint import checkpoint_for_resume, new_checkpoint, save_checkpoint
+from medgen.server.checkpoint import (checkpoint_for_resume, new_checkpoint, save_checkpoint,
+                                      set_aside_checkpoint)
+from medgen.server.outcome import checkpoint_round, kept_previous, untrained_rounds
+from medgen.server.run_lock import read_holder
 from medgen.server.run_log import RunDir, read_metrics
 from medgen.server.strategy import ValidatingFedAvg
 
@@ -42,20 +56,44 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, config)
 
 
+class RunDirTakenOver(RuntimeError):
+    """Another coordinator owns the run directory now; this ServerApp must stop writing."""
+
+
 def run_server(grid: Grid, config: RunConfig) -> None:
-    """Run (or resume) the whole training; always leaves a DONE marker with the status."""
+    """Run (or resume) the whole training; leaves a DONE marker with the status (unless
+    another coordinator took the run directory over)."""
     run_dir = RunDir(Path(config.run_dir))
     run_dir.path.mkdir(parents=True, exist_ok=True)
+    _check_owner(config, run_dir)
     run_dir.clear_done()
+    if not config.resume and (kept := set_aside_checkpoint(run_dir.path)) is not None:
+        log.info("resume = false: the previous checkpoint is kept as %s", kept)
     try:
-        final_round = _train(grid, config, run_dir)
+        _train(grid, config, run_dir)
+    except RunDirTakenOver:
+        log.error("server run stopped:\n%s", traceback.format_exc())
+        raise
     except BaseException as err:
         log.error("server run failed:\n%s", traceback.format_exc())
         _finish(config, run_dir)
-        run_dir.write_done("failed", error=f"{type(err).__name__}: {err}")
+        run_dir.write_done("failed", error=f"{type(err).__name__}: {err}",
+                           coordinator=config.coordinator_id)
         raise
     report = _finish(config, run_dir)
-    run_dir.write_done("ok", final_round=final_round, report=str(report) if report else None)
+    run_dir.write_done("ok", coordinator=config.coordinator_id, final_round=checkpoint_round(run_dir.path),
+                       num_rounds=config.num_rounds, untrained_rounds=untrained_rounds(read_metrics(run_dir.metrics)),
+                       report=str(report) if report else None)
+
+
+def _check_owner(config: RunConfig, run_dir: RunDir) -> None:
+    if not config.coordinator_id:
+        return  # started without a coordinator (tests, an older harness)
+    holder = read_holder(run_dir.path)
+    if holder is not None and holder.coordinator_id != config.coordinator_id:
+        raise RunDirTakenOver(f"run directory {run_dir.path} now belongs to coordinator "
+                              f"{holder.coordinator_id} ({holder.describe()}); this ServerApp "
+                              f"(coordinator {config.coordinator_id}) stops without writing")
 
 
 def _train(grid: Grid, config: RunConfig, run_dir: RunDir) -> int:
@@ -107,7 +145,12 @@ def _train(grid: Grid, config: RunConfig, run_dir: RunDir) -> int:
 
 @dataclass
 class RoundEnd:
-    """Flower's evaluate_fn, called after aggregation of every round: checkpoint, evaluate."""
+    """Flower's evaluate_fn, called after aggregation of every round: checkpoint, evaluate.
+
+    Round 0 (before any training, fresh runs only) saves the initial weights with the run
+    key. A later round that trained no site (its metrics line says kept-previous-weights)
+    saves nothing and is not evaluated: the checkpoint keeps the last trained round.
+    """
 
     config: RunConfig
     recipe: Recipe
@@ -119,14 +162,18 @@ class RoundEnd:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         absolute = self.round_offset + server_round
+        _check_owner(self.config, self.run_dir)
+        if server_round == 0 and self.round_offset > 0:
+            return None  # resumed: the checkpoint already holds these weights
+        if server_round > 0 and not self._trained(absolute):
+            log.warning("round %d trained no site: the weights stay those of the last trained round; "
+                        "no checkpoint, no evaluation", absolute)
+            return None
         shared = arrays.to_torch_state_dict()
-        if server_round == 0:
-            # Flower calls it before round 1: nothing new to save, but a fresh run evaluates
-            # the untrained generator, the baseline every later FD is read against
-            if self.round_offset > 0:
-                return None
-        else:
-            save_checkpoint(self.run_dir.path, new_checkpoint(shared, absolute, self.config, self.run_key))
+        # round 0 (Flower calls it before round 1): the initial weights and the run key, so a
+        # crash in round 1 resumes with the same key (sites replay, no double charge); a fresh
+        # run then evaluates the untrained generator, the baseline every later FD is read against
+        save_checkpoint(self.run_dir.path, new_checkpoint(shared, absolute, self.config, self.run_key))
         if self.evaluator is None or not self._due(absolute):
             return None
         if self.model is None:
@@ -142,6 +189,12 @@ class RoundEnd:
             return None
         self.run_dir.log_eval(absolute, metrics)
         return MetricRecord(metrics)
+
+    def _trained(self, absolute: int) -> bool:
+        """False if the round's train line says the previous weights were kept."""
+        records = [r for r in read_metrics(self.run_dir.metrics)
+                   if r.get("kind") == "train" and r.get("round") == absolute]
+        return not records or not kept_previous(records[-1])
 
     def _due(self, absolute: int) -> bool:
         every = self.config.eval_every
@@ -166,18 +219,14 @@ def _evaluator(config: RunConfig) -> Any:
 
 def _finish(config: RunConfig, run_dir: RunDir) -> Path | None:
     """privacy.json from the sites' reported metrics, then the HTML report (best effort)."""
-    from medgen.atomic import atomic_write_json
-
     try:
         existing = {}
         if run_dir.privacy.exists():
-            import json
             existing = json.loads(run_dir.privacy.read_text())
         atomic_write_json(run_dir.privacy, {**existing, **privacy_from_metrics(run_dir, config)})
     except Exception:  # noqa: BLE001 - a summary must not hide the run's own status
         log.error("could not write %s:\n%s", run_dir.privacy, traceback.format_exc())
     try:
-        from medgen.evaluation.report import write_report
         return write_report(run_dir.path)
     except Exception:  # noqa: BLE001
         log.error("could not write the report:\n%s", traceback.format_exc())

@@ -1,7 +1,11 @@
 """The coordinator's checkpoint: global shared weights after the last completed round.
 
-Written atomically after EVERY round (medgen.atomic), so a crash at any moment leaves
-the last good checkpoint. ``checkpoint.pt`` holds the weights and the metadata (it is the
+Written atomically (medgen.atomic) before round 1 (round 0: the initial weights and the
+run key, so a crash in round 1 resumes with the same key and sites replay instead of
+training twice) and after every round that TRAINED: a round in which no site's update was
+aggregated keeps the previous weights and writes nothing, so ``server_round`` is always the
+last round that trained (server/app.py ``RoundEnd``). A crash at any moment leaves the last
+good checkpoint. ``checkpoint.pt`` holds the weights and the metadata (it is the
 source of truth); ``checkpoint.json`` is a human-readable sidecar with the same metadata
 and the sha256 of the .pt file, written after it.
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +35,7 @@ SIDECAR_FILE = "checkpoint.json"
 
 # fields that do not change what a checkpoint means (where things are, how long, eval)
 _NOT_HASHED = {"num-rounds", "run-dir", "resume", "data-root", "state-root", "eval-every",
-               "eval-samples", "round-timeout", "device", "min-sites"}
+               "eval-samples", "round-timeout", "device", "min-sites", "coordinator-id"}
 
 
 class CheckpointError(RuntimeError):
@@ -110,3 +115,19 @@ def new_checkpoint(shared_state: dict[str, torch.Tensor], server_round: int, con
     return Checkpoint(shared_state=shared_state, server_round=server_round,
                       config_hash=config_hash(config), run_key=run_key,
                       medgen_version=medgen.__version__)
+
+
+def set_aside_checkpoint(run_dir: Path) -> Path | None:
+    """Rename an existing checkpoint to checkpoint.replaced-<time>.pt (and its sidecar), so
+    a run that starts over (resume = false) never destroys trained weights; returns the
+    new path, or None if there was no checkpoint."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"checkpoint.replaced-{stamp}.pt")
+    sidecar = Path(run_dir) / SIDECAR_FILE
+    if sidecar.exists():
+        sidecar.rename(target.with_suffix(".json"))
+    path.rename(target)
+    return target

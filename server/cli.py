@@ -2,21 +2,37 @@
 
 Subcommands are registered in ``SUBCOMMANDS`` (name -> function adding its parser); the
 deployment issue adds ``start``/``run`` there without touching ``simulate``.
+
+Exit codes of ``simulate``: 0 every planned round trained; 1 the run failed; 2 bad
+configuration or federation; 3 the run ended but its last rounds trained no site (the
+last line says which and why; the checkpoint keeps the last trained round); 4 the run
+directory belongs to another coordinator that is still running.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
 from medgen.config import ConfigError, RunConfig, parse_overrides
+from medgen.server.cli_types import non_negative_int, port, positive_int, seconds
+from medgen.server.coordinator import Coordinator
 from medgen.server.deploy_cli import DEPLOY_SUBCOMMANDS
+from medgen.server.previous_run import set_aside
+from medgen.server.run_lock import RunDirLocked
+from medgen.server.run_log import RunDir
+from medgen.server.simulate import (NothingTrained, SimulationError, add_node_ledgers,
+                                    prepare_federation, run_simulation)
+from medgen.sim.config import SimConfigError
+from medgen.sim.federation import FederationExistsError
 
 DEFAULT_SUBJECTS = 200
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NOTHING_TRAINED, EXIT_LOCKED = 0, 1, 2, 3, 4
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
@@ -26,21 +42,28 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         "simulated scanners, one folder per site), then train on it with Flower's simulation "
         "engine: one simulated SuperNode per site, each training locally with DP-SGD. Prints "
         "progress per round and the report path at the end. Running it again with the same "
-        "--out resumes from the last checkpoint (raise num-rounds to train longer).",
+        "--out resumes from the last checkpoint (raise num-rounds to train longer). One "
+        "coordinator per RUN_DIR: a second one is refused while the first runs, and every "
+        "process a coordinator starts is stopped when it ends, even on SIGKILL (a supervisor "
+        "process watches it); a rerun after a crash cleans up what was left.",
+        epilog="exit codes: 0 all rounds trained; 1 the run failed; 2 bad configuration; 3 the "
+        "run ended but its last rounds trained no site (e.g. every site's privacy budget is "
+        "spent; the checkpoint keeps the last round that trained); 4 RUN_DIR is in use by "
+        "another coordinator.",
     )
     p.add_argument("--config", type=Path, help="RunConfig TOML file (keys as in `--set`); "
                    "defaults apply to keys it does not set")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one run-config key, e.g. --set num-rounds=3 --set options.gen-width=32; "
                    "repeatable")
-    p.add_argument("--sites", type=int, metavar="N", help="number of simulated sites (default: the "
+    p.add_argument("--sites", type=positive_int, metavar="N", help="number of simulated sites (default: the "
                    "config's `sites`, A,B,C,D)")
-    p.add_argument("--subjects-per-site", type=int, default=DEFAULT_SUBJECTS, metavar="N",
+    p.add_argument("--subjects-per-site", type=positive_int, default=DEFAULT_SUBJECTS, metavar="N",
                    help="patients (one image each) per simulated site (default: %(default)s)")
-    p.add_argument("--public-size", type=int, default=300, metavar="N",
+    p.add_argument("--public-size", type=positive_int, default=300, metavar="N",
                    help="label maps in the public anatomy bank (conditioning for generation; "
                    "default: %(default)s)")
-    p.add_argument("--heldout-size", type=int, default=48, metavar="N",
+    p.add_argument("--heldout-size", type=non_negative_int, default=48, metavar="N",
                    help="held-out subjects per split (fit: trains the evaluation networks; test: "
                    "reference for every reported metric), rendered at every site (default: %(default)s)")
     p.add_argument("--dicom-sites", default="", metavar="SITES",
@@ -56,27 +79,46 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    "(its manifest names the sites; --sites/--subjects-per-site/--public-size/"
                    "--heldout-size are then ignored, and --dicom-sites must match how it was "
                    "built), or build one there if it holds none")
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in RUN_DIR "
-                   "(node ledgers still remember what each site spent)")
-    p.add_argument("--timeout", type=float, default=6 * 3600, metavar="SECONDS",
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming: the "
+                   "previous run's results in RUN_DIR (checkpoint, metrics, samples, report, logs) "
+                   "move to RUN_DIR.prev-<time> beside it; node state (the sites' privacy ledgers "
+                   "still remember what each site spent) and the federation's data stay")
+    p.add_argument("--delete-previous", action="store_true", help="with --fresh: delete the "
+                   "previous run's results instead of moving them aside")
+    p.add_argument("--timeout", type=seconds, default=6 * 3600, metavar="SECONDS",
                    help="give up (and stop every process) after this long (default: %(default)s)")
-    p.add_argument("--port", type=int, help="SuperLink port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--port", type=port, help="SuperLink port on 127.0.0.1 (default: a free one)")
     p.set_defaults(func=_simulate)
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from medgen.server.simulate import (SimulationError, add_node_ledgers, prepare_federation,
-                                        run_simulation)
-    from medgen.server.run_log import RunDir
-
+    if args.delete_previous and not args.fresh:
+        print("medgen-server simulate: --delete-previous only goes with --fresh", file=sys.stderr)
+        return EXIT_CONFIG
     overrides = parse_overrides(args.overrides)
     config = RunConfig.from_toml(args.config, overrides) if args.config else \
         RunConfig.from_run_config(overrides)
     out = args.out.resolve()
     data_root = (args.data_root or out / "federation").resolve()
-    from medgen.sim.config import SimConfigError
-    from medgen.sim.federation import FederationExistsError
+    try:
+        with Coordinator.claim(out) as coordinator:
+            print(f"coordinator {coordinator.id} (pid {os.getpid()}, supervisor pid "
+                  f"{coordinator.supervisor.pid}) owns {out}", flush=True)
+            return _simulate_owned(args, config, out, data_root, coordinator)
+    except RunDirLocked as err:
+        print(f"medgen-server simulate: {err}", file=sys.stderr)
+        return EXIT_LOCKED
 
+
+def _simulate_owned(args: argparse.Namespace, config: RunConfig, out: Path, data_root: Path,
+                    coordinator: Coordinator) -> int:
+    state_root = out / "state"
+    if args.fresh:
+        moved = set_aside(out, keep=(data_root, state_root), delete=args.delete_previous)
+        if moved is not None:
+            print(f"--fresh: the previous run's results are kept in {moved}")
+        elif args.delete_previous:
+            print("--fresh --delete-previous: the previous run's results were deleted")
     print(f"federation data: {data_root}")
     try:
         config = prepare_federation(config, data_root, num_sites=args.sites,
@@ -87,18 +129,24 @@ def _simulate(args: argparse.Namespace) -> int:
                                     reuse_any=args.data_root is not None)
     except (SimConfigError, FederationExistsError) as err:
         print(f"medgen-server simulate: {err}", file=sys.stderr)
-        return 2
-    config = config.replace(run_dir=str(out), state_root=str(out / "state"),
+        return EXIT_CONFIG
+    config = config.replace(run_dir=str(out), state_root=str(state_root),
                             resume=config.resume and not args.fresh)
     try:
-        result = run_simulation(config, out / "flower", timeout=args.timeout, port=args.port)
+        result = run_simulation(config, out / "flower", timeout=args.timeout, port=args.port,
+                                coordinator=coordinator)
+    except NothingTrained as err:
         add_node_ledgers(RunDir(out), config)
+        print(f"report: {err.result.report or out / 'report.html (missing: see the log above)'}")
+        print(f"medgen-server simulate: {err}", file=sys.stderr)
+        return EXIT_NOTHING_TRAINED
     except SimulationError as err:
         print(f"medgen-server simulate: {err}", file=sys.stderr)
-        return 1
-    print(f"finished round {result.final_round} in {result.seconds:.0f} s")
+        return EXIT_FAILED
+    add_node_ledgers(RunDir(out), config)
     print(f"report: {result.report or out / 'report.html (missing: see the log above)'}")
-    return 0
+    print(f"{result.outcome.summary()} in {result.seconds:.0f} s")
+    return EXIT_OK
 
 
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {

@@ -11,7 +11,10 @@ Layout of a run directory (the report, evaluation/report.py, reads the same file
     checkpoint.pt/.json    last good global shared weights (server/checkpoint.py)
     privacy.json           per-site epsilon (from client metrics) and node ledger summaries
     report.html            the self-contained report
-    DONE                   written last by the ServerApp: {"status": "ok"|"failed", ...}
+    DONE                   written last by the ServerApp: {"status": "ok"|"failed",
+                           "coordinator": id, "final_round", "untrained_rounds", ...}
+    .coordinator/          the coordinator's lock, process records and supervisor log
+                           (server/run_lock.py, server/supervisor.py)
 
 metrics.jsonl is append-only with an fsync per line (medgen.atomic.append_line): a crash
 loses at most the line being written, and readers skip a torn last line.
@@ -91,11 +94,16 @@ class RunDir:
     def write_done(self, status: str, **details: Any) -> None:
         atomic_write_json(self.done, _clean({"status": status, "time": time.time(), **details}))
 
-    def read_done(self) -> dict[str, Any] | None:
+    def read_done(self, coordinator_id: str | None = None) -> dict[str, Any] | None:
+        """The DONE marker; with ``coordinator_id``, only one written for that coordinator
+        (a DONE left by another coordinator of this directory says nothing about this run)."""
         try:
-            return json.loads(self.done.read_text())
+            done = json.loads(self.done.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+        if coordinator_id is not None and done.get("coordinator") != coordinator_id:
+            return None
+        return done
 
     def clear_done(self) -> None:
         self.done.unlink(missing_ok=True)

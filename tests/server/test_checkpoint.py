@@ -1,5 +1,6 @@
 """Checkpoints: atomic (a crash mid-save leaves the old one), refused on config mismatch,
-and resume trains only the remaining rounds from the saved weights and run key."""
+resume trains only the remaining rounds from the saved weights and run key, and a round
+that trains nobody never overwrites trained weights."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ from typing import ClassVar
 
 import pytest
 import torch
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 from torch import nn
 
 from medgen.config import RunConfig
 from medgen.models.recipe import Recipe
-from medgen.server.app import run_server
+from medgen.server.app import RunDirTakenOver, run_server
 from medgen.server.checkpoint import (CheckpointError, checkpoint_for_resume, load_checkpoint,
                                       new_checkpoint, save_checkpoint)
+from medgen.server.run_lock import RunLock
 from medgen.server.run_log import RunDir, read_metrics
+from medgen.server.simulate import NothingTrained, verify_results
 
 
 class TinyRecipe(Recipe):
@@ -39,10 +42,11 @@ class TinyRecipe(Recipe):
 class FakeGrid:
     """Answers train messages in-process: every site adds 1.0 to every shared weight."""
 
-    def __init__(self, fail_at_round: int | None = None):
+    def __init__(self, fail_at_round: int | None = None, refuse_from: int | None = None):
         self.rounds_seen: list[int] = []
         self.run_keys: set[str] = set()
         self.fail_at_round = fail_at_round
+        self.refuse_from = refuse_from  # from this round on, every site's budget is spent
 
     def get_node_ids(self):
         return [101, 102]
@@ -56,8 +60,11 @@ class FakeGrid:
                 raise RuntimeError("coordinator crashed")
             self.rounds_seen.append(round_)
             self.run_keys.add(str(config["run-key"]))
+            if self.refuse_from is not None and round_ >= self.refuse_from:
+                replies.append(Message(Error(4001, f"site {'AB'[i]}: refused to train, its privacy "
+                                             "budget would be exceeded (see the node log)"), reply_to=msg))
+                continue
             state = msg.content["arrays"].to_torch_state_dict()
-            from flwr.app import ArrayRecord
             arrays = ArrayRecord({k: v + 1.0 for k, v in state.items()})
             replies.append(Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(
                 {"num-examples": 5, "site-index": i, "epsilon": 0.5 * round_, "delta": 1e-5})}),
@@ -147,3 +154,71 @@ def test_resume_after_crash_reports_each_round_once(tmp_path, tiny_recipe, flowe
     train = [r for r in read_metrics(run_dir.metrics) if r["kind"] == "train"]
     assert [r["round"] for r in train] == [1, 2, 3, 4]
     assert train[2]["per_site"]["A"]["epsilon"] == 1.5  # the re-run round, not the lost one
+
+
+def test_rounds_that_train_nobody_keep_the_trained_checkpoint(tmp_path, tiny_recipe, flower_task_identity):
+    """Issue 13: every site refused rounds 5-6 (budget spent); the checkpoint used to be
+    relabelled round 6 while holding round-4 weights, and the run reported success."""
+    initial = TinyRecipe(_config(tmp_path, 6)).build().state_dict()["gen.weight"].clone()
+    config = _config(tmp_path, 6)
+    run_server(FakeGrid(refuse_from=5), config)
+    run_dir = RunDir(tmp_path / "run")
+    checkpoint = load_checkpoint(run_dir.path)
+    assert checkpoint.server_round == 4                       # the last round that trained
+    torch.testing.assert_close(checkpoint.shared_state["gen.weight"], initial + 4.0)
+    done = run_dir.read_done()
+    assert done["status"] == "ok" and done["final_round"] == 4 and done["untrained_rounds"] == [5, 6]
+    with pytest.raises(NothingTrained) as refused:
+        verify_results(run_dir, done, config, 1.0)
+    assert str(refused.value) == ("no site trained in rounds 5-6: budget exhausted at every site (A, B); "
+                                  "the checkpoint stays at round 4, the last round that trained")
+    assert refused.value.result.final_round == 4
+
+    # a rerun retries the untrained rounds from the round-4 weights, still one line per round
+    again = FakeGrid(refuse_from=5)
+    run_server(again, config)
+    assert again.rounds_seen == [5, 5, 6, 6]
+    assert load_checkpoint(run_dir.path).server_round == 4
+    rounds = [r["round"] for r in read_metrics(run_dir.metrics) if r["kind"] == "train"]
+    assert rounds == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_crash_in_round_one_resumes_with_the_same_run_key(tmp_path, tiny_recipe, flower_task_identity):
+    # round 0 saves the initial weights and the run key: the sites recognise the replayed
+    # round 1 (same key, same weights) and do not charge their ledgers twice
+    first = FakeGrid(fail_at_round=1)
+    with pytest.raises(RuntimeError, match="coordinator crashed"):
+        run_server(first, _config(tmp_path, 2))
+    crashed = load_checkpoint(tmp_path / "run")
+    assert crashed.server_round == 0
+    second = FakeGrid()
+    run_server(second, _config(tmp_path, 2))
+    assert second.run_keys == {crashed.run_key}
+    assert load_checkpoint(tmp_path / "run").server_round == 2
+
+
+def test_resume_false_keeps_the_previous_checkpoint_aside(tmp_path, tiny_recipe, flower_task_identity):
+    run_server(FakeGrid(), _config(tmp_path, 2))
+    trained = load_checkpoint(tmp_path / "run")
+    run_server(FakeGrid(refuse_from=1), _config(tmp_path, 2).replace(resume=False))
+    kept = list((tmp_path / "run").glob("checkpoint.replaced-*.pt"))
+    assert len(kept) == 1
+    assert torch.load(kept[0], weights_only=True)["server_round"] == 2
+    assert torch.equal(torch.load(kept[0], weights_only=True)["shared_state"]["gen.weight"],
+                       trained.shared_state["gen.weight"])
+    assert load_checkpoint(tmp_path / "run").server_round == 0  # the new run trained nothing
+
+
+def test_a_server_app_stops_when_another_coordinator_owns_the_run_dir(tmp_path, tiny_recipe,
+                                                                      flower_task_identity):
+    lock = RunLock(tmp_path / "run")
+    lock.acquire("new-owner")
+    try:
+        with pytest.raises(RunDirTakenOver, match="new-owner"):
+            run_server(FakeGrid(), _config(tmp_path, 2).replace(coordinator_id="old-owner"))
+        assert not (tmp_path / "run" / "DONE").exists() and load_checkpoint(tmp_path / "run") is None
+        run_server(FakeGrid(), _config(tmp_path, 2).replace(coordinator_id="new-owner"))
+        assert RunDir(tmp_path / "run").read_done("new-owner")["final_round"] == 2
+        assert RunDir(tmp_path / "run").read_done("old-owner") is None
+    finally:
+        lock.release()

@@ -1,4 +1,5 @@
-"""The harness' pieces that need no engine: the app bundle and result verification."""
+"""The harness' pieces that need no engine: the app bundle, result verification (what a
+run achieved, in one line), the DONE marker's owner, --fresh and the command line's numbers."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from flwr.common.config import validate_config
 
 from medgen.config import RunConfig
 from medgen.server.checkpoint import new_checkpoint, save_checkpoint
+from medgen.server.cli import main
+from medgen.server.previous_run import set_aside
 from medgen.server.run_log import RunDir
-from medgen.server.simulate import SimulationError, verify_results, write_app_dir
+from medgen.server.simulate import NothingTrained, SimulationError, verify_results, write_app_dir
 
 
 def test_app_dir_carries_the_full_run_config_and_ships_only_the_shim(tmp_path):
@@ -34,12 +37,13 @@ def test_app_dir_carries_the_full_run_config_and_ships_only_the_shim(tmp_path):
     assert "server_app = _server.app" in shim and "def " not in shim  # no logic in the bundle
 
 
-def _run_dir(tmp_path, status="ok", train_lines=()):
+def _run_dir(tmp_path, status="ok", train_lines=(), checkpoint_round=2):
     run_dir = RunDir(tmp_path)
-    config = RunConfig(sites="A,B")
+    config = RunConfig(sites="A,B", num_rounds=2)
     for line in train_lines:
         run_dir.log_train(**line)
-    save_checkpoint(tmp_path, new_checkpoint({"gen.w": torch.ones(1)}, 2, config, "k"))
+    if checkpoint_round is not None:
+        save_checkpoint(tmp_path, new_checkpoint({"gen.w": torch.ones(1)}, checkpoint_round, config, "k"))
     run_dir.write_done(status, error="boom" if status != "ok" else None)
     return run_dir, config
 
@@ -47,9 +51,11 @@ def _run_dir(tmp_path, status="ok", train_lines=()):
 def test_verify_rejects_a_run_where_every_client_failed(tmp_path):
     # `flwr run` exits 0 in this case: the harness must notice on its own
     excluded = [{"site": "A", "reason": "training failed"}, {"site": "B", "reason": "training failed"}]
-    run_dir, config = _run_dir(tmp_path, train_lines=[
-        dict(server_round=1, per_site={}, excluded=excluded, aggregate={})])
-    with pytest.raises(SimulationError, match="every ClientApp failed"):
+    kept = {"kept-previous-weights": 1.0}
+    run_dir, config = _run_dir(tmp_path, checkpoint_round=0, train_lines=[
+        dict(server_round=r, per_site={}, excluded=excluded, aggregate=kept) for r in (1, 2)])
+    with pytest.raises(NothingTrained, match="no site trained in rounds 1-2: A: training failed; "
+                       "B: training failed; the checkpoint holds the initial weights"):
         verify_results(run_dir, run_dir.read_done(), config, 1.0)
 
 
@@ -58,5 +64,71 @@ def test_verify_reports_server_failure_and_accepts_a_good_run(tmp_path):
     with pytest.raises(SimulationError, match="boom"):
         verify_results(run_dir, run_dir.read_done(), config, 1.0)
     good, config = _run_dir(tmp_path / "good", train_lines=[
-        dict(server_round=1, per_site={"A": {"epsilon": 1.0}}, excluded=[], aggregate={})])
-    assert verify_results(good, good.read_done(), config, 1.0).final_round == 2
+        dict(server_round=r, per_site={"A": {"epsilon": 1.0}}, excluded=[], aggregate={}) for r in (1, 2)])
+    result = verify_results(good, good.read_done(), config, 1.0)
+    assert result.final_round == 2 and result.outcome.summary() == "finished round 2"
+
+
+def test_a_skipped_middle_round_is_named_but_the_run_is_complete(tmp_path):
+    lines = [dict(server_round=1, per_site={"A": {}}, excluded=[{"site": "B", "reason": "timeout"}],
+                  aggregate={"kept-previous-weights": 1.0}),
+             dict(server_round=2, per_site={"A": {}, "B": {}}, excluded=[], aggregate={})]
+    run_dir, config = _run_dir(tmp_path, train_lines=lines)
+    result = verify_results(run_dir, run_dir.read_done(), config, 1.0)
+    assert result.outcome.summary() == "finished round 2 (round(s) 1 trained no site and kept the weights)"
+
+
+def test_no_checkpoint_and_partial_answers_are_explained(tmp_path):
+    line = dict(server_round=1, per_site={"A": {}}, aggregate={"kept-previous-weights": 1.0},
+                excluded=[{"site": "B", "reason": "site replied with an error: site B: refused to "
+                           "train, its privacy budget would be exceeded"}])
+    run_dir, config = _run_dir(tmp_path, train_lines=[line], checkpoint_round=None)
+    with pytest.raises(NothingTrained) as err:
+        verify_results(run_dir, run_dir.read_done(), config, 1.0)
+    assert str(err.value) == ("no site trained in rounds 1-2: budget exhausted at B; only 1 valid "
+                              "update(s) per round, fewer than min-sites 2; no checkpoint holds "
+                              "trained weights")
+
+
+def test_a_done_marker_of_another_coordinator_is_not_trusted(tmp_path):
+    run_dir = RunDir(tmp_path)
+    run_dir.write_done("ok", coordinator="someone-else", final_round=6)
+    assert run_dir.read_done("me") is None and run_dir.read_done("someone-else")["final_round"] == 6
+    run_dir.write_done("ok", coordinator="me", final_round=2)
+    assert run_dir.read_done("me")["final_round"] == 2
+
+
+def test_fresh_moves_the_previous_results_aside_and_keeps_ledgers_and_data(tmp_path):
+    run = tmp_path / "run"
+    for name in ("checkpoint.pt", "metrics.jsonl", "samples/round_001.png", "state/A/privacy_ledger.json",
+                 "federation/manifest.json", ".coordinator/lock", "flower/run.log"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(name)
+    moved = set_aside(run, keep=(run / "federation", run / "state"))
+    assert moved.parent == tmp_path and moved.name.startswith("run.prev-")
+    assert sorted(p.name for p in moved.iterdir()) == ["checkpoint.pt", "flower", "metrics.jsonl", "samples"]
+    assert (moved / "checkpoint.pt").read_text() == "checkpoint.pt"
+    assert sorted(p.name for p in run.iterdir()) == [".coordinator", "federation", "state"]
+    assert set_aside(run, keep=(run / "federation", run / "state")) is None  # nothing left to move
+    (run / "metrics.jsonl").write_text("x")
+    assert set_aside(run, keep=(run / "state",), delete=True) is None
+    assert sorted(p.name for p in run.iterdir()) == [".coordinator", "state"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", moved.name]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--timeout", "nan"], "--timeout"),
+    (["--timeout", "-1"], "--timeout"),
+    (["--port", "0"], "--port"),
+    (["--sites", "0"], "--sites"),
+    (["--subjects-per-site", "-3"], "--subjects-per-site"),
+])
+def test_simulate_command_line_numbers_are_refused_by_name(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["simulate", *argv])
+    assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_delete_previous_needs_fresh(tmp_path, capsys):
+    assert main(["simulate", "--out", str(tmp_path / "run"), "--delete-previous"]) == 2
+    assert "--delete-previous only goes with --fresh" in capsys.readouterr().err
