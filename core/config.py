@@ -61,6 +61,10 @@ class RunConfig:
     aggregation: str = "mean"
     trim_fraction: float = 0.2
     norm_outlier_mads: float = 3.0
+    # self-declared num-examples bounded (server/aggregation.py): an absolute cap per site
+    # (0 = none) and at most this multiple of the round's lower-median weight
+    max_num_examples: float = 0.0
+    max_weight_ratio: float = 3.0
     client_dp_noise_multiplier: float = 0.0
     client_dp_clipping_norm: float = 1.0
     # recipe-specific options, parsed by the recipe (see models/recipe.py)
@@ -191,6 +195,10 @@ def _validate(config: "RunConfig") -> None:
              "must be a finite number >= 0 (0 disables it)")
     _require(_finite(c.client_dp_noise_multiplier) and c.client_dp_noise_multiplier >= 0,
              "client-dp-noise-multiplier", "must be a finite number >= 0 (0 disables client-level DP)")
+    _require(_finite(c.max_num_examples) and c.max_num_examples >= 0, "max-num-examples",
+             "must be a finite number >= 0 (0: no absolute cap on a site's num-examples)")
+    _require(_finite(c.max_weight_ratio) and c.max_weight_ratio >= 1, "max-weight-ratio",
+             "must be a finite number >= 1 (a site's weight relative to the round's median)")
     _require(_finite(c.client_dp_clipping_norm) and c.client_dp_clipping_norm > 0,
              "client-dp-clipping-norm", "must be a finite number > 0")
     _require(not (c.secure_aggregation and c.aggregation != "mean"), "aggregation",
