@@ -149,3 +149,54 @@ def test_bridge_style_release_is_planned_accounted_once_and_only_own_row(tiny_fe
     assert third.has_error() and third.error.code == BUDGET_EXCEEDED
     assert json.loads((Path(config.state_root) / "B" / "privacy_ledger.json").read_text())["history"] == \
         made + [[sigma, q, 4]]
+
+
+def test_a_round_that_crashes_mid_training_leaves_the_ledger_untouched(config, flower_task_identity,
+                                                                       monkeypatch):
+    """privacy/round.py commits on a clean exit only: noise drawn in a crashed round never
+    left the node, so the ledger (and the local state) stay as they were."""
+    from pathlib import Path
+
+    from medgen.client.app import TRAINING_FAILED
+    from medgen.models.dp_cgan import DPConditionalGAN
+
+    config = config.replace(num_rounds=2)
+    assert not app(_message(config, 1), _context(config)).has_error()
+    state = Path(config.state_root) / "B"
+    before = (_digest(state / "privacy_ledger.json"), _digest(state / "local_state.pt"))
+    original = DPConditionalGAN.disc_step
+
+    def crash_after_a_step(self, *args, **kwargs):
+        original(self, *args, **kwargs)  # a real, noised DP step was taken ...
+        raise RuntimeError("simulated crash")  # ... then the node fails
+
+    monkeypatch.setattr(DPConditionalGAN, "disc_step", crash_after_a_step)
+    failed = app(_message(config, 2), _context(config))
+    assert failed.has_error() and failed.error.code == TRAINING_FAILED
+    assert (_digest(state / "privacy_ledger.json"), _digest(state / "local_state.pt")) == before
+    monkeypatch.setattr(DPConditionalGAN, "disc_step", original)
+    retried = app(_message(config, 2), _context(config))  # trains afresh, charged once
+    assert not retried.has_error() and retried.content["metrics"]["steps"] == 2
+
+
+def test_the_round_seed_is_derived_once_and_every_draw_follows_it(config, flower_task_identity,
+                                                                  monkeypatch):
+    """One seed per (run seed, site, round), derived by the node: DP sampling and noise
+    (simulation), the dataset's slice draws and the recipe's public draws all come from it,
+    so a replayed simulation is reproducible and two rounds never share draws."""
+    from medgen.models.dp_cgan import DPConditionalGAN
+
+    seen = []
+    original = DPConditionalGAN.train_local
+
+    def spy(self, model, ctx):
+        seen.append((ctx.seed, ctx.private.seed, ctx.data._seed, ctx.stream_seed(0)))
+        return original(self, model, ctx)
+
+    monkeypatch.setattr(DPConditionalGAN, "train_local", spy)
+    config = config.replace(num_rounds=2)
+    app(_message(config, 1), _context(config))
+    app(_message(config, 2), _context(config))
+    (seed1, private1, data1, stream1), (seed2, *_rest) = seen
+    assert seed1 == private1 == data1 and stream1 not in (seed1, seed1 + 1, seed1 + 2)
+    assert seed2 != seed1

@@ -57,3 +57,43 @@ def test_every_recipe_honours_the_contract(name):
     images = recipe.sample(model, labels, torch.tensor([0, 1]), torch.Generator().manual_seed(0))
     assert images.shape == (2, 1, 32, 32) and torch.isfinite(images).all()
     assert images.min() >= -1 and images.max() <= 1
+
+
+def _outside(bounds, default):
+    """A value each declared bound refuses (one per end / the choices)."""
+    if bounds.choices is not None:
+        return ["not-a-choice"]
+    step = 1 if isinstance(default, int) else 1e-3
+    out = []
+    if bounds.at_least is not None:
+        out.append(type(default)(bounds.at_least - step))
+    if bounds.above is not None:
+        out.append(type(default)(bounds.above))
+    if bounds.at_most is not None:
+        out.append(type(default)(bounds.at_most + step))
+    if bounds.below is not None:
+        out.append(type(default)(bounds.below))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_declared_option_bounds_hold_the_defaults_and_refuse_naming_the_option(name):
+    options = recipe_class(name).Options
+    declared = options.bounds()
+    assert declared, f"{name} declares no option bounds"
+    defaults = options()
+    for key, bounds in declared.items():
+        default = getattr(defaults, key.replace("-", "_"))
+        assert bounds.admits(default), f"{name}: the default of options.{key} is out of its bounds"
+        values = _outside(bounds, default)
+        assert values, f"{name}: options.{key} declares an empty bound"
+        for value in values:
+            with pytest.raises(ConfigError, match=f"options\\.{key} must be"):
+                build_recipe(RunConfig(recipe=name, options={key: value}))
+
+
+@pytest.mark.parametrize("key,value", [("lr-gen", float("nan")), ("gen-width", 2.5),
+                                       ("moment-release", 1), ("loss", 3)])
+def test_option_types_are_checked_before_their_bounds(key, value):
+    with pytest.raises(ConfigError, match=f"options\\.{key}'? must be"):  # (RunConfig refuses a NaN first)
+        build_recipe(RunConfig(options={key: value}))
