@@ -19,21 +19,31 @@ takes part in every round (no sampling, no amplification), so the guarantee comp
 accountant (Opacus "rdp" or "prv"). ``site_level_guarantee`` computes it from the
 per-round num-examples the run log already holds.
 
-Flower's wrapper skips the whole round when any site replies with an error (a site over
-its privacy budget would stall training); ``SiteLevelFixedClipping`` instead lets the
-inner strategy validate and exclude replies as usual (logged), then adds the noise.
+Site rows. Row k of a site-indexed array comes from site k alone (server/aggregation.py),
+so removing site k changes that row by its whole (clipped) row update b, not by
+b * n_k / sum(n). With ``a`` the clipped update's shared part (a^2 + b^2 <= C^2), the
+normalised sensitivity is sqrt((a * max(n) / sum(n) / s)^2 + (b / s_row)^2) for noise
+``s = z * C / K`` on the shared arrays; noise ``s_row = z * C * sum(n) / (K * max(n))`` on
+each released row (= z * C for equal sites) keeps it at most 1 / z_eff, so the statement
+above holds for the rows too. Rows of sites that did not answer are unchanged and get none.
+
+The noise is the LAST stage of the server's one aggregation pipeline
+(server/aggregation.py, ``add_client_level_noise``), on the plain path, under SecAgg+
+(the new global weights = unmasked mean + noise) and in the in-process runner alike;
+excluded replies are logged there instead of skipping the round as Flower's wrapper does.
+The weights n are the pipeline's bounded aggregation weights (logged per site as
+``aggregation-weight``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_stdv
 
 from medgen.config import RunConfig
@@ -61,26 +71,42 @@ class ClientLevelDP:
     def noise_std(self) -> float:
         return compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sites)
 
-    def wrap(self, strategy) -> "SiteLevelFixedClipping":
-        return SiteLevelFixedClipping(strategy, self.noise_multiplier, self.clipping_norm, self.num_sites)
+    def row_noise_std(self, weights: Sequence[float]) -> float:
+        """Noise on each released site row: z * C * sum(n) / (K * max(n)) (module docstring)."""
+        return self.noise_std * sum(weights) / max(weights)
 
 
-class SiteLevelFixedClipping(DifferentialPrivacyClientSideFixedClipping):
-    """Flower's client-side fixed-clipping wrapper, with exclusions left to the wrapped
-    strategy (which validates, logs and drops bad or error replies) instead of skipping
-    the round on the first error reply."""
+def add_client_level_noise(arrays: Mapping[str, np.ndarray], shared_keys: Sequence[str],
+                           released_rows: Mapping[str, Sequence[int]], std: float, row_std: float,
+                           rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The new global weights plus Gaussian noise: ``std`` on every coordinate of the
+    floating-point ``shared_keys``, ``row_std`` on each released row (rows of sites that did
+    not answer are untouched). Returns new arrays (the inputs are not modified)."""
+    out = dict(arrays)
+    for key in shared_keys:
+        value = np.asarray(arrays[key])
+        if np.issubdtype(value.dtype, np.floating):
+            out[key] = (value.astype(np.float64) + rng.normal(0.0, std, value.shape)).astype(value.dtype)
+    for key, positions in released_rows.items():
+        value = np.array(arrays[key], dtype=np.float64, copy=True)
+        if not np.issubdtype(np.asarray(arrays[key]).dtype, np.floating):
+            continue
+        for position in positions:
+            value[position] += rng.normal(0.0, row_std, value[position].shape)
+        out[key] = value.astype(np.asarray(arrays[key]).dtype)
+    return out
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        arrays, metrics = self.strategy.aggregate_train(server_round, list(replies))
-        if arrays:
-            arrays = self._add_noise_to_aggregated_arrays(arrays)
-            if metrics is not None:
-                metrics["client-dp-noise-std"] = self.noise_std_value
-        return arrays, metrics
 
-    @property
-    def noise_std_value(self) -> float:
-        return compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+def clip_update(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray], norm: float
+                ) -> dict[str, np.ndarray]:
+    """``after`` with its update ``after - before`` clipped to L2 ``norm`` over the floating-
+    point arrays (Flower's fixedclipping_mod rule; integer arrays pass through)."""
+    floats = [k for k, v in after.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
+    updates = {k: np.asarray(after[k], np.float64) - np.asarray(before[k], np.float64) for k in floats}
+    total = math.sqrt(sum(float(np.sum(u ** 2)) for u in updates.values()))
+    scale = min(1.0, norm / total) if total > 0 else 1.0
+    return {k: (np.asarray(before[k], np.float64) + updates[k] * scale).astype(np.asarray(after[k]).dtype)
+            if k in updates else np.asarray(after[k]) for k in after}
 
 
 def client_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -102,13 +128,7 @@ def client_clipping_mod(msg: Message, context: Context, call_next: ClientAppCall
     if set(arrays.keys()) != set(before):
         return Message(Error(CLIPPING_REFUSED, "client-level clipping: the trained weights do not match the "
                              "request's arrays"), reply_to=msg)
-    values = {k: arrays[k].numpy() for k in arrays.keys()}
-    floats = [k for k, v in values.items() if np.issubdtype(v.dtype, np.floating)]
-    updates = {k: values[k].astype(np.float64) - before[k].astype(np.float64) for k in floats}
-    total = math.sqrt(sum(float(np.sum(u ** 2)) for u in updates.values()))
-    scale = min(1.0, norm / total) if total > 0 else 1.0
-    clipped = {k: (before[k] + updates[k] * scale).astype(values[k].dtype) if k in updates else values[k]
-               for k in arrays.keys()}
+    clipped = clip_update(before, {k: arrays[k].numpy() for k in arrays.keys()}, norm)
     reply.content[name] = ArrayRecord({k: Array(np.asarray(v)) for k, v in clipped.items()})
     return reply
 
@@ -141,7 +161,8 @@ def site_level_guarantee(train_records: Iterable[dict], config: RunConfig) -> di
     dp = ClientLevelDP.from_config(config)
     if dp is None:
         return None
-    rounds = [[float(m["num-examples"]) for m in record["per_site"].values()]
+    # the weights the mean actually used (bounded by the pipeline), else the declared counts
+    rounds = [[float(m.get("aggregation-weight", m["num-examples"])) for m in record["per_site"].values()]
               for record in train_records
               if record.get("kind") == "train" and record.get("per_site")
               and not record.get("aggregate", {}).get("kept-previous-weights")]

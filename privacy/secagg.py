@@ -2,8 +2,9 @@
 of the sites' updates, never one site's update, and survives dropped sites.
 
 Flower 1.42 has SecAgg+ only on its legacy path (``secaggplus_mod`` on the client,
-``SecAggPlusWorkflow`` on the server, FitIns/FitRes records). This module bridges it to
-medgen's Message-API apps without a second copy of any logic:
+``SecAggPlusWorkflow`` on the server, FitIns/FitRes records). This module holds the
+protocol settings and the client side; the server side is server/secure_rounds.py, which
+aggregates through the server's one pipeline (server/aggregation.py).
 
 Client: ``secure_aggregation_mod`` is a client mod. A plain train request passes straight
 to the ClientApp's train handler. A SecAgg+ request goes through Flower's own
@@ -16,14 +17,22 @@ site whose update is non-finite or outside the quantisation range, or whose weig
 above the protocol's max_weight, refuses (error reply, counted as dropped) instead of
 corrupting the masked sum.
 
-Server: ``SecureAggregationRounds`` runs Flower's ``SecAggPlusWorkflow`` once per round
-with a small legacy strategy (``_SumToGlobal``): configure_fit sends the global weights
-(ordered by key; the key order travels in the config), aggregate_fit receives the
-unmasked weighted mean update, adds it to the global weights and validates the result.
-Per-site metrics (epsilon, num-examples, ...) still travel in the clear: they are
-needed for the privacy statement and leak no update. Dropped sites and protocol failures
-are logged like any exclusion. Robust per-site checks (privacy/robust.py) cannot apply
-here by construction; the config refuses median/trimmed-mean with secure aggregation.
+Site-indexed rows (a recipe's ``site_indexed_keys``: site embeddings, per-site tables,
+one-off releases). Row k is trained, or released, by site k alone, so row k of the
+unmasked sum is exactly site k's own (weighted) row update: SecAgg+ cannot hide it, and
+averaging it would shrink it K-fold. The design:
+- each site zeroes, in its masked update, every row of those arrays but its own (the
+  request names the arrays under ``medgen-site-rows``), so honest row k of the sum is
+  site k's alone;
+- the server recovers row k's update from the mean by undoing site k's weight
+  (x sum(w) / w_k, w the protocol's quantised weights of the sites in the sum), applies it
+  to the current row, and bounds the row like any site row (privacy/robust.py, 3.);
+- what this releases is site k's own row, the same value the plain path takes from site
+  k's reply: the output of its DP-trained network (post-processing) or its accounted
+  one-off release (its ledger), so it costs no budget beyond the record-level guarantee.
+  SecAgg+'s protection covers the shared (non-row) arrays; docs/security.md says so.
+A malicious site can add values to another site's row inside the sum (it cannot be
+attributed there); the row bound limits what that can do.
 
 Thresholds: with K sites and ``secagg-max-dropped`` = d, every site's secrets are split
 among all K sites and any K - d shares reconstruct them. SecAgg's guarantee against the
@@ -34,32 +43,24 @@ unmask it alone), so d < K / 2 is enforced.
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import Code, FitIns, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
-from flwr.common import parameters_to_ndarrays
+from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
-from flwr.server.compat.grid_client_proxy import GridClientProxy
-from flwr.server.compat.legacy_context import LegacyContext
-from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-from flwr.server.workflow.constant import Key as WorkflowKey
-from flwr.serverapp import Grid
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, add_gaussian_noise_inplace
 
 from medgen.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
 
 ARRAY_KEYS = "medgen-array-keys"   # fitins config: the names of the legacy parameter list
+SITE_ROWS = "medgen-site-rows"     # fitins config: the site-indexed arrays (row k: site k's own)
 SECAGG_REFUSED = 4013
 REQUIRE_KEY = "require-secure-aggregation"  # node config: the hospital insists
 
@@ -111,12 +112,17 @@ class SecAggSettings:
                                   quantization_range=self.levels,
                                   modulus_range=self.modulus_range, timeout=self.timeout)
 
+    def weight_ratio(self, num_examples: float) -> float:
+        """The weight a site's update carries in the sum: n / max_weight rounded to 1/Q
+        (Flower's secaggplus_mod, ``dq_ratio``)."""
+        return round(num_examples / self.max_weight * self.levels) / self.levels
+
     def error_bound(self, num_examples: list[float]) -> float:
         """Worst-case per-coordinate error of the aggregated mean update from quantisation
         (each site's stochastic rounding <= one step 2c/Q) and from rounding the weights
         n_i / max_weight to multiples of 1/Q, for updates bounded by c (test oracle)."""
         q = self.levels
-        ratios = [round(n / self.max_weight * q) / q for n in num_examples]
+        ratios = [self.weight_ratio(n) for n in num_examples]
         step = 2 * self.clipping_range / q
         return len(ratios) * step / sum(ratios) + self.clipping_range * len(ratios) / (q * sum(ratios))
 
@@ -170,7 +176,8 @@ class _LegacyBridge:
         if len(keys) != len(incoming):
             raise SecAggRefused(SECAGG_REFUSED, f"the request names {len(keys)} arrays but carries "
                                 f"{len(incoming)}; refusing to train on a malformed request")
-        config = ConfigRecord({k: v for k, v in settings.items() if k != ARRAY_KEYS})
+        row_keys = [str(k) for k in settings.get(SITE_ROWS, [])]
+        config = ConfigRecord({k: v for k, v in settings.items() if k not in (ARRAY_KEYS, SITE_ROWS)})
         plain = Message(RecordDict({"arrays": ArrayRecord({k: Array(a) for k, a in zip(keys, incoming)}),
                                     "config": config}), metadata=msg.metadata)
         reply = self.call_next(plain, context)
@@ -178,7 +185,7 @@ class _LegacyBridge:
             raise SecAggRefused(int(reply.error.code), str(reply.error.reason))
         arrays = next(iter(reply.content.array_records.values()))
         metrics = next(iter(reply.content.metric_records.values()))
-        update = _update(keys, incoming, arrays)
+        update = _only_own_rows(keys, _update(keys, incoming, arrays), row_keys, metrics.get("site-index"))
         num_examples = int(metrics["num-examples"])
         _check_quantisable(update, num_examples, context)
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), num_examples,
@@ -200,6 +207,23 @@ def _update(keys: list[str], incoming: list[np.ndarray], arrays: ArrayRecord) ->
     return update
 
 
+def _only_own_rows(keys: list[str], update: list[np.ndarray], row_keys: list[str], site_index: Any
+                   ) -> list[np.ndarray]:
+    """Zero every row of the site-indexed arrays but this site's own (module docstring)."""
+    if not row_keys:
+        return update
+    if not isinstance(site_index, int) or isinstance(site_index, bool):
+        raise SecAggRefused(SECAGG_REFUSED, "the reply names no integer site-index; the site-indexed "
+                            "rows cannot be placed in the masked sum")
+    out = list(update)
+    for position, key in enumerate(keys):
+        if key in row_keys:
+            own = np.zeros_like(out[position])
+            own[site_index] = out[position][site_index]
+            out[position] = own
+    return out
+
+
 def _check_quantisable(update: list[np.ndarray], num_examples: int, context: Context) -> None:
     """Refuse what Flower would silently clip (and so corrupt the sum): a weight above
     max_weight, or a weighted update coordinate outside [-clipping_range, clipping_range]."""
@@ -215,188 +239,3 @@ def _check_quantisable(update: list[np.ndarray], num_examples: int, context: Con
     if peak * num_examples / max_weight > clipping_range:
         raise SecAggRefused(SECAGG_REFUSED, "this site's update exceeds the secure-aggregation "
                             "quantisation range; the coordinator must raise clipping_range")
-
-
-# -- server -------------------------------------------------------------------------------
-@dataclass
-class RoundOutcome:
-    server_round: int
-    per_site: dict[str, dict[str, float]]
-    excluded: list[dict[str, str]]
-    aggregate: dict[str, float]
-    accepted: bool
-
-
-class _SumToGlobal(LegacyStrategy):
-    """The legacy strategy SecAggPlusWorkflow drives: global weights out, mean update in."""
-
-    def __init__(self, keys: list[str], dtypes: dict[str, np.dtype], site_names: tuple[str, ...],
-                 grid: Grid, train_config: dict[str, Any], min_sites: int):
-        self.keys, self.dtypes, self.site_names = keys, dtypes, site_names
-        self.grid, self.train_config, self.min_sites = grid, train_config, min_sites
-        self.outcome: RoundOutcome | None = None
-        self.noise_std = 0.0
-        self.sampled: list[int] = []
-        self.node_sites: dict[int, str] = {}  # learnt from valid metrics, for the run log
-        self.absolute_round = 0
-        self.global_arrays: dict[str, np.ndarray] = {}
-
-    def configure_fit(self, server_round, parameters, client_manager):
-        config = {**self.train_config, "absolute-round": self.absolute_round, ARRAY_KEYS: list(self.keys)}
-        nodes = sorted(self.grid.get_node_ids())
-        self.sampled = list(nodes)
-        return [(GridClientProxy(n, self.grid, self.grid.run.run_id), FitIns(parameters, dict(config)))
-                for n in nodes]
-
-    def aggregate_fit(self, server_round, results, failures):
-        from medgen.server.strategy import AcceptedReply, aggregate_site_metrics
-
-        answered = {proxy.node_id for proxy, _ in results}
-        excluded = [{"site": self.node_sites.get(node, f"node-{node}"),
-                     "reason": "dropped out of secure aggregation (no masked update, or an error reply)"}
-                    for node in self.sampled if node not in answered]
-        sites, problems = [], []
-        for proxy, fitres in results:
-            site, why = _site_metrics(fitres, self.site_names)
-            if why:
-                problems.append({"site": f"node-{proxy.node_id}", "reason": why})
-            else:
-                self.node_sites[proxy.node_id] = site.site
-                sites.append(site)
-        per_site = {s.site: s.metrics for s in sites}
-        if problems or len(results) < self.min_sites:
-            why = "invalid site metrics" if problems else f"{len(results)} sites < min-sites {self.min_sites}"
-            self.outcome = RoundOutcome(self.absolute_round, per_site, excluded + problems,
-                                        {"kept-previous-weights": 1.0, "sites": float(len(sites))}, False)
-            log.warning("round %d: secure aggregate discarded (%s): keeping the previous global "
-                        "weights", self.absolute_round, why)
-            return None, {}
-        mean_update = parameters_to_ndarrays(results[0][1].parameters)  # the same sum for all
-        new_global, why = _apply(self.keys, self.dtypes, self.global_arrays, mean_update)
-        if why:
-            self.outcome = RoundOutcome(self.absolute_round, per_site, excluded + [
-                {"site": "aggregate", "reason": why}], {"kept-previous-weights": 1.0}, False)
-            log.warning("round %d: %s: keeping the previous global weights", self.absolute_round, why)
-            return None, {}
-        if self.noise_std > 0:  # client-level DP (privacy/client_dp.py): noise on the sum only
-            add_gaussian_noise_inplace(mean_update, self.noise_std)
-        metrics = aggregate_site_metrics([AcceptedReply(s.site, s.num_examples, {}, s.metrics) for s in sites])
-        metrics["secure-aggregation"] = 1.0
-        if self.noise_std > 0:
-            metrics["client-dp-noise-std"] = self.noise_std
-        self.global_arrays = new_global
-        self.outcome = RoundOutcome(self.absolute_round, per_site, excluded, metrics, True)
-        return ndarrays_to_parameters([new_global[k] for k in self.keys]), {}
-
-    # the rest of the legacy interface is unused: evaluation is the coordinator's own
-    def initialize_parameters(self, client_manager):
-        return None
-
-    def configure_evaluate(self, server_round, parameters, client_manager):
-        return []
-
-    def aggregate_evaluate(self, server_round, results, failures):
-        return None, {}
-
-    def evaluate(self, server_round, parameters):
-        return None
-
-
-@dataclass(frozen=True)
-class _SiteMetrics:
-    site: str
-    num_examples: float
-    metrics: dict[str, float]
-
-
-def _site_metrics(fitres: FitRes, site_names: tuple[str, ...]) -> tuple[_SiteMetrics | None, str | None]:
-    metrics = {k: v for k, v in fitres.metrics.items()}
-    for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-            return None, f"metric '{key}' must be a finite number"
-    index = metrics.get("site-index")
-    if index is None or index != int(index) or not 0 <= int(index) < len(site_names):
-        return None, f"metric 'site-index' must be an integer in [0, {len(site_names)})"
-    if fitres.num_examples <= 0:
-        return None, "num-examples must be > 0"
-    values = {k: float(v) for k, v in metrics.items()}
-    values["num-examples"] = float(fitres.num_examples)
-    return _SiteMetrics(site_names[int(index)], float(fitres.num_examples), values), None
-
-
-def _apply(keys, dtypes, global_arrays, mean_update) -> tuple[dict[str, np.ndarray], str | None]:
-    if len(mean_update) != len(keys):
-        return {}, f"aggregate holds {len(mean_update)} arrays, the model {len(keys)}"
-    out = {}
-    for key, delta in zip(keys, mean_update):
-        before = global_arrays[key]
-        if delta.shape != before.shape or not np.all(np.isfinite(delta)):
-            return {}, f"aggregated update of '{key}' is not finite or has the wrong shape"
-        value = np.asarray(before, np.float64) + delta
-        dtype = dtypes[key]
-        out[key] = (np.rint(value) if np.issubdtype(dtype, np.integer) else value).astype(dtype)
-    return out, None
-
-
-@dataclass
-class SecureAggregationRounds:
-    """Runs ``num_rounds`` SecAgg+ rounds from ``initial``; after each, ``on_round_end``
-    (the same evaluate_fn the plain path uses: checkpoint, evaluation) and the run log."""
-
-    settings: SecAggSettings
-    site_names: tuple[str, ...]
-    min_sites: int
-    run_log: Any = None                       # medgen.server.run_log.RunDir or None
-    round_offset: int = 0
-    client_dp: Any = None                     # medgen.privacy.client_dp.ClientLevelDP or None
-    wait_for_nodes: float = 300.0
-    outcomes: list[RoundOutcome] = field(default_factory=list)
-
-    def run(self, grid: Grid, initial: ArrayRecord, num_rounds: int, train_config: dict[str, Any],
-            on_round_end: Callable[[int, ArrayRecord], Any] | None = None,
-            context: Context | None = None) -> ArrayRecord:
-        keys = list(initial.keys())
-        arrays = {k: initial[k].numpy() for k in keys}
-        train_config = dict(train_config)
-        if self.client_dp is not None:  # sites clip (client_clipping_mod), the server adds noise
-            train_config[KEY_CLIPPING_NORM] = float(self.client_dp.clipping_norm)
-        strategy = _SumToGlobal(keys, {k: a.dtype for k, a in arrays.items()}, self.site_names, grid,
-                                train_config, self.min_sites)
-        strategy.noise_std = self.client_dp.noise_std if self.client_dp is not None else 0.0
-        strategy.global_arrays = arrays
-        base = context or Context(run_id=grid.run.run_id, node_id=0, node_config={},
-                                  state=RecordDict(), run_config={})
-        legacy = LegacyContext(base, strategy=strategy)
-        workflow = self.settings.workflow()
-        for server_round in range(1, num_rounds + 1):
-            self._wait_for_nodes(grid)
-            strategy.absolute_round = self.round_offset + server_round
-            strategy.outcome = None
-            legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-                ndarrays_to_parameters([strategy.global_arrays[k] for k in keys]), keep_input=True)
-            legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
-                {WorkflowKey.CURRENT_ROUND: strategy.absolute_round})
-            workflow(grid, legacy)
-            outcome = strategy.outcome or RoundOutcome(
-                strategy.absolute_round, {}, [{"site": "all", "reason": "secure aggregation halted: "
-                                               "too few sites answered to unmask the sum"}],
-                {"kept-previous-weights": 1.0}, False)
-            self._log(outcome)
-            if on_round_end is not None:
-                on_round_end(server_round, ArrayRecord({k: Array(v) for k, v in strategy.global_arrays.items()}))
-        return ArrayRecord({k: Array(v) for k, v in strategy.global_arrays.items()})
-
-    def _wait_for_nodes(self, grid: Grid) -> None:
-        deadline = time.monotonic() + self.wait_for_nodes
-        while len(list(grid.get_node_ids())) < max(self.min_sites, self.settings.threshold):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"secure aggregation needs {self.settings.threshold} connected sites; "
-                                   f"only {len(list(grid.get_node_ids()))} after {self.wait_for_nodes:.0f} s")
-            time.sleep(1.0)
-
-    def _log(self, outcome: RoundOutcome) -> None:
-        self.outcomes.append(outcome)
-        for item in outcome.excluded:
-            log.warning("round %d: excluded %s: %s", outcome.server_round, item["site"], item["reason"])
-        if self.run_log is not None:
-            self.run_log.log_train(outcome.server_round, outcome.per_site, outcome.excluded, outcome.aggregate)

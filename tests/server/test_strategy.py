@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
+from medgen.config import RunConfig
+from medgen.server.aggregation import AggregationPipeline
 from medgen.server.run_log import RunDir, read_metrics
 from medgen.server.strategy import (ValidatingFedAvg, aggregate_site_metrics, specs_of,
                                     weighted_average, ReplyValidator)
@@ -47,10 +49,12 @@ def metrics(site: int, n: int, eps: float, loss: float = 1.0) -> dict:
     return {"num-examples": n, "site-index": site, "epsilon": eps, "delta": 1e-5, "loss_gen": loss}
 
 
-def strategy(tmp_path, min_sites=2, offset=0) -> ValidatingFedAvg:
+def strategy(tmp_path, min_sites=2, offset=0, **config) -> ValidatingFedAvg:
+    """The server's strategy for a 4-site run, its pipeline built as server/app.py does."""
+    run_config = RunConfig(sites=",".join(SITES), min_sites=min_sites, **config)
     expected = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
-    return ValidatingFedAvg(expected=expected, site_names=SITES, min_sites=min_sites,
-                            run_dir=RunDir(tmp_path), round_offset=offset)
+    pipeline = AggregationPipeline.for_run(run_config, specs_of(expected), (), RunDir(tmp_path), resume=False)
+    return ValidatingFedAvg(pipeline, round_offset=offset)
 
 
 def test_aggregate_equals_numpy_weighted_mean(tmp_path):
