@@ -38,11 +38,16 @@ from medgen.atomic import atomic_write_json
 from medgen.config import ConfigError, RunConfig
 from medgen.evaluation.report import write_report
 from medgen.models.recipe import Recipe
+from medgen.privacy.client_dp import site_level_guarantee
+from medgen.privacy.secagg import SecAggSettings
+from medgen.privacy.site_update import specs_of
 from medgen.server.checkpoint import (checkpoint_for_resume, new_checkpoint, save_checkpoint,
                                       set_aside_checkpoint)
 from medgen.server.outcome import checkpoint_round, kept_previous, untrained_rounds
 from medgen.server.run_lock import read_holder
 from medgen.server.run_log import RunDir, read_metrics
+from medgen.server.aggregation import AggregationPipeline
+from medgen.server.secure_rounds import SecureAggregationRounds
 from medgen.server.strategy import ValidatingFedAvg
 
 log = logging.getLogger(__name__)
@@ -117,27 +122,19 @@ def _train(grid: Grid, config: RunConfig, run_dir: RunDir) -> int:
         return start
 
     initial = ArrayRecord(recipe.shared_state(model))
-    from medgen.privacy.client_dp import ClientLevelDP
-    from medgen.privacy.robust import RobustAggregator, RobustSettings
-
     round_end = RoundEnd(config, recipe, run_dir, run_key, start, _evaluator(config))
     train_config = ConfigRecord({"run-key": run_key,
                                  # hospitals check it against their own (deploy/allowlist.py)
                                  "medgen-version": medgen.__version__})
-    client_dp = ClientLevelDP.from_config(config)  # None unless client-dp-noise-multiplier > 0
+    # ONE aggregation pipeline for either path (server/aggregation.py); the node-to-site
+    # binding survives a restart of this run (kept beside the checkpoint), not a new run
+    pipeline = AggregationPipeline.for_run(config, specs_of(initial), recipe.site_indexed_keys, run_dir,
+                                           resume=checkpoint is not None)
     if config.secure_aggregation:  # SecAgg+ (privacy/secagg.py): the server sees only the sum
-        from medgen.privacy.secagg import SecAggSettings, SecureAggregationRounds
-
-        SecureAggregationRounds(SecAggSettings.from_config(config), config.site_names, config.min_sites,
-                                run_log=run_dir, round_offset=start, client_dp=client_dp
+        SecureAggregationRounds(SecAggSettings.from_config(config), pipeline, round_offset=start
                                 ).run(grid, initial, remaining, dict(train_config), on_round_end=round_end)
         return config.num_rounds
-    strategy = ValidatingFedAvg(expected=initial, site_names=config.site_names,
-                                min_sites=config.min_sites, run_dir=run_dir, round_offset=start,
-                                aggregator=RobustAggregator(RobustSettings.from_config(config)),
-                                site_indexed_keys=recipe.site_indexed_keys)
-    if client_dp is not None:
-        strategy = client_dp.wrap(strategy)
+    strategy = ValidatingFedAvg(pipeline, round_offset=start)
     strategy.start(grid, initial, num_rounds=remaining, timeout=config.round_timeout,
                    train_config=train_config, evaluate_fn=round_end)
     return config.num_rounds
@@ -234,18 +231,26 @@ def _finish(config: RunConfig, run_dir: RunDir) -> Path | None:
 
 
 def privacy_from_metrics(run_dir: RunDir, config: RunConfig) -> dict[str, Any]:
-    """Per-site epsilon as the sites reported it (the last round each site trained)."""
+    """Per-site epsilon as the sites reported it: the largest a site reported, in a reply
+    that was aggregated OR excluded after its privacy metrics were checked (an excluded
+    site still spent that budget: ``excluded_rounds`` counts those, ``spent_while_excluded``
+    flags the site; server/validation.py). Epsilons in refused privacy metrics are not
+    believed and not reported."""
     sites: dict[str, dict[str, Any]] = {}
     records = read_metrics(run_dir.metrics)  # read once: both guarantees come from it
     for record in records:
         if record.get("kind") != "train":
             continue
-        for site, metrics in record.get("per_site", {}).items():
-            sites[site] = {"epsilon": metrics.get("epsilon"), "delta": metrics.get("delta"),
-                           "last_round": record["round"],
-                           "rounds": sites.get(site, {}).get("rounds", 0) + 1}
-    from medgen.privacy.client_dp import site_level_guarantee
-
+        spent = [(e["site"], e, True) for e in record.get("excluded", []) if e.get("epsilon") is not None]
+        for site, metrics, excluded in [(s, m, False) for s, m in record.get("per_site", {}).items()] + spent:
+            entry = sites.setdefault(site, {"epsilon": None, "delta": None, "last_round": 0, "rounds": 0,
+                                            "excluded_rounds": 0, "spent_while_excluded": False})
+            eps = metrics.get("epsilon")
+            if eps is not None and (entry["epsilon"] is None or eps >= entry["epsilon"]):
+                entry["epsilon"], entry["delta"] = eps, metrics.get("delta")
+            entry["last_round"] = max(entry["last_round"], int(record["round"]))
+            entry["excluded_rounds" if excluded else "rounds"] += 1
+            entry["spent_while_excluded"] = entry["spent_while_excluded"] or excluded
     out = {"unit": "patient", "accountant": config.accountant, "delta": config.delta,
            "target_epsilon": config.target_epsilon, "reported_by_sites": sites,
            "max_epsilon": max((s["epsilon"] or 0.0 for s in sites.values()), default=0.0)}
