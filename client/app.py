@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 import traceback
+from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
 from medgen.client.local_state import (LocalState, ReplyStore, StoredReply, load_local_state,
                                        request_id, save_local_state)
@@ -35,7 +37,7 @@ from medgen.models.registry import build_recipe
 from medgen.privacy.accounting import sample_rate_for
 from medgen.privacy.client_dp import client_clipping_mod
 from medgen.privacy.ledger import BudgetExceeded
-from medgen.privacy.message_audit import outbox_mod
+from medgen.privacy.message_audit import OUTBOX_FILE, record_outbox
 from medgen.privacy.round import PrivacyRound, PrivacySchedule
 from medgen.privacy.secagg import secure_aggregation_mod
 
@@ -45,6 +47,16 @@ BUDGET_EXCEEDED = 4001  # Flower's own error codes stop at 8; ours are recognisa
 TRAINING_FAILED = 4002
 
 app = ClientApp()
+
+
+def outbox_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The message audit (privacy/message_audit.py) writing to this node's state dir."""
+    return record_outbox(msg, context, call_next, _outbox_file)
+
+
+def _outbox_file(context: Context) -> Path:
+    config = RunConfig.from_run_config(context.run_config)
+    return resolve_node(config, context.node_config).state_dir / OUTBOX_FILE
 
 
 # outbox_mod outermost: it records exactly what leaves the node (privacy/message_audit.py)

@@ -1,7 +1,8 @@
 """Message audit: record the structure of every message a site sends, and check it.
 
-``outbox_mod`` is a Flower client mod, placed OUTERMOST on the ClientApp's train handler
-so it sees exactly what leaves the node (after every other mod, SecAgg+ masking
+``record_outbox`` is the body of a Flower client mod; the ClientApp composes it with its
+node's outbox file (client/app.py ``outbox_mod``, placed OUTERMOST on the train handler
+so it sees exactly what leaves the node, after every other mod, SecAgg+ masking
 included). For each reply it appends one JSON line to ``<node state dir>/outbox.jsonl``:
 the record names, every array's shape and dtype (never its values), every metric's
 value, and for config records the type and size of each value (strings verbatim, so
@@ -27,10 +28,10 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
@@ -38,7 +39,6 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from medgen.atomic import append_line
-from medgen.server.strategy import ArraySpec
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,13 @@ SECAGG_KEYS = {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, Key.DESTINATION_LIST, Key.CIP
                Key.MASKED_PARAMETERS, Key.NODE_ID_LIST, Key.SHARE_LIST}
 ALLOWED_STRINGS = {("fitres.status", "message"): {"", "Success"}}
 PATH_LIKE = re.compile(r"[/\\]|\.(nii|gz|dcm|png|jpe?g|npy|pt|json|csv|txt)\b|^[A-Za-z]:", re.I)
+
+
+class ArraySpec(Protocol):
+    """What the checker needs of an expected weight (server/strategy.py ``ArraySpec`` is one)."""
+
+    shape: tuple[int, ...]
+    dtype: str
 
 
 @dataclass(frozen=True)
@@ -104,16 +111,10 @@ def _describe_config(record: str, key: str, value: Any) -> dict[str, Any]:
     return described
 
 
-def outbox_path(context: Context) -> Path:
-    from medgen.client.node import resolve_node
-    from medgen.config import RunConfig
-
-    config = RunConfig.from_run_config(context.run_config)
-    return resolve_node(config, context.node_config).state_dir / OUTBOX_FILE
-
-
-def outbox_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Client mod: record every outgoing reply's structure before it leaves the node.
+def record_outbox(msg: Message, context: Context, call_next: ClientAppCallable,
+                  outbox_file: Callable[[Context], Path]) -> Message:
+    """Client mod body: record every outgoing reply's structure (in ``outbox_file(context)``)
+    before it leaves the node.
 
     An exception inside the app would otherwise reach Flower, whose error reply carries
     the exception text (which may name local files): it becomes a fixed sentence here.
@@ -126,7 +127,7 @@ def outbox_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
                               "the node log)"), reply_to=msg)
     try:
         record = {"message_type": str(msg.metadata.message_type), **describe_message(reply)}
-        append_line(outbox_path(context), json.dumps(record, sort_keys=True))
+        append_line(outbox_file(context), json.dumps(record, sort_keys=True))
     except Exception:  # noqa: BLE001 - fail closed: nothing unrecorded leaves
         log.exception("message audit: could not record the outgoing reply; sending an error")
         return Message(Error(OUTBOX_FAILED, "the node could not record this reply in its "

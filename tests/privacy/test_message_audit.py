@@ -12,8 +12,9 @@ from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Error, Message,
 from flwr.common import ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
+from medgen.client.app import outbox_mod  # privacy/message_audit.py's recorder, on the node's state dir
 from medgen.config import RunConfig
-from medgen.privacy.message_audit import (OUTBOX_FAILED, OUTBOX_FILE, check_outbox, outbox_mod,
+from medgen.privacy.message_audit import (OUTBOX_FAILED, OUTBOX_FILE, check_outbox,
                                           read_outbox)
 from medgen.server.strategy import ArraySpec
 
