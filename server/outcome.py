@@ -62,7 +62,7 @@ def why_untrained(records: Iterable[Mapping[str, Any]], sites: tuple[str, ...], 
             reasons[str(item.get("site"))] = str(item.get("reason"))
     budget = sorted(site for site, reason in reasons.items() if BUDGET_WORDS in reason)
     parts = []
-    if budget and set(sites) <= set(budget):
+    if budget and (set(sites) <= set(budget) or len(budget) >= len(sites)):  # sites or node ids
         parts.append(f"budget exhausted at every site ({', '.join(budget)})")
     elif budget:
         parts.append(f"budget exhausted at {', '.join(budget)}")
@@ -91,13 +91,15 @@ class RunOutcome:
     def summary(self) -> str:
         if self.complete:
             skipped = [r for r in self.untrained if r <= self.num_rounds]
-            note = f" (round(s) {span(skipped)} trained no site and kept the weights)" if skipped else ""
+            rounds = f"rounds {span(skipped)}" if len(skipped) > 1 else f"round {span(skipped)}"
+            note = f" ({rounds} trained no site and kept the weights)" if skipped else ""
             return f"finished round {self.final_round}{note}"
         where = (f"the checkpoint stays at round {self.final_round}, the last round that trained"
                  if self.final_round else
                  "no checkpoint holds trained weights" if self.final_round is None else
                  "the checkpoint holds the initial weights (round 0)")
-        return f"no site trained in rounds {span(self.missing)}: {self.why or 'they did not run'}; {where}"
+        rounds = f"rounds {span(self.missing)}" if len(self.missing) > 1 else f"round {span(self.missing)}"
+        return f"no site trained in {rounds}: {self.why or 'the rounds did not run'}; {where}"
 
 
 def run_outcome(run_dir: Path, records: list[Mapping[str, Any]], num_rounds: int, sites: tuple[str, ...],

@@ -75,7 +75,7 @@ def test_a_skipped_middle_round_is_named_but_the_run_is_complete(tmp_path):
              dict(server_round=2, per_site={"A": {}, "B": {}}, excluded=[], aggregate={})]
     run_dir, config = _run_dir(tmp_path, train_lines=lines)
     result = verify_results(run_dir, run_dir.read_done(), config, 1.0)
-    assert result.outcome.summary() == "finished round 2 (round(s) 1 trained no site and kept the weights)"
+    assert result.outcome.summary() == "finished round 2 (round 1 trained no site and kept the weights)"
 
 
 def test_no_checkpoint_and_partial_answers_are_explained(tmp_path):
