@@ -1,11 +1,15 @@
 """A cache of preprocessed tensors, keyed by the exact bytes they were made from.
 
-The key (``fingerprint``) hashes, for every file under the given input folders: its path
-relative to the site, its size and a hash of its content (files are small; hashing the
-bytes is fast and, unlike mtimes, survives copies and catches same-size edits), plus the
-preprocessing parameters and ``medgen.__version__``. Any changed, added or removed file
-(a bad one too: whether it is skipped depends on its bytes) or parameter gives another
-key, hence a miss. Entries are written atomically (medgen.atomic) and loaded with
+The key (``folder_key``) hashes the listing of the site's input folders made by the one
+walk every reader shares (client/site_folder.py): for every regular file it may read, its
+path relative to the site, its size and a hash of its content (files are small; hashing the
+bytes is fast and, unlike mtimes, survives copies and catches same-size edits); every
+entry it skipped (a link, a FIFO, an unreadable file) with its reason; the preprocessing
+parameters and ``medgen.__version__``. So the key covers exactly what the loader may read,
+never opens what the loader would not (no link followed, no pipe opened), and an
+unreadable file is a skipped entry in the key, not a crash. Any changed, added or removed
+file (a bad one too: whether it is skipped depends on its bytes) or parameter gives
+another key, hence a miss. Entries are written atomically (medgen.atomic) and loaded with
 ``weights_only=True`` (plain tensors, strings and numbers only, nothing executable).
 """
 
@@ -22,40 +26,38 @@ import torch
 
 import medgen
 from medgen.atomic import atomic_torch_save
+from medgen.client.site_folder import SiteFolder, file_digest
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
-_CHUNK = 1 << 20
+__all__ = ["CACHE_FORMAT", "TensorCache", "file_digest", "fingerprint", "folder_key"]
+
+CACHE_FORMAT = 2  # 2: keyed on the shared site-folder listing (skipped entries included)
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
+def folder_key(folder: SiteFolder, params: Mapping[str, Any]) -> str:
+    """Hex key over the listing ``folder`` and ``params`` (JSON-serialisable)."""
+    digest = hashlib.sha256()
+    header = {"format": CACHE_FORMAT, "medgen": medgen.__version__, "params": dict(params)}
+    digest.update(json.dumps(header, sort_keys=True, default=str).encode())
+    for name in folder.folders:
+        prefix = "" if name == "." else name + "/"
+        files = sorted(r for r in folder.files if name == "." or r.startswith(prefix))
+        digest.update(f"\0folder {name} {name in folder.present} {len(files)}".encode())
+        for relative in files:
+            facts = folder.files[relative]
+            digest.update(f"\0{relative}\0{facts.size}\0{facts.digest}".encode())
+    for relative, reason in sorted(folder.skipped):
+        digest.update(f"\0skipped {relative}\0{reason}".encode())
     return digest.hexdigest()
 
 
 def fingerprint(root: Path, folders: tuple[str, ...], params: Mapping[str, Any]) -> str:
-    """Hex key over every file under ``root/<folder>`` (recursively) and ``params``.
+    """``folder_key`` of a fresh listing of ``root/<folder>`` for each of ``folders``.
 
-    ``params`` must be JSON-serialisable (image size, normalisation version, readers).
     Missing folders count as empty (a site without labels/).
     """
-    root = Path(root)
-    digest = hashlib.sha256()
-    header = {"format": CACHE_FORMAT, "medgen": medgen.__version__, "params": dict(params)}
-    digest.update(json.dumps(header, sort_keys=True, default=str).encode())
-    for folder in folders:
-        base = root / folder
-        files = sorted(p for p in base.rglob("*") if p.is_file()) if base.is_dir() else []
-        digest.update(f"\0folder {folder} {len(files)}".encode())
-        for path in files:
-            relative = path.relative_to(root).as_posix()
-            size = os.stat(path).st_size
-            digest.update(f"\0{relative}\0{size}\0{file_digest(path)}".encode())
-    return digest.hexdigest()
+    return folder_key(SiteFolder.scan(root, tuple(folders)), params)
 
 
 class TensorCache:

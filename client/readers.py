@@ -1,19 +1,23 @@
 """Image readers: a registry of small classes that turn one file or folder into a Volume.
 
-The site loader (client/site_data.py) walks ``images/`` and ``labels/`` and asks each
-reader, in registry order, whether it ``claims`` a path (a file, or a directory such as
-a DICOM series folder); the first that does ``read``s it. A directory nobody claims is
-walked into, so nested exports work. Adding a format = one class + one line in
-``READERS``; callers needing reader options pass their own instances to ``load_site``.
+The site reading (client/site_records.py) lists ``images/`` and ``labels/`` with the one
+walk every reader shares (client/site_folder.py: no links, regular files only) and asks
+each reader, in registry order, whether it ``claims`` a listed entry (a file, or a
+directory such as a DICOM series folder); the first that does ``read``s it. A directory
+nobody claims is walked into, so nested exports work. Adding a format = one class + one
+line in ``READERS``; callers needing reader options pass their own instances to ``load_site``.
 
 Reader protocol:
 - ``name: str``
-- ``claims(path: Path) -> bool``: cheap (suffix, magic bytes); never raises.
+- ``claims(path: Path) -> bool``: cheap (suffix, magic bytes); never raises; never claims
+  a symbolic link.
 - ``read(path: Path) -> Volume | Iterable[Volume | SkippedFile]``: raise ``ReaderError``
-  saying what is wrong (the loader prefixes the site-relative path); a reader that finds
-  several records under one folder (several series) may return several volumes and skip
-  some. A volume may carry an aligned label map in ``meta["labels"]`` (a DICOM SEG),
-  used when labels/ has no file of the same name.
+  saying what is wrong; a reader that finds several records under one folder (several
+  series) may return several volumes and skip some (``SkippedFile(path, why)``). Reasons
+  say why, not where: the loader prefixes the path relative to the site folder. Files
+  are opened with ``site_folder.open_regular`` (never a link, pipe or device), and a
+  folder is walked with ``site_folder.walk``. A volume may carry an aligned label map in
+  ``meta["labels"]`` (a DICOM SEG), used when labels/ has no file of the same name.
 
 A Volume carries no identifiers. The site loader keys a record by its file/folder path
 relative to the site (in memory only); a reader that knows two sources belong to one
@@ -23,12 +27,17 @@ key (a salted hash) so both become one privacy unit.
 
 from __future__ import annotations
 
+import gzip
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
+import nibabel
 import numpy as np
+from PIL import Image
+
+from medgen.client.site_folder import open_regular
 
 # name -> "module:Class", in claim order; imported lazily so a format's heavy imports
 # cost only the sites that use it.
@@ -55,7 +64,11 @@ class Volume:
 
 @dataclass(frozen=True)
 class SkippedFile:
-    """A file or folder that was not used, and why (the reason names the file)."""
+    """A file or folder that was not used, and why.
+
+    From a reader, ``reason`` says why; in a loaded site (``SiteData.skipped``) it starts
+    with the path relative to the site folder ("images/x.nii.gz: contains 3 NaN voxels").
+    """
 
     path: Path
     reason: str
@@ -110,6 +123,32 @@ def to_volume_array(data: np.ndarray, path: Path) -> np.ndarray:
     return np.asarray(data, dtype=np.float32)
 
 
+def _regular(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        with open_regular(path) as handle:
+            return handle.read()
+    except OSError as err:
+        raise ReaderError(f"cannot be read ({err.strerror or err})") from None
+
+
+def _nifti_from_bytes(data: bytes):
+    """A NIfTI-1 or NIfTI-2 image from the bytes of a .nii or .nii.gz file (in memory)."""
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    try:
+        return nibabel.Nifti1Image.from_bytes(data)
+    except Exception:  # not NIfTI-1: try NIfTI-2, else report the NIfTI-1 error
+        try:
+            return nibabel.Nifti2Image.from_bytes(data)
+        except Exception:
+            pass
+        raise
+
+
 class NiftiReader:
     """``.nii`` / ``.nii.gz`` through nibabel; scale factors applied (``get_fdata``)."""
 
@@ -117,13 +156,11 @@ class NiftiReader:
 
     def claims(self, path: Path) -> bool:
         lower = path.name.lower()
-        return path.is_file() and (lower.endswith(".nii") or lower.endswith(".nii.gz"))
+        return (lower.endswith(".nii") or lower.endswith(".nii.gz")) and _regular(path)
 
     def read(self, path: Path) -> Volume:
-        import nibabel
-
         try:
-            image = nibabel.load(str(path))
+            image = _nifti_from_bytes(_read_bytes(path))
             raw_dtype = np.dtype(image.get_data_dtype())
             if raw_dtype.kind not in "biuf":
                 raise ReaderError(f"NIfTI data type {raw_dtype} is not a real "
@@ -147,13 +184,11 @@ class PngReader:
     name = "png"
 
     def claims(self, path: Path) -> bool:
-        return path.is_file() and path.name.lower().endswith(".png")
+        return path.name.lower().endswith(".png") and _regular(path)
 
     def read(self, path: Path) -> Volume:
-        from PIL import Image
-
         try:
-            with Image.open(path) as image:
+            with open_regular(path) as handle, Image.open(handle) as image:
                 image.load()
                 mode = image.mode
                 data = np.asarray(image)

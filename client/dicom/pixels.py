@@ -20,6 +20,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from medgen.client.dicom.headers import FrameInfo
 from medgen.client.dicom.scan import Problem
 from medgen.client.dicom.series import Series
+from medgen.client.site_folder import open_regular
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,9 @@ def _decode_error(relpath: str, err: Exception) -> PixelDecodeError:
 def read_frames(path: Path, relpath: str) -> tuple[Dataset, np.ndarray]:
     """Read a file and return its dataset and pixels as (frames, rows, cols)."""
     try:
-        ds = pydicom.dcmread(path)
-        arr = ds.pixel_array
+        with open_regular(path) as handle:  # never a link or a pipe, even if swapped since the scan
+            ds = pydicom.dcmread(handle)
+            arr = ds.pixel_array
     except Exception as err:  # decoders raise many types on damaged data
         raise _decode_error(relpath, err) from None
     frames = int(ds.get("NumberOfFrames") or 1)

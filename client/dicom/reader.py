@@ -62,9 +62,10 @@ def resample_in_plane(array: np.ndarray, spacing: tuple[float, float, float], ta
     return out.astype(array.dtype), (target, target, spacing[2])
 
 
-def read_folder(root: Path, options: DicomReadOptions, salt: bytes) -> tuple[list[SeriesVolume], list[Problem]]:
-    """Every usable image series under ``root``, plus every problem found."""
-    scan: ScanResult = scan_folder(root, salt=salt)
+def read_folder(root: Path, options: DicomReadOptions, salt: bytes,
+                only: list[Path] | None = None) -> tuple[list[SeriesVolume], list[Problem]]:
+    """Every usable image series under ``root`` (or in its files ``only``), plus every problem."""
+    scan: ScanResult = scan_folder(root, salt=salt, only=only)
     problems = list(scan.problems)
     problems.extend(Problem(rel, "not a DICOM file (no DICM preamble); ignored")
                     for rel in scan.other_files)
@@ -117,11 +118,13 @@ class DicomSeriesReader:
 
     def claims(self, path: Path) -> bool:
         path = Path(path)
+        if path.is_symlink():
+            return False
         if path.is_file():
             return is_dicom_file(path)
         if not path.is_dir():
             return False
-        for k, candidate in enumerate(iter_files(path)):
+        for k, candidate in enumerate(iter_files(path)):  # no link followed, no pipe opened
             if k >= CLAIM_PROBE_FILES:
                 break
             if is_dicom_file(candidate):
@@ -129,35 +132,26 @@ class DicomSeriesReader:
         return False
 
     def read(self, path: Path) -> Iterator[Volume | SkippedFile]:
+        """One Volume per usable series; one SkippedFile per problem, its reason saying why
+        (the caller names the file, relative to its site)."""
         path = Path(path)
-        if path.is_file():  # a lone DICOM file: scan its folder but keep only this file
+        if path.is_file():  # a lone DICOM file: this file only, not its neighbours
             yield from self._read_single_file(path)
             return
         volumes, problems = read_folder(path, self.options, self._salt)
         for problem in problems:
-            log.warning("DICOM skipped: %s: %s", problem.relpath, problem.reason)
-            yield SkippedFile(path / problem.relpath, f"{problem.relpath}: {problem.reason}")
+            log.debug("DICOM skipped: %s: %s", problem.relpath, problem.reason)  # the loader logs it
+            yield SkippedFile(path / problem.relpath, problem.reason)
         if not volumes and not problems:
-            raise ReaderError(f"{path.name}: no DICOM image found")
+            raise ReaderError("no DICOM image found")
         single = len(volumes) == 1
         for item in volumes:
             yield self._volume(path if single else path / item.series.folder, item)
 
     def _read_single_file(self, path: Path) -> Iterator[Volume | SkippedFile]:
-        import shutil
-        import tempfile
-
-        # Scanning must see only this file; a symlink in a private temp folder does that
-        # without copying or touching the hospital's data.
-        with tempfile.TemporaryDirectory(prefix="medgen-dcm-") as tmp:
-            link = Path(tmp) / path.name
-            try:
-                link.symlink_to(path.resolve())
-            except OSError:
-                shutil.copyfile(path, link)
-            volumes, problems = read_folder(Path(tmp), self.options, self._salt)
+        volumes, problems = read_folder(path.parent, self.options, self._salt, only=[path])
         for problem in problems:
-            yield SkippedFile(path, f"{path.name}: {problem.reason}")
+            yield SkippedFile(path, problem.reason)
         for item in volumes:
             yield self._volume(path, item)
 

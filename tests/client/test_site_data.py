@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import nibabel
@@ -112,7 +113,7 @@ def build_bad_site(root: Path, files) -> Path:
 def test_bad_files_reported_by_name_skipped_and_nothing_modified(tmp_path, caplog, files):
     site_dir = build_bad_site(tmp_path, files)
     before = files.snapshot(site_dir)
-    with caplog.at_level(logging.WARNING, logger="medgen.client.site_data"):
+    with caplog.at_level(logging.WARNING):
         site = load_site(site_dir, 16)
     assert files.snapshot(site_dir) == before
     assert site.num_patients == 2 and site.images.shape[0] == 2 and site.has_labels
@@ -142,12 +143,31 @@ def test_nothing_usable_raises_naming_directory_and_reasons(tmp_path):
         load_site(tmp_path / "nowhere", 16)
 
 
-def test_missing_label_maps_disable_site_labels_with_warning(good_site, caplog):
+def test_an_image_without_label_map_is_skipped_alone_and_the_site_keeps_its_labels(good_site):
+    """Issue 13 failure 2: one image without labels used to drop the whole site's labels."""
     (good_site / "labels" / "p1.nii.gz").unlink()
+    site = load_site(good_site, 16)
+    assert site.has_labels and site.labels.shape[0] == site.images.shape[0] == 5
+    assert site.num_patients == 3
+    [skipped] = site.skipped
+    assert skipped.reason.startswith("images/p1.nii.gz: no label map: expected labels/p1.nii.gz")
+    # a recipe that needs no labels may keep the record (and then no labels are used)
+    kept = load_site(good_site, 16, need_labels=False)
+    assert kept.num_patients == 4 and not kept.has_labels and kept.skipped == []
+
+
+def test_site_without_labels_folder_loads_unlabelled_with_a_warning(good_site, caplog):
+    shutil.rmtree(good_site / "labels")
     with caplog.at_level(logging.WARNING):
         site = load_site(good_site, 16)
     assert site.labels is None and not site.has_labels and site.num_patients == 4
-    assert any("1 of 4 images have no label map" in r.getMessage() for r in caplog.records)
+    assert site.skipped == []
+    assert any("no label maps are used at this site" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        dataset = PatientDataset(site, generator_seed=0)
+    assert not dataset.has_labels
+    assert any("all-zero placeholder label map" in r.getMessage() for r in caplog.records)
 
 
 class SeriesFolderReader:
@@ -171,7 +191,7 @@ class SeriesFolderReader:
         for line in (path / "series.txt").read_text().split():
             series, patient, *flat = line.split(":")
             if series == "broken":
-                out.append(SkippedFile(path / series, f"{path.name}/{series}: missing slice"))
+                out.append(SkippedFile(path / series, "missing slice"))
                 continue
             image, labels = self.files.phantom(16, seed=len(out))
             source = path if flat else path / series
@@ -188,7 +208,8 @@ def test_plugged_in_reader_groups_series_of_one_patient(tmp_path, files):
     # t1+t2 are one patient, other one, m1+m2 (same source folder, both kept) one
     assert site.images.shape[0] == 5 and site.num_patients == 3
     assert sorted(torch.bincount(site.patient_index).tolist()) == [1, 2, 2]
-    assert [s.reason for s in site.skipped] == ["study1/broken: missing slice"]
+    # the reader says why; the loader names the entry relative to the site folder
+    assert [s.reason for s in site.skipped] == ["images/export/study1/broken: missing slice"]
     assert site.has_labels  # from the volumes' embedded segmentations
     disc = torch.from_numpy(files.phantom(16)[1].astype(np.int64))
     assert all(torch.equal(row, disc) for row in site.labels)
@@ -240,7 +261,7 @@ def test_patient_dataset_item_is_a_patient_and_draws_its_slices(good_site):
 
 
 def test_unlabelled_site_returns_zero_placeholder_labels(good_site):
-    (good_site / "labels" / "p0.nii.gz").unlink()
+    shutil.rmtree(good_site / "labels")
     dataset = PatientDataset(load_site(good_site, 16), generator_seed=0)
     assert not dataset.has_labels
     _, label = dataset[0]
@@ -250,7 +271,7 @@ def test_unlabelled_site_returns_zero_placeholder_labels(good_site):
 @pytest.mark.parametrize("labelled", [True, False])
 def test_poisson_loader_handles_empty_batches(good_site, labelled):
     if not labelled:
-        (good_site / "labels" / "p0.nii.gz").unlink()
+        shutil.rmtree(good_site / "labels")
     dataset = PatientDataset(load_site(good_site, 16), generator_seed=0)
     sizes_by_seed = []
     for seed in range(30):

@@ -15,9 +15,12 @@ from conftest import tree_digest
 
 
 def read_all(root, **options):
+    """Volumes by folder name; skipped entries named as the site loader names them
+    (the reader's reason says why, the path relative to the folder read says where)."""
     items = list(DicomSeriesReader(DicomReadOptions(**options)).read(root))
     volumes = {v.source.name: v for v in items if isinstance(v, Volume)}
-    skipped = [s for s in items if isinstance(s, SkippedFile)]
+    skipped = [SkippedFile(s.path, f"{s.path.relative_to(root).as_posix()}: {s.reason}")
+               for s in items if isinstance(s, SkippedFile)]
     return volumes, skipped
 
 

@@ -1,0 +1,53 @@
+"""The public anatomy bank: label maps anyone may use, read by the same walk as a site.
+
+``<public_dir>/labels/`` (or ``public_dir`` itself) holds tissue label maps only. They
+are listed by client/site_folder.py (no links followed, regular files only, unreadable
+files skipped and named), checked as label maps and resized nearest-neighbour. A bad map
+is skipped with its reason; only a bank with nothing usable raises.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from medgen.client.preprocess import check_labels, square_resize
+from medgen.client.readers import Reader, ReaderError, SkippedFile, default_readers
+from medgen.client.site_folder import SiteFolder
+from medgen.client.site_records import SiteDataError, SkipLog, claimed_entries, read_outcomes
+from medgen.models.recipe import PublicData
+
+__all__ = ["load_public_bank"]
+
+
+def load_public_bank(public_dir: str | Path, image_size: int,
+                     readers: Sequence[Reader] | None = None) -> PublicData:
+    """Label maps of the public bank (``<public_dir>/labels`` or ``public_dir`` itself)."""
+    public_dir = Path(public_dir)
+    if not public_dir.is_dir():
+        raise SiteDataError(f"{public_dir}: no public label maps (expected {public_dir}/labels/)")
+    readers = list(readers) if readers is not None else default_readers()
+    top = "labels" if (public_dir / "labels").is_dir() and not (public_dir / "labels").is_symlink() else "."
+    folder = SiteFolder.scan(public_dir, (top,))
+    skips = SkipLog(public_dir)
+    for rel, reason in folder.skipped:
+        skips.add(public_dir / rel, reason)
+    maps = []
+    for rel, reader in claimed_entries(folder, top, readers, skips):
+        for outcome in read_outcomes(public_dir / rel, reader):
+            if isinstance(outcome, SkippedFile):
+                skips.add(outcome.path, outcome.reason)
+                continue
+            try:
+                check_labels(outcome.array, None, skips.relative(outcome.source))
+            except ReaderError as err:
+                skips.add(outcome.source, str(err))
+                continue
+            maps.append(square_resize(outcome.array, image_size, outcome.spacing, "label"))
+    if not maps:
+        reasons = "\n  ".join(s.reason for s in skips.items) or "the folder holds no files"
+        where = public_dir / top if top != "." else public_dir
+        raise SiteDataError(f"{where}: no usable public label maps; reasons:\n  {reasons}")
+    return PublicData(label_maps=torch.cat(maps))
