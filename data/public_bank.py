@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ import numpy as np
 from medgen.data.errors import DataError, RemapError
 from medgen.data.label_schema import LabelSchema
 from medgen.data.manifest import DATASET_TOML, DatasetManifest
+from medgen.data.staging import staged_folder
 from medgen.data.writeback import write_nifti
 
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".png")
@@ -110,9 +109,7 @@ def build_public_bank(labels_dir: str | Path, remap_path: str | Path, schema_pat
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DataError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         records = [_convert(path, labels_dir, staging, remap, schema) for path in sources]
         _check_unique_outputs(records)
         shutil.copyfile(schema_path, staging / DATASET_TOML)
@@ -127,10 +124,6 @@ def build_public_bank(labels_dir: str | Path, remap_path: str | Path, schema_pat
                              for name in schema.names},
         }
         (staging / PROVENANCE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-        _swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return provenance
 
 
@@ -194,14 +187,3 @@ def _check_unique_outputs(records: list[dict[str, Any]]) -> None:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished bank over ``out`` (an old one is moved aside, then removed)."""
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / "old")
-        os.replace(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, out)

