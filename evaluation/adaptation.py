@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from medgen.evaluation.translation import mean_tissue_dice
+from medgen.models.segmenter import SegmenterSettings, predict_labels, train_on_images
 from medgen.sim.random_contrast import acquisition_jitter, gaussian_blur
 
 Translate = Callable[[torch.Tensor, str, str], torch.Tensor]
@@ -69,8 +70,6 @@ def _jitter(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) ->
 
 def dice_by_site(segmenter: torch.nn.Module, test: Mapping[str, Any],
                  transform: Callable[[torch.Tensor, str], torch.Tensor] | None = None) -> dict[str, float]:
-    from medgen.models.segmenter import predict_labels
-
     out = {}
     for site, h in sorted(test.items()):
         images = transform(h.images.clone(), site) if transform is not None else h.images
@@ -83,8 +82,6 @@ def evaluate_adaptation(source: str, train_sets: Mapping[str, tuple[torch.Tensor
                         seed: int = 0, contrast_agnostic: torch.nn.Module | None = None) -> dict[str, Any]:
     """Dice per condition and site; ``train_sets``: site -> (images [N,1,H,W], labels [N,H,W])
     of that site's labelled TRAINING images (``source`` must be among them)."""
-    from medgen.models.segmenter import SegmenterSettings, train_on_images
-
     if source not in train_sets:
         raise ValueError(f"no training images for source site {source}; have {sorted(train_sets)}")
     settings = settings or SegmenterSettings(steps=400, channels=(8, 16, 32, 64))

@@ -34,6 +34,7 @@ import torch
 
 from medgen.atomic import atomic_write_bytes, atomic_write_json
 from medgen.evaluation.image_metrics import dice_per_class, mae, psnr, ssim
+from medgen.models.segmenter import SegmenterSettings, predict_labels, train_on_images
 from medgen.sim.brain_box import brain_box
 
 DATA_RANGE = 2.0  # images live in [-1, 1]
@@ -91,8 +92,6 @@ def classical_baselines(fit: Mapping[str, Any]) -> dict[str, Translator]:
 # -- target-site segmenters -----------------------------------------------------------
 def train_target_segmenters(fit: Mapping[str, Any], settings=None, seed: int = 0) -> dict[str, torch.nn.Module]:
     """One segmenter per site, trained on that site's REAL ``heldout/fit`` images only."""
-    from medgen.models.segmenter import SegmenterSettings, train_on_images
-
     settings = settings or SegmenterSettings(steps=300, channels=(8, 16, 32, 64))
     return {site: train_on_images(h.images, h.labels, settings, seed=seed + 17 * k)
             for k, (site, h) in enumerate(sorted(fit.items()))}
@@ -107,8 +106,6 @@ def mean_tissue_dice(pred_labels: torch.Tensor, true_labels: torch.Tensor) -> fl
 def score_pair(translated: torch.Tensor, target_site: Any, segmenter: torch.nn.Module | None,
                reference_dice: float | None) -> dict[str, float]:
     """Metrics of translated images against the target site's clean renderings."""
-    from medgen.models.segmenter import predict_labels
-
     if translated.shape != target_site.clean.shape:
         raise ValueError(f"translated images have shape {tuple(translated.shape)}, expected "
                          f"{tuple(target_site.clean.shape)} (one per held-out target image)")
@@ -140,7 +137,6 @@ def evaluate_translation(test: Mapping[str, Any], translators: Mapping[str, Tran
             raise ValueError(f"held-out sites {s} and {t} do not hold the same subjects in the same "
                              "order; paired evaluation needs heldout/<split>/<site> of one build")
     segmenters = segmenters or {}
-    from medgen.models.segmenter import predict_labels
 
     reference = {t: mean_tissue_dice(predict_labels(segmenters[t], test[t].images), test[t].labels)
                  for t in sorted({t for _, t in pairs}) if t in segmenters}

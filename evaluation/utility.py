@@ -38,8 +38,12 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from medgen.atomic import atomic_write_json
+from medgen.client.site_data import load_heldout, load_public_bank
+from medgen.config import RunConfig
 from medgen.evaluation.image_metrics import dice_per_class
+from medgen.models.registry import build_recipe
 from medgen.models.segmenter import SegmenterSettings, build_segmenter, fit_segmenter, image_batches
+from medgen.server.checkpoint import load_checkpoint
 from medgen.sim.random_contrast import acquisition_jitter
 
 Pairs = tuple[torch.Tensor, torch.Tensor]  # (images [N,1,H,W] in [-1,1], labels [N,H,W] int64)
@@ -155,11 +159,6 @@ def run_utilities(run_dir: Path, per_site: int | None, settings: Sequence[Utilit
                   seed: int = 0) -> list[dict[str, Any]]:
     """``run_utility`` for several settings on ONE set of synthetic pairs: the sampling (the
     slow part for a diffusion model) is done once; each result is written to its own file."""
-    from medgen.client.site_data import load_heldout, load_public_bank
-    from medgen.config import RunConfig
-    from medgen.models.registry import build_recipe
-    from medgen.server.checkpoint import load_checkpoint
-
     run_dir = Path(run_dir)
     config = RunConfig.from_toml(run_dir / "config.toml")
     checkpoint = load_checkpoint(run_dir)

@@ -12,6 +12,9 @@ same computation at every hospital and cannot afford tens of thousands of steps.
 Privacy: the inputs are public label maps, random contrasts and random deformations; no
 site's data is read, so S costs no privacy and ships in round 1's weights
 (``BridgeTranslator.initialise``). ``S.pt.json`` beside it records how it was made.
+
+An entry point (the command): it reads the public bank with the node's loader, above the
+models layer (tests/test_layering.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from typing import Any
 import torch
 
 from medgen.atomic import atomic_torch_save, atomic_write_json
+from medgen.client.site_data import SiteDataError, load_public_bank
+from medgen.models.segmenter import SegmenterSettings, train_contrast_agnostic
+from medgen.sim.random_deformation import RandomDeformation
 
 
 def provenance_path(segmenter_path: str | Path) -> Path:
@@ -39,10 +45,6 @@ def pretrain(public_dir: str | Path, out: str | Path, steps: int, image_size: in
              seed: int = 0, deform: bool = True, lr: float = 3e-3) -> dict[str, Any]:
     """Train S on renderings of the public bank; write its state dict and provenance
     atomically; return the provenance record."""
-    from medgen.client.site_data import load_public_bank
-    from medgen.models.segmenter import SegmenterSettings, train_contrast_agnostic
-    from medgen.sim.random_deformation import RandomDeformation
-
     public = load_public_bank(public_dir, image_size)
     maps = public.label_maps.long()
     start = time.perf_counter()
@@ -72,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
-    from medgen.client.site_data import SiteDataError
-
     try:
         record = pretrain(args.public, args.out, args.steps, args.image_size, args.seed,
                           deform=not args.no_deform)
