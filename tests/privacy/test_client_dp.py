@@ -1,5 +1,7 @@
-"""Client-level DP (unit: the site): clipping on the site, noise on the aggregate, and the
-separately reported site-level epsilon checked against Opacus' accountants."""
+"""Client-level DP (unit: the site): clipping on the site, noise on the NEW global weights
+(measured: the final-minus-noiseless weights have the configured standard deviation, and a
+mutation that skips the noise fails the same check), and the separately reported
+site-level epsilon checked against Opacus' accountants."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from medgen.config import RunConfig
 from medgen.privacy.client_dp import (ClientLevelDP, client_clipping_mod, effective_noise_multiplier,
                                       site_level_epsilon, site_level_guarantee)
+from medgen.privacy.site_update import specs_of
+from medgen.server import aggregation
+from medgen.server.aggregation import AggregationPipeline
 from medgen.server.strategy import ValidatingFedAvg
 
 SITES = ("A", "B", "C", "D")
@@ -27,7 +32,8 @@ def _meta(node: int) -> Metadata:
 def reply(node: int, value: float, n: int) -> Message:
     arrays = {k: np.full(v.shape, value, v.dtype) for k, v in GLOBAL.items()}
     return Message(content=RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                                       "metrics": MetricRecord({"num-examples": n, "site-index": node - 1})}),
+                                       "metrics": MetricRecord({"num-examples": n, "site-index": node - 1,
+                                                                "epsilon": 1.0, "delta": 1e-5})}),
                    metadata=_meta(node))
 
 
@@ -67,36 +73,86 @@ def test_guarantee_from_the_run_log_names_the_site_as_unit():
 
 
 # -- the mechanism --------------------------------------------------------------------
-def test_server_adds_the_calibrated_noise_and_keeps_excluding_bad_replies(tmp_path):
-    dp = ClientLevelDP(noise_multiplier=1.0, clipping_norm=2.0, num_sites=4)
-    inner = ValidatingFedAvg(expected=ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}),
-                             site_names=SITES, min_sites=2, run_dir=None)
-    strategy = dp.wrap(inner)
-    np.random.seed(0)
-    replies = [reply(1, 0.1, 10), reply(2, 0.3, 30), reply(3, 0.2, 20),
-               Message(error=Error(4001, "site D: budget"), metadata=_meta(4))]
+ROWS = "gen.site_rows"  # a site-indexed array: row k from site k alone
+
+
+def client_dp_strategy(z: float, clip: float = 2.0) -> ValidatingFedAvg:
+    config = RunConfig(sites=",".join(SITES), client_dp_noise_multiplier=z, client_dp_clipping_norm=clip)
+    expected = {**GLOBAL, ROWS: np.zeros((4, 500), np.float32)}
+    pipeline = AggregationPipeline.for_run(config, specs_of(expected), (ROWS,), None, resume=False,
+                                           rng=np.random.default_rng(7))
+    strategy = ValidatingFedAvg(pipeline)
+    strategy.current = expected
+    return strategy
+
+
+def replies_with_rows() -> list[Message]:
+    out = []
+    for node, value in ((1, 0.1), (2, 0.3), (3, 0.2), (4, -0.1)):
+        msg = reply(node, value, 20)
+        table = np.zeros((4, 500), np.float32)
+        table[node - 1] = value
+        msg.content["arrays"][ROWS] = Array(table)
+        out.append(msg)
+    return out
+
+
+def measured_noise(z: float, clip: float = 2.0) -> tuple[float, float]:
+    """Std of (noisy - noiseless) new global weights: over the shared arrays, and over the
+    released rows (normalised by the configured stds, so 1.0 is exact)."""
+    noisy, _ = client_dp_strategy(z, clip).aggregate_train(1, replies_with_rows())
+    clean, _ = client_dp_strategy(0.0, clip).aggregate_train(1, replies_with_rows())
+    dp = ClientLevelDP(z, clip, 4)
+    shared = np.concatenate([(noisy[k].numpy().astype(np.float64) - clean[k].numpy()).ravel() for k in GLOBAL])
+    rows = (noisy[ROWS].numpy().astype(np.float64) - clean[ROWS].numpy()).ravel()
+    return float(shared.std() / dp.noise_std), float(rows.std() / dp.row_noise_std([20] * 4))
+
+
+def test_noise_lands_in_the_new_global_weights_on_the_plain_path():
+    """2,040 shared and 2,000 row coordinates: the measured std is within 10 % of the
+    configured one (z C / K on the shared arrays; z C sum(n) / (K max n) on released rows)."""
+    shared, rows = measured_noise(z=1.0)
+    assert shared == pytest.approx(1.0, abs=0.1) and rows == pytest.approx(1.0, abs=0.1)
+
+
+def test_the_noise_check_fails_when_the_noise_is_skipped(monkeypatch):
+    """Mutation: a pipeline that skips the noise stage fails the check above."""
+    monkeypatch.setattr(aggregation, "add_client_level_noise", lambda arrays, *args, **kwargs: dict(arrays))
+    shared, rows = measured_noise(z=1.0)
+    assert shared < 0.01 and rows < 0.01
+
+
+def test_noise_keeps_excluding_bad_replies_and_reports_its_std(tmp_path):
+    strategy = client_dp_strategy(1.0)
+    replies = replies_with_rows()[:3] + [Message(error=Error(4001, "site D: budget"), metadata=_meta(4))]
     arrays, metrics = strategy.aggregate_train(1, replies)  # Flower's own wrapper would skip the round
-    noise = arrays["gen.w"].numpy().astype(np.float64) - (0.1 * 10 + 0.3 * 30 + 0.2 * 20) / 60
-    assert noise.std() == pytest.approx(dp.noise_std, rel=0.05) and abs(noise.mean()) < 0.05
-    assert metrics["client-dp-noise-std"] == pytest.approx(0.5) and metrics["sites"] == 3
+    assert arrays is not None and metrics["sites"] == 3
+    assert metrics["client-dp-noise-std"] == pytest.approx(0.5)
+    # rows of a site that did not answer are not released this round: no noise on them
+    np.testing.assert_array_equal(arrays[ROWS].numpy()[3], np.zeros(500, np.float32))
 
 
 def test_server_sends_the_clipping_norm_to_the_sites():
-    dp = ClientLevelDP(1.0, 0.25, 4)
-    inner = ValidatingFedAvg(expected=ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}),
-                             site_names=SITES, min_sites=2, run_dir=None)
+    strategy = client_dp_strategy(1.0, clip=0.25)
     config = ConfigRecord({"run-key": "k"})
-    wrapped = dp.wrap(inner)
 
     class NoGrid:  # configure_train only asks the grid for nodes
         def get_node_ids(self):
             return [1, 2, 3, 4]
 
     try:
-        wrapped.configure_train(1, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), config, NoGrid())
+        strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), config, NoGrid())
     except Exception:  # noqa: BLE001 - message construction needs a runtime; the config is set first
         pass
     assert config[KEY_CLIPPING_NORM] == 0.25
+
+
+def test_client_level_dp_needs_the_weighted_mean():
+    from medgen.config import ConfigError
+
+    config = RunConfig(sites="A,B,C,D", client_dp_noise_multiplier=1.0, aggregation="median")
+    with pytest.raises(ConfigError, match="needs aggregation"):
+        AggregationPipeline.for_run(config, specs_of(GLOBAL), (), None, resume=False)
 
 
 def site_request(clip: float | None) -> Message:
