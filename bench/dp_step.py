@@ -28,6 +28,7 @@ from medgen.models.recipe import PublicData
 from medgen.models.registry import build_recipe
 from medgen.privacy.accounting import sample_rate_for
 from medgen.privacy.dp_sgd import PrivateTraining
+from medgen.privacy.dp_step import DPModule
 from medgen.privacy.ledger import PrivacyPlan
 
 
@@ -44,40 +45,34 @@ def measure(image_size: int, batch: int, repeats: int, patients: int = 320) -> d
     plain_opt = torch.optim.Adam(plain_disc.parameters(), 1e-3, betas=(0.5, 0.999))
     plan = PrivacyPlan(10.0, 1e-5, "prv", sample_rate_for(patients, batch), 10_000, 1.0, 1.0)
     private = PrivateTraining(plan, [], seed=0)
-    disc, dp_opt, loader = private.make_private(
-        model.disc, torch.optim.Adam(model.disc.parameters(), 1e-3, betas=(0.5, 0.999)), dataset, batch)
+    dp_disc = DPModule(private, model.disc, torch.optim.Adam(model.disc.parameters(), 1e-3, betas=(0.5, 0.999)),
+                       dataset, batch)  # the recipe's own DP-step plumbing (privacy/dp_step.py)
     gen_opt = torch.optim.Adam(model.gen.parameters(), 1e-3, betas=(0.5, 0.999))
     device, noise_rng = torch.device("cpu"), torch.Generator().manual_seed(1)
     site = torch.zeros(batch, dtype=torch.long)
     times: dict[str, list[float]] = {"dp_disc_step": [], "plain_disc_step": [], "gen_step": []}
-    batches = iter(loader)
-    for k in range(repeats + 2):
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            x, y = next(batches)
-        t0 = time.thread_time()
-        recipe._disc_step(model, disc, dp_opt, private, x, y, public, 0, batch, noise_rng, device)
-        t1 = time.thread_time()
-        recipe._gen_step(model, disc, gen_opt, public, 0, batch, noise_rng, device)
-        t2 = time.thread_time()
-        real_x, real_y = images[:batch], labels[:batch]
-        fake_labels, fake_sites = recipe._public_conditions(public, 0, batch, noise_rng, device)
-        t3 = time.thread_time()
-        with torch.no_grad():
-            fake = model.gen(fake_labels, fake_sites, *model.gen.draw_noise(batch, noise_rng, device))
-        plain_opt.zero_grad()
-        loss = (disc_loss(plain_disc(real_x, one_hot_labels(real_y, 4), site), True, "nonsat").mean()
-                + disc_loss(plain_disc(fake, fake_labels, fake_sites), False, "nonsat").mean())
-        loss.backward()
-        plain_opt.step()
-        t4 = time.thread_time()
-        if k >= 2:  # warm-up
-            times["dp_disc_step"].append(t1 - t0)
-            times["gen_step"].append(t2 - t1)
-            times["plain_disc_step"].append(t4 - t3)
-    private.close()
+    with dp_disc as d:
+        for k, (x, y) in enumerate(d.batches(repeats + 2)):
+            t0 = time.thread_time()
+            recipe.disc_step(model, d, x, y, public, 0, noise_rng, device)
+            t1 = time.thread_time()
+            recipe.gen_step(model, d, gen_opt, public, 0, noise_rng, device)
+            t2 = time.thread_time()
+            real_x, real_y = images[:batch], labels[:batch]
+            fake_labels, fake_sites = recipe._public_conditions(public, 0, batch, noise_rng, device)
+            t3 = time.thread_time()
+            with torch.no_grad():
+                fake = model.gen(fake_labels, fake_sites, *model.gen.draw_noise(batch, noise_rng, device))
+            plain_opt.zero_grad()
+            loss = (disc_loss(plain_disc(real_x, one_hot_labels(real_y, 4), site), True, "nonsat").mean()
+                    + disc_loss(plain_disc(fake, fake_labels, fake_sites), False, "nonsat").mean())
+            loss.backward()
+            plain_opt.step()
+            t4 = time.thread_time()
+            if k >= 2:  # warm-up
+                times["dp_disc_step"].append(t1 - t0)
+                times["gen_step"].append(t2 - t1)
+                times["plain_disc_step"].append(t4 - t3)
     med = {name: statistics.median(v) for name, v in times.items()}
     return {"image_size": image_size, "batch": batch, "repeats": repeats, "median_thread_cpu_s": med,
             "ratio_dp_over_plain_disc_step": med["dp_disc_step"] / med["plain_disc_step"],
