@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
 from typing import Iterator, Sequence
 

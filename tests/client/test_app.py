@@ -7,7 +7,6 @@ import hashlib
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from medgen.client.app import BUDGET_EXCEEDED, app
