@@ -14,11 +14,17 @@ rules that were checked by eye slice by slice (docs/simulated-federation.md):
 3. Head: T1 above 12 % of the brain's 90th percentile (well above the air's noise and
    ghosting), the largest connected component, closed, holes filled per axial level and
    in 3D, so the dark skull and sinuses lie inside it.
-4. Bone: dark (below half the CSF mean) non-brain head voxels within 15 mm of the brain,
-   minus thick dark blobs (an opening of 3 voxels: eyes, sinuses), then closed by 2
-   voxels so that the bright diploe between the inner and outer tables joins the skull.
-   Dark and thin near the brain is what skull looks like on T1.
-5. Air inside the head: thick dark blobs darker than a quarter of the CSF mean (sinuses).
+4. Thick dark blobs: dark (below half the CSF mean) non-brain head voxels that survive
+   an opening of 3 voxels, as 3D components. Air and the eyes' vitreous are both near
+   noise level on this T1; a component is an air cavity (sinus, mastoid cells, pharynx)
+   when at least 65 % of its voxels are darker than a quarter of the CSF mean, otherwise
+   fluid (the globes of the eyes, large veins), which is soft tissue. Checked component
+   by component: the two globes score 0.43 and 0.59, every sinus 0.67 to 0.84.
+5. Bone: dark non-brain head voxels within 15 mm of the brain, except fluid blobs and
+   the core of air cavities (eroded by one voxel, so a sinus keeps its bony wall), then
+   closed by 2 voxels so that the bright diploe between the inner and outer tables joins
+   the skull. Dark and thin near the brain is what skull looks like on T1. Air: the
+   cavities' very dark core.
 6. Fat: non-brain, non-bone head voxels brighter than the white-matter mean (scalp and
    orbital fat are the brightest tissue on T1). Everything else in the head is soft
    tissue (skin, muscle, galea, vessels, eyes).
@@ -40,6 +46,7 @@ AIR_DARKNESS = 0.25
 BONE_REACH_MM = 15.0
 THICK_OPENING = 3  # voxels: dark blobs surviving this opening are not skull
 BONE_CLOSING = 2
+CAVITY_DARK_FRACTION = 0.65  # of a blob's voxels below AIR_DARKNESS: air, not vitreous
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,18 @@ def head_mask(t1: np.ndarray, brain: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(head) | brain
 
 
+def split_thick_blobs(thick: np.ndarray, very_dark: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(air cavities, fluid blobs) among the 3D components of ``thick`` (rule 4)."""
+    components, count = ndimage.label(thick, structure=ndimage.generate_binary_structure(3, 1))
+    if count == 0:
+        return np.zeros_like(thick), np.zeros_like(thick)
+    index = np.arange(1, count + 1)
+    fraction = ndimage.mean(very_dark, components, index=index)
+    is_cavity = np.concatenate([[False], np.asarray(fraction) >= CAVITY_DARK_FRACTION])
+    cavities = is_cavity[components] & thick
+    return cavities, thick & ~cavities
+
+
 def derive_tissues(t1: np.ndarray, brain: np.ndarray, voxel_mm: float) -> HeadTissues:
     """Labels for every voxel of a whole-head T1 with a brain mask (module docstring)."""
     t1 = np.asarray(t1, np.float32)
@@ -131,11 +150,15 @@ def derive_tissues(t1: np.ndarray, brain: np.ndarray, voxel_mm: float) -> HeadTi
 
     cross = ndimage.generate_binary_structure(3, 1)
     dark = outside_brain & (corrected < BONE_DARKNESS * csf_mean)
-    thick = ndimage.binary_opening(dark, structure=cross, iterations=THICK_OPENING)
+    very_dark = corrected < AIR_DARKNESS * csf_mean
+    cavities, fluid = split_thick_blobs(
+        ndimage.binary_opening(dark, structure=cross, iterations=THICK_OPENING), very_dark)
+    air = ndimage.binary_erosion(cavities & very_dark, structure=cross)
     near_brain = ndimage.distance_transform_edt(~brain) * voxel_mm <= BONE_REACH_MM
-    bone = dark & near_brain & ~thick
-    bone = ndimage.binary_closing(bone, structure=cross, iterations=BONE_CLOSING) & outside_brain
-    air = thick & (corrected < AIR_DARKNESS * csf_mean) & ~bone
+    keep_out = fluid | air
+    bone = dark & near_brain & ~keep_out
+    bone = ndimage.binary_closing(bone, structure=cross, iterations=BONE_CLOSING)
+    bone &= outside_brain & ~keep_out
 
     labels = np.full(t1.shape, AIR, np.uint8)
     labels[head] = SOFT_TISSUE
