@@ -245,6 +245,10 @@ class SiteReading:
             label_array = np.asarray(volume.meta["labels"], dtype=np.float32)
             label_source = f"(segmentation read with {source})"
         elif self.labelled and self.need_labels:
+            bad = self._skipped_labels().get(item)
+            if bad is not None:
+                raise ReaderError(f"no label map: {bad} was skipped (see its reason); this record "
+                                  "is skipped too, the site trains on the others")
             raise ReaderError(f"no label map: expected {self.labels}/{item}.nii.gz (or .png, or "
                               "a DICOM SEG in its series folder); this record is skipped, the "
                               "site trains on the others")
@@ -252,6 +256,13 @@ class SiteReading:
             check_labels(label_array, volume.array.shape, label_source)
         patient_key = str(volume.meta.get("patient_key", item))
         return SiteRecord(item, source, patient_key, volume, scaling, label_array, label_source)
+
+
+    def _skipped_labels(self) -> dict[str, str]:
+        """Subject name -> label entry the listing skipped (unreadable, a link, a FIFO)."""
+        prefix = self.labels + "/"
+        return {item_key(rel[len(prefix):], False): rel
+                for rel, _ in self.folder.skipped if rel.startswith(prefix)}
 
 
 def read_site(site_dir: str | Path, readers: Sequence[Reader], *, need_labels: bool = True,
