@@ -21,10 +21,20 @@ import os
 import socket
 import sys
 import time
+import tomllib
+import uuid
 from pathlib import Path
 from typing import Callable
 
 from medgen.config import RunConfig, parse_overrides
+from medgen.deploy.cli_pki import main as pki_main
+from medgen.deploy.launch import (CONNECTION, FlwrClient, LaunchError, ServerCerts, ServerState,
+                                  control_address, flower_env, superlink_command)
+from medgen.server.cli_types import positive_int, port, seconds
+from medgen.server.run_lock import RunDirLocked, RunLock
+from medgen.server.run_log import RunDir, read_metrics, show_new_records
+from medgen.server.simulate import (NothingTrained, SimulationError, _finished, _run_id, verify_results,
+                                    write_app_dir)
 
 DEFAULT_STATE = Path("server-state")
 
@@ -32,8 +42,6 @@ DEFAULT_STATE = Path("server-state")
 def _reporting(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Setup problems (missing certificates, server not started, ...) as one clear line, exit 2."""
     def run(args: argparse.Namespace) -> int:
-        from medgen.deploy.launch import LaunchError
-
         try:
             return command(args)
         except LaunchError as err:
@@ -58,15 +66,12 @@ def _add_start(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state", type=Path, default=DEFAULT_STATE, metavar="DIR",
                    help="the server's persistent folder (database, flwr connection, app bundles)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    p.add_argument("--port", type=int, default=9092, help="port for hospitals and `flwr` commands")
+    p.add_argument("--port", type=port, default=9092, help="port for hospitals and `flwr` commands")
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
     p.set_defaults(func=_reporting(_start))
 
 
 def _start(args: argparse.Namespace) -> int:
-    from medgen.deploy.launch import (ServerCerts, ServerState, control_address, flower_env,
-                                      superlink_command)
-
     certs = ServerCerts.from_dir(args.certs, args.ca)
     state = ServerState(args.state.resolve())
     state.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -93,8 +98,6 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from medgen.deploy.launch import FlwrClient, ServerState
-
     state = ServerState(args.state.resolve())
     state.require_connection()
     if not args.public_key.is_file():
@@ -109,10 +112,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run", help="train a recipe on the federation served by `medgen-server start`",
         description="Submit one training run to the running SuperLink and wait for it: progress "
-        "per round, the report path at the end, a non-zero exit if no round produced a usable "
-        "result. Waits first until --wait-nodes hospitals are online. If the server was "
-        "restarted, running the same command again resumes from the last checkpoint (raise "
-        "num-rounds to train longer).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "per round, the report path at the end. Waits first until --wait-nodes hospitals are "
+        "online. If the server was restarted, running the same command again resumes from the "
+        "last checkpoint (raise num-rounds to train longer). One `run` per RUN_DIR at a time: a "
+        "second is refused while the first waits. Exit codes: 0 every round trained; 1 the run "
+        "failed; 2 setup problem; 3 the last rounds trained no site (the line says why; the "
+        "checkpoint keeps the last round that trained); 4 RUN_DIR is in use.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", type=Path, help="RunConfig TOML file; defaults apply to keys it "
                    "does not set (sites must name the hospitals' --site names)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -121,19 +127,16 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="the folder given to `medgen-server start`")
     p.add_argument("--out", type=Path, metavar="RUN_DIR", help="run directory (default: the "
                    "config's run-dir): metrics.jsonl, checkpoint, privacy.json, report.html")
-    p.add_argument("--wait-nodes", type=int, metavar="N", help="hospitals to wait for before "
+    p.add_argument("--wait-nodes", type=positive_int, metavar="N", help="hospitals to wait for before "
                    "submitting (default: all sites in the config)")
-    p.add_argument("--wait-timeout", type=float, default=600.0, metavar="SECONDS",
+    p.add_argument("--wait-timeout", type=seconds, default=600.0, metavar="SECONDS",
                    help="submit anyway after this long (rounds need min-sites)")
-    p.add_argument("--timeout", type=float, default=24 * 3600, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds, default=24 * 3600, metavar="SECONDS",
                    help="give up waiting for the run after this long")
     p.set_defaults(func=_reporting(_run))
 
 
 def _run(args: argparse.Namespace) -> int:
-    from medgen.deploy.launch import FlwrClient, LaunchError, ServerState
-    from medgen.server.simulate import SimulationError, write_app_dir
-
     overrides = parse_overrides(args.overrides)
     config = RunConfig.from_toml(args.config, overrides) if args.config else \
         RunConfig.from_run_config(overrides)
@@ -143,30 +146,43 @@ def _run(args: argparse.Namespace) -> int:
                             data_root=str(Path(config.data_root).resolve()) if config.data_root else "")
     state = ServerState(args.state.resolve())
     state.require_connection()
-    client = FlwrClient(state)
-    wanted = args.wait_nodes if args.wait_nodes is not None else len(config.site_names)
-    online = client.wait_online(wanted, args.wait_timeout)
-    print(f"{online} hospital(s) online (waited for {wanted}); sites {config.sites}, "
-          f"min-sites {config.min_sites}", flush=True)
-    app_dir = write_app_dir(config, state.apps / "run")
+    # one coordinator per run directory; the ServerApp writes DONE with this id and stops
+    # writing if another `run` takes the directory over (server/app.py)
+    lock = RunLock(run_dir)
     try:
-        result = submit_and_wait(client, app_dir, config, timeout=args.timeout)
-    except (SimulationError, LaunchError) as err:
+        lock.acquire(uuid.uuid4().hex[:16])
+    except RunDirLocked as err:
         print(f"medgen-server run: {err}", file=sys.stderr)
-        return 1
-    print(f"finished round {result.final_round} in {result.seconds:.0f} s")
+        return 4
+    try:
+        config = config.replace(coordinator_id=lock.holder.coordinator_id)
+        client = FlwrClient(state)
+        wanted = args.wait_nodes if args.wait_nodes is not None else len(config.site_names)
+        online = client.wait_online(wanted, args.wait_timeout)
+        print(f"{online} hospital(s) online (waited for {wanted}); sites {config.sites}, "
+              f"min-sites {config.min_sites}", flush=True)
+        app_dir = write_app_dir(config, state.apps / "run")
+        try:
+            result = submit_and_wait(client, app_dir, config, timeout=args.timeout)
+        except NothingTrained as err:
+            print(f"report: {err.result.report or run_dir / 'report.html (missing: see the log above)'}")
+            print(f"medgen-server run: {err}", file=sys.stderr)
+            return 3
+        except (SimulationError, LaunchError) as err:
+            print(f"medgen-server run: {err}", file=sys.stderr)
+            return 1
+    finally:
+        lock.release()
     print(f"report: {result.report or run_dir / 'report.html (missing: see the log above)'}")
+    print(f"{result.outcome.summary()} in {result.seconds:.0f} s")
     return 0
 
 
 def submit_and_wait(client, app_dir: Path, config: RunConfig, *, timeout: float,
                     progress: Callable[[str], None] = lambda line: print(line, flush=True),
                     unreachable_after: float = 30.0):
-    """``flwr run`` the app, follow metrics.jsonl until DONE, verify; returns SimulationResult."""
-    from medgen.deploy.launch import CONNECTION, LaunchError
-    from medgen.server.run_log import RunDir, read_metrics, show_new_records
-    from medgen.server.simulate import _finished, _run_id, verify_results
-
+    """``flwr run`` the app, follow metrics.jsonl until a DONE of this config's coordinator,
+    verify; returns SimulationResult (NothingTrained if the last rounds trained no site)."""
     run_dir = RunDir(Path(config.run_dir))
     run_dir.path.mkdir(parents=True, exist_ok=True)
     run_dir.clear_done()
@@ -180,7 +196,7 @@ def submit_and_wait(client, app_dir: Path, config: RunConfig, *, timeout: float,
              f"run dir {run_dir.path}")
     host, port = _address(client)
     last_check, finished_at, reachable_at = 0.0, None, time.monotonic()
-    while (done := run_dir.read_done()) is None:
+    while (done := run_dir.read_done(config.coordinator_id or None)) is None:
         shown = show_new_records(run_dir.metrics, shown, config.num_rounds, progress)
         now = time.monotonic()
         if now - started > timeout:
@@ -204,10 +220,6 @@ def submit_and_wait(client, app_dir: Path, config: RunConfig, *, timeout: float,
 
 
 def _address(client) -> tuple[str, int]:
-    import tomllib
-
-    from medgen.deploy.launch import CONNECTION
-
     connection = tomllib.loads(client.state.connection_file.read_text())["superlink"][CONNECTION]
     address = connection["address"]
     host, _, port = address.rpartition(":")
@@ -228,8 +240,6 @@ def _add_pki(sub: argparse._SubParsersAction) -> None:
 
 
 def _pki(argv: list[str]) -> int:
-    from medgen.deploy.cli_pki import main as pki_main
-
     try:
         return pki_main(argv)
     except SystemExit as exit_:  # argparse's --help / usage errors
