@@ -196,8 +196,10 @@ class SiteReading:
         images_dir = root if self.images == "." else root / self.images
         seen: dict[str, str] = {}      # subject name -> source
         copies: dict[str | None, str] = {}  # content digest of a kept record -> its source
+        unusable = self._skipped_entries(self.images)  # subject name -> image entry skipped
         for rel, reader in claimed_entries(folder, self.images, self.readers, skips):
             path = root / rel
+            unusable.setdefault(item_key(_under(rel, self.images), folder.is_dir(rel)), rel)
             this_read: set[str] = set()
             for outcome in read_outcomes(path, reader):
                 if isinstance(outcome, SkippedFile):
@@ -228,8 +230,10 @@ class SiteReading:
                     copies[digest] = source_rel  # kept records only: a bad original hides no copy
                 yield record
         for item in sorted(set(labels) - set(seen)):
-            skips.add(root / labels[item][0], "label map with no image of the same name in "
-                                              f"{self.images}/")
+            image = unusable.get(item)
+            skips.add(root / labels[item][0], f"not used: its image {image} was skipped (see its "
+                      "reason)" if image else "label map with no image of the same name in "
+                      f"{self.images}/")
 
     def _record(self, volume: Volume, item: str, source: str,
                 label: tuple[str, Reader] | None) -> SiteRecord:
@@ -245,7 +249,7 @@ class SiteReading:
             label_array = np.asarray(volume.meta["labels"], dtype=np.float32)
             label_source = f"(segmentation read with {source})"
         elif self.labelled and self.need_labels:
-            bad = self._skipped_labels().get(item)
+            bad = self._skipped_entries(self.labels).get(item)
             if bad is not None:
                 raise ReaderError(f"no label map: {bad} was skipped (see its reason); this record "
                                   "is skipped too, the site trains on the others")
@@ -258,9 +262,9 @@ class SiteReading:
         return SiteRecord(item, source, patient_key, volume, scaling, label_array, label_source)
 
 
-    def _skipped_labels(self) -> dict[str, str]:
-        """Subject name -> label entry the listing skipped (unreadable, a link, a FIFO)."""
-        prefix = self.labels + "/"
+    def _skipped_entries(self, top: str) -> dict[str, str]:
+        """Subject name -> entry under ``top`` the listing skipped (unreadable, a FIFO...)."""
+        prefix = "" if top == "." else top + "/"
         return {item_key(rel[len(prefix):], False): rel
                 for rel, _ in self.folder.skipped if rel.startswith(prefix)}
 
