@@ -23,7 +23,6 @@ from typing import Any, Callable
 import numpy as np
 
 from medgen.atomic import atomic_write_json
-from medgen.data.manifest import DATASET_TOML
 from medgen.data.staging import staged_folder
 from medgen.data.writeback import write_nifti
 from medgen.sim.config import deformation_seed, scan_seed
@@ -217,4 +216,3 @@ def _write_dataset_tomls(config: HeadSimConfig, root: Path) -> None:
         for folder in folders:
             if folder.is_dir():
                 config.manifest(site).write(folder)
-    assert (root / DATASET_TOML).is_file()

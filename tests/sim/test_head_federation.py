@@ -9,6 +9,7 @@ import pytest
 
 from medgen.data import load_manifest
 from medgen.data.intensity import intensity_map
+from medgen.sim.cli import main as sim_main
 from medgen.sim.ct_physics import CT_PRESETS
 from medgen.sim.federation import FederationExistsError
 from medgen.sim.head_config import HeadSimConfig
@@ -140,3 +141,16 @@ def test_volumes_are_written_with_axial_slices_last(tmp_path):
     # axial slices last, feet first: the head's top (less tissue) is at the high z end
     area = (labels > 0).sum(axis=(0, 1))
     assert area[: 24 // 2].sum() > 0 and area[-1] < area.max()
+
+
+def test_cli_selects_the_head_federation_and_refuses_brain_only_flags(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sim_main(["build", "--help"])
+    assert "head-ct" in capsys.readouterr().out
+    code = sim_main(["build", "--federation", "head-ct", "--out", str(tmp_path / "x"),
+                     "--dicom-sites", "B"])
+    assert code == 2 and "--dicom-sites: brain federation only" in capsys.readouterr().err
+    code = sim_main(["build", "--federation", "head-ct", "--out", str(tmp_path / "x"),
+                     "--sites", "A,E"])
+    assert code == 2 and "site 'E' is not one of A, B, C, D, M" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
