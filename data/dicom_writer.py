@@ -1,10 +1,13 @@
-"""Write stored integer values as one DICOM series with honest Rescale Slope/Intercept.
+"""Write images as one DICOM series with honest Rescale Slope/Intercept.
 
 A reader applies the modality LUT (physical = stored * RescaleSlope + RescaleIntercept)
-and gets the physical values back; for CT that is HU (RescaleType "HU"). Headers are
-synthetic but valid (Explicit VR Little Endian, one axial slice per file, geometry from
-the spacing), UIDs derive from ``seed`` so the same call writes the same bytes, and no
-identifier of a real patient is ever written: the caller names the series.
+and gets the physical values back. ``write_physical_dicom`` chooses the stored values:
+unsigned 16 bit, HU with slope 1 and intercept -1024 (the usual CT convention, lower when
+the image goes below -1024; RescaleType "HU"), arbitrary units spread over 0..65535
+(error at most half a slope step). Headers are synthetic but valid (Explicit VR Little
+Endian, one axial slice per file, geometry from the spacing, ImageType DERIVED), UIDs
+derive from ``seed`` so the same call writes the same bytes, and no identifier of a real
+patient is ever written: the caller names the series.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, MRImageStorage,
                          PYDICOM_IMPLEMENTATION_UID, SecondaryCaptureImageStorage, generate_uid)
 
+HU_INTERCEPT = -1024.0
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."  # pydicom's documented root for generated UIDs
 SOP_CLASS = {"CT": CTImageStorage, "MR": MRImageStorage}
 
@@ -52,6 +56,32 @@ def write_series(stored: np.ndarray, spacing: Sequence[float], out_dir: str | Pa
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     return files
+
+
+def dicom_rescale(physical: np.ndarray, units: str) -> tuple[np.ndarray, float, float]:
+    """(stored uint16, slope, intercept) such that stored * slope + intercept ~ physical."""
+    values = np.asarray(physical, np.float64)
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        raise ValueError("cannot write an empty image or one holding NaN/inf as DICOM")
+    if units == "HU":
+        intercept = min(HU_INTERCEPT, float(np.floor(values.min())))
+        stored = np.rint(values) - intercept
+        if stored.max() > 65535:
+            raise ValueError(f"HU range {values.min():g}..{values.max():g} exceeds 16 bits")
+        return stored.astype(np.uint16), 1.0, intercept
+    low, high = float(values.min()), float(values.max())
+    slope = (high - low) / 65535.0 if high > low else 1.0
+    return np.rint((values - low) / slope).astype(np.uint16), slope, low
+
+
+def write_physical_dicom(out_dir: str | Path, physical: np.ndarray, spacing: Sequence[float], *,
+                         modality: str, units: str, seed: int = 0,
+                         window: tuple[float, float] | None = None,
+                         description: str = "medgen generated") -> list[Path]:
+    """One DICOM series (one file per axial slice) of ``physical`` (rows, cols[, slices])."""
+    stored, slope, intercept = dicom_rescale(physical, units)
+    return write_series(stored, spacing, out_dir, modality=modality, slope=slope,
+                        intercept=intercept, seed=seed, window=window, description=description)
 
 
 def _uid(seed: int, *parts: object) -> str:

@@ -39,7 +39,7 @@ from medgen.data.errors import DataError, RemapError
 from medgen.data.label_schema import LabelSchema
 from medgen.data.manifest import DATASET_TOML, DatasetManifest
 from medgen.data.staging import staged_folder
-from medgen.data.writeback import write_nifti
+from medgen.data.nifti_io import write_nifti
 
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".png")
 PROVENANCE = "provenance.json"

@@ -10,6 +10,12 @@ import argparse
 import sys
 import time
 
+from medgen.sim.config import SimConfigError
+from medgen.sim.federation import FederationExistsError
+from medgen.sim.head_anatomy import HeadAnatomyMissingError
+from medgen.sim.head_config import HeadSimConfig
+from medgen.sim.head_federation import build_head_federation
+
 HEAD_DEFAULT_SITES = "A,B,C,D,M"
 
 
@@ -25,14 +31,6 @@ def parse_window(text: str) -> tuple[float, float]:
 
 def build_head(args: argparse.Namespace) -> int:
     """Build the head-CT federation from parsed `build` arguments; returns an exit code."""
-    # lazy, like sim/cli.py's main: the builders pull in scipy, torch and MONAI, and
-    # `--help` (which imports this module) should stay instant
-    from medgen.sim.config import SimConfigError
-    from medgen.sim.federation import FederationExistsError
-    from medgen.sim.head_anatomy import HeadAnatomyMissingError
-    from medgen.sim.head_config import HeadSimConfig
-    from medgen.sim.head_federation import build_head_federation
-
     brain_only = [flag for flag, value in (("--severity", args.severity),
                                            ("--quantity-skew", args.quantity_skew),
                                            ("--dicom-sites", args.dicom_sites)) if value]

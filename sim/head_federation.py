@@ -24,7 +24,7 @@ import numpy as np
 
 from medgen.atomic import atomic_write_json
 from medgen.data.staging import staged_folder
-from medgen.data.writeback import write_nifti
+from medgen.data.nifti_io import write_nifti
 from medgen.sim.config import deformation_seed, scan_seed
 from medgen.sim.ct_physics import CTSitePhysics, TISSUE_HU, half_width_for, subject_hu
 from medgen.sim.federation import MANIFEST, FederationExistsError, Manifest, RenderTask, content_hash

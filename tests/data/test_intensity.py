@@ -11,7 +11,8 @@ from pydicom.pixels import apply_modality_lut
 from medgen.data.intensity import (PercentileMap, WindowMap, intensity_map,
                                    intensity_map_from_dict)
 from medgen.data.manifest import DatasetManifest, IntensityPolicy
-from medgen.data.writeback import read_physical_nifti, write_physical_dicom, write_physical_nifti
+from medgen.data.dicom_writer import write_physical_dicom
+from medgen.data.nifti_io import read_physical_nifti, write_physical_nifti
 
 WINDOW = (-1000.0, 2000.0)
 

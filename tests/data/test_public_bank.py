@@ -10,7 +10,7 @@ import pytest
 from medgen.cli import main as medgen_main
 from medgen.data import RemapError
 from medgen.data.public_bank import build_public_bank
-from medgen.data.writeback import write_nifti
+from medgen.data.nifti_io import write_nifti
 
 SCHEMA = """
 [dataset]

@@ -1,16 +1,11 @@
-"""Write images back in physical units: NIfTI and DICOM that say honestly what they hold.
+"""NIfTI in physical units: files that say honestly what they hold, written deterministically.
 
 A generated or translated image leaves the network in [-1, 1]; its ``IntensityMap``
-inverse (medgen.data.intensity) gives physical values; this module stores them:
-
-- NIfTI: HU as int16 with scl_slope = 1 and scl_inter = 0 written explicitly (a reader
-  that applies the scaling gets HU; so does one that does not). Other units as float32.
-- DICOM: unsigned 16-bit stored values with Rescale Slope/Intercept chosen so the
-  modality LUT returns the physical values: HU use slope 1 and intercept -1024 (the usual
-  CT convention; lower when the image goes below -1024), arbitrary units spread their
-  range over 0..65535 (error at most half a slope step).
-
-Files are deterministic: gzip without a timestamp, DICOM UIDs from a seed.
+inverse (medgen.data.intensity) gives physical values; ``write_physical_nifti`` stores
+them: HU as int16 with scl_slope = 1 and scl_inter = 0 written explicitly (a reader that
+applies the scaling gets HU; so does one that does not), other units as float32.
+``write_nifti`` is the deterministic writer underneath (gzip without a timestamp), also
+used by the simulated federations and the public bank. DICOM: medgen.data.dicom_writer.
 """
 
 from __future__ import annotations
@@ -22,9 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from medgen.atomic import atomic_write_bytes
-from medgen.data import dicom_writer
 
-HU_INTERCEPT = -1024.0
 SCL_OFFSET = 112  # byte offset of scl_slope (then scl_inter) in a NIfTI-1 header
 INT16 = np.iinfo(np.int16)
 
@@ -90,30 +83,3 @@ def read_physical_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]
 
     image = nib.load(str(path))
     return np.asarray(image.get_fdata(dtype=np.float64)), tuple(float(z) for z in image.header.get_zooms())
-
-
-def dicom_rescale(physical: np.ndarray, units: str) -> tuple[np.ndarray, float, float]:
-    """(stored uint16, slope, intercept) such that stored * slope + intercept ~ physical."""
-    values = np.asarray(physical, np.float64)
-    if values.size == 0 or not np.all(np.isfinite(values)):
-        raise ValueError("cannot write an empty image or one holding NaN/inf as DICOM")
-    if units == "HU":
-        intercept = min(HU_INTERCEPT, float(np.floor(values.min())))
-        stored = np.rint(values) - intercept
-        if stored.max() > 65535:
-            raise ValueError(f"HU range {values.min():g}..{values.max():g} exceeds 16 bits")
-        return stored.astype(np.uint16), 1.0, intercept
-    low, high = float(values.min()), float(values.max())
-    slope = (high - low) / 65535.0 if high > low else 1.0
-    return np.rint((values - low) / slope).astype(np.uint16), slope, low
-
-
-def write_physical_dicom(out_dir: str | Path, physical: np.ndarray, spacing: Sequence[float], *,
-                         modality: str, units: str, seed: int = 0,
-                         window: tuple[float, float] | None = None,
-                         description: str = "medgen generated") -> list[Path]:
-    """One DICOM series (one file per axial slice) of ``physical`` (rows, cols[, slices])."""
-    stored, slope, intercept = dicom_rescale(physical, units)
-    return dicom_writer.write_series(stored, spacing, out_dir, modality=modality, slope=slope,
-                                     intercept=intercept, seed=seed, window=window,
-                                     description=description)
