@@ -166,10 +166,12 @@ class AggregationPipeline:
     # -- shared by both paths: site rows -> noise -> metrics --------------------------------
     def finish(self, server_round: int, kept: Sequence[AcceptedReply], rejected: list[RejectedReply],
                combined: Mapping[str, np.ndarray], new_rows: Mapping[str, Mapping[int, np.ndarray]],
-               current: Mapping[str, np.ndarray], notes: Sequence[str] = ()) -> RoundResult:
+               current: Mapping[str, np.ndarray], notes: Sequence[str] = (),
+               labels: Mapping[str, float] | None = None) -> RoundResult:
+        """``labels``: constant metrics that describe the path (e.g. secure-aggregation 1)."""
         arrays, row_notes = self.robust.site_rows(combined, new_rows, combined if current is None else current)
         notes = list(notes) + row_notes
-        metrics = aggregate_site_metrics(kept)
+        metrics = {**aggregate_site_metrics(kept), **(labels or {})}
         if self.client_dp is not None:
             weights = [r.num_examples for r in kept]
             shared = [k for k in self.specs if k not in self.site_indexed_keys]

@@ -89,8 +89,8 @@ class _SumToGlobal(LegacyStrategy):
         if why:
             return self._refuse(accepted, dropped, why)
         new_rows = self._rows(mean_update, accepted)
-        self.result = pipeline.finish(round_, accepted, dropped, combined, new_rows, self.current)
-        self.result.metrics["secure-aggregation"] = 1.0
+        self.result = pipeline.finish(round_, accepted, dropped, combined, new_rows, self.current,
+                                      labels={"secure-aggregation": 1.0})
         self.current = self.result.arrays
         return ndarrays_to_parameters([self.current[k] for k in self.keys]), {}
 

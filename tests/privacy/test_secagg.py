@@ -342,11 +342,15 @@ def test_an_impossible_epsilon_inside_the_sum_keeps_the_previous_weights(flower_
 
 
 # -- on Flower's real simulation engine, through the medgen apps -----------------------------
+NOISE_Z, NOISE_C = 1500.0, 1e-4  # noise std z C / K = 0.05 per coordinate per round
 @pytest.mark.slow
 def test_secure_aggregation_run_on_the_simulation_engine(tmp_path, capsys):
     """3 sites, 2 rounds with secure-aggregation = true through `medgen-server simulate`:
-    every round aggregated securely by all sites, and every message each site sent is
-    SecAgg+ traffic that passes the message audit (no weights in clear)."""
+    every round aggregated securely by all sites, every message each site sent is SecAgg+
+    traffic that passes the message audit (no weights in clear), and the client-level
+    noise is IN the final weights: each site's update is clipped to C = 1e-4, so the final
+    minus initial shared weights are the two rounds' noise, std z C / K x sqrt(2) (within
+    10 %; issue 12: they equalled a noise-free run's within 1.2e-5)."""
     import os
     import signal
     from pathlib import Path
@@ -369,7 +373,9 @@ def test_secure_aggregation_run_on_the_simulation_engine(tmp_path, capsys):
                      "--set", "num-rounds=2", "--set", "local-steps=2", "--set", "batch-size=2",
                      "--set", "image-size=32", "--set", "accountant=rdp", "--set", "eval-every=0",
                      "--set", "options.gen-width=4", "--set", "options.disc-width=4",
-                     "--set", "secure-aggregation=true", "--set", "sites=A,B,C", "--timeout", "900"])
+                     "--set", "secure-aggregation=true", "--set", "sites=A,B,C",
+                     "--set", f"client-dp-noise-multiplier={NOISE_Z}", "--set", f"client-dp-clipping-norm={NOISE_C}",
+                     "--timeout", "900"])
         assert code == 0, capsys.readouterr().out
     finally:
         marker = f"FLWR_HOME={run_dir / 'flower' / 'home'}".encode()
@@ -394,6 +400,13 @@ def test_secure_aggregation_run_on_the_simulation_engine(tmp_path, capsys):
         records = read_outbox(Path(config.state_root) / site / OUTBOX_FILE)
         assert len(records) == 8  # 4 SecAgg+ stages x 2 rounds
         assert all(not any(r["arrays"].values()) for r in records)  # no weights in clear
+    initial = recipe.shared_state(recipe.build())
+    final = load_checkpoint(run_dir).shared_state
+    noise = np.concatenate([(final[k].double() - initial[k].double()).numpy().ravel() for k in initial
+                            if k not in recipe.site_indexed_keys and initial[k].is_floating_point()])
+    expected = ClientLevelDP(NOISE_Z, NOISE_C, 3).noise_std * np.sqrt(2)
+    assert noise.size > 2000 and noise.std() == pytest.approx(expected, rel=0.1)
+    assert train[-1]["aggregate"]["client-dp-noise-std"] == pytest.approx(expected / np.sqrt(2))
 
 
 # -- the real medgen ClientApp: same global model as the plain path, nothing charged twice ----
