@@ -75,3 +75,11 @@ def test_simulate_two_sites_two_rounds(tiny_federation, run_dir, capsys):
     assert privacy["node_ledgers"]["A"]["plan"]["releases"] == [[3.0, 1.0, 1]]
     assert (run_dir / "report.html").stat().st_size > 0
     assert "round 2/2 train: 2 site(s) answered" in out and "report.html" in out
+    assert out.strip().splitlines()[-1].startswith("finished round 2 in ")
+    # the run belonged to one coordinator: DONE carries its id, and its own stop left the
+    # supervisor nothing to clean up
+    holder = json.loads((run_dir / ".coordinator" / "lock").read_text())
+    assert json.loads((run_dir / "DONE").read_text())["coordinator"] == holder["coordinator_id"]
+    assert holder["ended_at"] is not None
+    assert "closed the pipe (normal end); stopped 0 process(es)" in \
+        (run_dir / ".coordinator" / "supervisor.log").read_text()
