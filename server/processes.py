@@ -13,8 +13,6 @@ supervisor also follows sessions and recorded pids (server/supervisor.py).
 
 from __future__ import annotations
 
-import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,17 +102,6 @@ def markers(run_dir: Path, coordinator_id: str | None = None) -> dict[str, str]:
 def is_marked(pid: int, marks: dict[str, str]) -> bool:
     env = environment(pid)
     return bool(env) and all(f"{key}={value}" in env for key, value in marks.items())
-
-
-def kill(pid: int, start: str, sig: int = signal.SIGKILL) -> bool:
-    """Signal ``pid`` if it is still the process that started at ``start``."""
-    if not alive(pid, start):
-        return False
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
 
 
 def command_line(pid: int) -> str:
