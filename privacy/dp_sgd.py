@@ -46,7 +46,8 @@ from torch.utils.data import DataLoader, Dataset
 from medgen.privacy.accounting import (History, epsilon_of, extend_history, history_steps,
                                        normalize_history, sample_rate_for)
 from medgen.privacy.guards import check_private_module, make_conv_inputs_contiguous
-from medgen.privacy.ledger import PrivacyPlan, RoundSpend
+from medgen.privacy.ledger import RoundSpend
+from medgen.privacy.plan import PrivacyPlan
 from medgen.privacy.releases import ReleasedValue, check_release_arguments, find_release, gaussian_sum
 
 SAMPLE_RATE_TOLERANCE = 1e-12

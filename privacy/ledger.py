@@ -24,7 +24,6 @@ runs reuse them at no cost (privacy/releases.py).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -34,7 +33,8 @@ from typing import Any
 
 from medgen.atomic import atomic_write_json
 from medgen.privacy.accounting import (History, calibrate_noise, epsilon_of, history_steps,
-                                       make_accountant, normalize_history, project_epsilon)
+                                       normalize_history, project_epsilon)
+from medgen.privacy.plan import PrivacyPlan, expand_history
 from medgen.privacy.releases import ReleasedValue
 
 log = logging.getLogger(__name__)
@@ -52,58 +52,6 @@ class BudgetExceeded(RuntimeError):
 
 
 @dataclass(frozen=True)
-class PrivacyPlan:
-    """Calibrated ONCE for the whole schedule, then fixed (DP.md: never per round)."""
-
-    target_epsilon: float
-    delta: float
-    accountant: str
-    sample_rate: float
-    total_steps: int
-    noise_multiplier: float
-    max_grad_norm: float
-    unit: str = "patient"
-    #: one-off Gaussian releases (``Recipe.one_off_releases``) as accountant entries
-    #: (noise_multiplier, sample_rate, steps); noise_multiplier above was calibrated for
-    #: their composition with the DP-SGD schedule. Empty for recipes without releases.
-    releases: tuple[tuple[float, float, int], ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "releases", tuple(
-            (float(s), float(q), int(n)) for s, q, n in normalize_history(self.releases)))
-
-    def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        if self.releases:
-            data["releases"] = [list(entry) for entry in self.releases]
-        else:  # plans without releases keep their exact former JSON
-            del data["releases"]
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "PrivacyPlan":
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(data) - {"unit", "releases"}
-        if missing:
-            raise ValueError(f"plan lacks {sorted(missing)}")
-        plan = cls(**{k: data[k] for k in names if k in data})
-        make_accountant(plan.accountant)
-        return plan
-
-    def pending_releases(self, history: History) -> History:
-        """The planned releases not yet in ``history`` (matched per (sigma, q) step)."""
-        spent = _expand(normalize_history(history))
-        pending: History = []
-        for sigma, q, steps in self.releases:
-            for _ in range(steps):
-                if (sigma, q) in spent:
-                    spent.remove((sigma, q))
-                else:
-                    pending.append((sigma, q, 1))
-        return pending
-
-
-@dataclass(frozen=True)
 class RoundSpend:
     """What one round added to a site's accounting, committed as one value."""
 
@@ -112,13 +60,8 @@ class RoundSpend:
     releases: tuple[ReleasedValue, ...] = ()  # the one-off releases it made (values kept)
 
 
-def _expand(history: History) -> list[tuple[float, float]]:
-    """One (sigma, q) per step: lets us compare histories however Opacus merged them."""
-    return [(sigma, q) for sigma, q, steps in history for _ in range(steps)]
-
-
 def _extends(old: History, new: History) -> bool:
-    old_steps, new_steps = _expand(old), _expand(new)
+    old_steps, new_steps = expand_history(old), expand_history(new)
     return len(new_steps) >= len(old_steps) and new_steps[:len(old_steps)] == old_steps
 
 
@@ -262,13 +205,13 @@ class PrivacyLedger:
         new, steps, releases = normalize_history(spend.history), int(spend.steps), list(spend.releases)
         if releases:
             sigmas = {r.noise_multiplier for r in releases}
-            grown_releases = sum(1 for e in _expand(new) if e[1] == 1.0 and e[0] in sigmas) - \
-                sum(1 for e in _expand(self.history) if e[1] == 1.0 and e[0] in sigmas)
+            grown_releases = sum(1 for e in expand_history(new) if e[1] == 1.0 and e[0] in sigmas) - \
+                sum(1 for e in expand_history(self.history) if e[1] == 1.0 and e[0] in sigmas)
             if grown_releases != len(releases):
                 raise LedgerError(f"privacy ledger {self.path}: round {server_round} reports "
                                   f"{len(releases)} new release(s) but the history grew by "
                                   f"{grown_releases} full-batch entries")
-        if new == self.history or _expand(new) == _expand(self.history):
+        if new == self.history or expand_history(new) == expand_history(self.history):
             if not self.has_round(run_id, server_round):
                 if steps != 0:
                     raise LedgerError(

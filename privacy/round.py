@@ -33,7 +33,8 @@ from pathlib import Path
 from types import TracebackType
 
 from medgen.privacy.dp_sgd import PrivateTraining
-from medgen.privacy.ledger import PrivacyLedger, PrivacyPlan
+from medgen.privacy.ledger import PrivacyLedger
+from medgen.privacy.plan import PrivacyPlan
 
 log = logging.getLogger(__name__)
 
