@@ -56,8 +56,8 @@ class Recipe(ABC):
         """The recipe's one-off Gaussian releases of per-patient statistics, as accountant
         entries ``(noise_multiplier, sample_rate, steps)`` (a Gaussian mechanism on a sum of
         clipped per-patient vectors is ``(sigma, 1.0, 1)``). The plan's DP-SGD noise is
-        calibrated for their composition with the schedule (``PrivacyLedger.ensure_plan``),
-        and ``train_local`` makes them through ``PrivateTraining.gaussian_release`` only.
+        calibrated for their composition with the schedule (``PrivacyRound``), and
+        ``train_local`` makes them through ``release_once`` only (``gaussian_release``).
         None by default: the plan is then exactly Opacus' DP-SGD calibration."""
         return ()
 
