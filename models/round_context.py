@@ -40,7 +40,7 @@ class PublicData:
                              f"[M>=1, {size}, {size}] for image-size {size}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RoundContext:
     """One round at one site: private records, public inputs, the DP training object."""
 
@@ -54,7 +54,7 @@ class RoundContext:
     seed: int = 0                  # the node's round seed (client/app.py derives it)
 
     def __post_init__(self) -> None:
-        self.device = torch.device(self.device)
+        object.__setattr__(self, "device", torch.device(self.device))  # "cpu" or a device
 
     def stream_seed(self, stream: int = 0) -> int:
         """The seed of the recipe's public-draw stream ``stream`` (0, 1, ...) this round."""
