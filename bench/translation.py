@@ -8,13 +8,15 @@
     python -m bench.translation timing   --data-root D
     python -m bench.translation summarise R1 R2 ... --name translation_seeds
 
-``train`` runs the recipe's REAL local training (train_local with PrivateTraining: Poisson
+``train`` runs the product's rounds in one process (``medgen.server.inprocess``): every
+site's REAL round (``train_round``: its node ledger and reply store under R/state, Poisson
 sampling of patients, per-patient clipping, noise calibrated once for the whole schedule
-at the target epsilon, the accountant named) for every site in turn, then FedAvg of the
-shared keys (cgan.gen.*, seg.*), round after round, in one process: what
-``medgen-server simulate --set recipe=bridge-translate`` does with Flower, minus the
-transport. It writes R/config.toml and R/checkpoint.pt in the server's format (so
-``medgen translate --run-dir R`` and the evaluator read it) and R/privacy.json.
+at the target epsilon, the accountant named), aggregated by the server's one pipeline
+(validation, node-to-site binding, bounded weights, robust screen, FedAvg weighted by
+num-examples, site rows from their own site): what ``medgen-server simulate --set
+recipe=bridge-translate`` does with Flower, minus the transport. It writes R/config.toml,
+R/metrics.jsonl and R/checkpoint.pt in the server's format (so ``medgen translate --run-dir
+R`` and the evaluator read them) and R/privacy.json (with each node's ledger summary).
 
 ``evaluate`` writes R/translation.json and R/translation/*.png (evaluation/translation.py):
 identity, HM, inverted HM, bridge-gan (x -> S -> G), bridge (texture carried, styles from
@@ -75,69 +77,62 @@ def _sites(config: RunConfig, data_root: Path, cache: Path):
 
 
 def train(args) -> None:
-    from medgen.client.site_data import PatientDataset
+    """The product's rounds in one process (server/inprocess.py): every site's real
+    ``train_round`` (node ledger, reply store, DP-SGD) and the server's one aggregation
+    pipeline, which also writes R/metrics.jsonl as the server does."""
+    import shutil
+    import uuid
+
+    from medgen.client.simulated_site import simulated_sites
     from medgen.models.registry import build_recipe
     from medgen.models.segmenter_pretrain import provenance_path
-    from medgen.privacy.accounting import calibrate_noise, epsilon_of, sample_rate_for
-    from medgen.privacy.dp_sgd import PrivateTraining
-    from medgen.privacy.ledger import PrivacyPlan
+    from medgen.privacy.ledger import PrivacyLedger
+    from medgen.privacy.site_update import specs_of
+    from medgen.server.aggregation import AggregationPipeline
     from medgen.server.checkpoint import new_checkpoint, save_checkpoint
+    from medgen.server.inprocess import InProcessRunner
+    from medgen.server.run_log import RunDir
 
     torch.set_num_threads(1)
-    config = _config(args)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    state = run_dir / "state"
+    if state.exists():  # a new training: the nodes' ledgers and reply stores start over
+        print(f"removing the previous training's node states in {state}", flush=True)
+        shutil.rmtree(state)
+    config = _config(args).replace(data_root=str(Path(args.data_root).resolve()), state_root=str(state.resolve()))
     atomic_write_text(run_dir / "config.toml", config.to_toml())
     recipe = build_recipe(config)
-    public, sites = _sites(config, Path(args.data_root), run_dir / "cache")
-    total = config.num_rounds * config.local_steps
-    plans = []
-    for site in sites:
-        q = sample_rate_for(site.num_patients, config.batch_size)
-        sigma = calibrate_noise(config.target_epsilon, config.delta, q, total, config.accountant,
-                                releases=recipe.one_off_releases())
-        plans.append(PrivacyPlan(config.target_epsilon, config.delta, config.accountant, q, total,
-                                 sigma, config.max_grad_norm, releases=recipe.one_off_releases()))
     global_model = recipe.build()
     recipe.initialise(global_model)  # options.seg-init: S pretrained on public data, as the server does
     seg_init = []  # how each pretrained S was made (its S.pt.json), in member order
     for path in recipe.options.seg_init_paths:
         record = provenance_path(path)
         seg_init.append(json.loads(record.read_text()) if record.exists() else {"segmenter": str(path)})
-    local_models = [copy.deepcopy(global_model) for _ in sites]
-    states: list[dict] = [{} for _ in sites]
-    histories: list[list] = [[] for _ in sites]
-    log = []
-    for r in range(config.num_rounds):
-        start, shared = time.perf_counter(), []
-        for k, site in enumerate(sites):
-            model = local_models[k]
-            model.load_state_dict({**model.state_dict(), **recipe.shared_state(global_model)})
-            private = PrivateTraining(plans[k], histories[k], seed=config.seed * 1000 + r * 10 + k)
-            data = PatientDataset(site, generator_seed=config.seed * 100_000 + r * 100 + k)
-            metrics = recipe.train_local(model, data, public, private, k, config.local_steps, states[k], "cpu")
-            histories[k] = [list(h) for h in private.history]
-            shared.append(recipe.shared_state(model))
-        averaged = {key: torch.stack([s[key].float() for s in shared]).mean(0).to(shared[0][key].dtype)
-                    for key in shared[0]}
-        for key in recipe.site_indexed_keys:  # row k from site k only (server/strategy.py)
-            averaged[key] = torch.stack([shared[k][key][k] for k in range(len(sites))])
-        global_model.load_state_dict({**global_model.state_dict(), **averaged})
-        save_checkpoint(run_dir, new_checkpoint(recipe.shared_state(global_model), r + 1, config, "bench"))
-        # the PRV accountant takes seconds per call: compute each distinct history once
-        by_history: dict[str, float] = {}
-        for h in histories:
-            key = json.dumps(h)
-            if key not in by_history:
-                by_history[key] = epsilon_of(h, config.delta, config.accountant)
-        eps = {s: by_history[json.dumps(histories[k])] for k, s in enumerate(config.site_names)}
-        log.append({"round": r + 1, "seconds": time.perf_counter() - start, "epsilon": eps, **metrics})
+    initial = {k: v.numpy() for k, v in recipe.shared_state(global_model).items()}
+    run_key = uuid.uuid4().hex
+    pipeline = AggregationPipeline.for_run(config, specs_of(initial), recipe.site_indexed_keys, RunDir(run_dir),
+                                           resume=False)
+    runner = InProcessRunner(config, pipeline, simulated_sites(config), run_key=run_key)
+    log, started = [], [time.perf_counter()]
+
+    def round_end(server_round: int, current: dict) -> None:
+        result = runner.results[-1]
+        save_checkpoint(run_dir, new_checkpoint({k: torch.from_numpy(v) for k, v in current.items()},
+                                                server_round, config, run_key))
+        ledgers = {s: PrivacyLedger.open(state / s / "privacy_ledger.json", site=s).summary()
+                   for s in config.site_names}
+        eps = {s: ledgers[s]["epsilon"] for s in config.site_names}
+        log.append({"round": server_round, "seconds": time.perf_counter() - started[0], "epsilon": eps,
+                    "excluded": result.excluded, "aggregate": result.metrics})
+        started[0] = time.perf_counter()
         print(json.dumps(log[-1]), flush=True)
         atomic_write_json(run_dir / "privacy.json", {
             "accountant": config.accountant, "delta": config.delta, "unit": "patient",
-            "sampling": "Poisson", "plans": [p.to_json() for p in plans], "epsilon": eps,
-            "command": _command(args), "seg_init": seg_init,
-            "histories": histories, "rounds": log})
+            "sampling": "Poisson", "plans": [ledgers[s]["plan"] for s in config.site_names], "epsilon": eps,
+            "command": _command(args), "seg_init": seg_init, "node_ledgers": ledgers, "rounds": log})
+
+    runner.run(initial, config.num_rounds, on_round_end=round_end)
 
 
 def pretrain_seg(args) -> None:

@@ -20,12 +20,16 @@ that passed validation and the node-to-site binding. Three defences, each a pure
    coordinate). The trimmed mean cuts ``max(1, int(trim_fraction * n))`` sites at EACH end
    when n >= 3: Flower's ``int(0.2 * 4) = 0`` trims nothing at the default 4 sites, which
    let x1e6 weights straight into the model. Below 3 replies nothing can be trimmed (warned).
-3. Site rows. Row k of a site-indexed array comes from site k's reply alone, for every rule.
-   Its value is bounded: a row whose L2 norm exceeds ``max(m + k * 1.4826 * MAD, (1 + slack)
-   * m)`` over the norms of that array's non-zero rows (each site's new row, or the current
-   row of a site that did not answer) is scaled down to the bound. A value bound rather
-   than an update bound, so a returning site's first release (a jump from zero) is
-   accepted at the size the other sites' releases have. Needs 3 non-zero rows (logged).
+3. Site rows. Row k of a site-indexed array comes from site k's reply alone, for every rule,
+   and a site's row is bounded with the same median/MAD rule as 1., on its own:
+   - a row that already holds a value (trained, or released before) may CHANGE by at most
+     the bound over this round's row changes of the sites that answered (a released row
+     that no honest site changes any more cannot be changed at all);
+   - a row still all zero (a one-off release not made yet: a site that missed round 1)
+     may take a VALUE up to the bound over the array's other non-zero rows, so a returning
+     site's first release is accepted at the size the other sites' releases have.
+   A row over its bound is scaled back to it (change or value). Each needs 3 reference
+   rows; fewer and that bound is skipped (logged).
 
 Every rejection is a ``RejectedReply`` with the site and the reason; every scaling is
 returned as a note the pipeline logs. Under secure aggregation only the sum is seen:
@@ -190,31 +194,48 @@ def own_site_rows(combined: Mapping[str, np.ndarray], new_rows: Mapping[str, Map
     """Row k of each site-indexed array from site k alone (``new_rows[key][k]``), bounded.
 
     Rows of sites that did not answer keep their current value. Returns (arrays, notes on
-    rows scaled down)."""
+    rows scaled back)."""
     out, notes = dict(combined), []
     for key, rows_by_site in new_rows.items():
-        rows = np.array(current[key], dtype=np.float64, copy=True)
+        before = np.asarray(current[key], dtype=np.float64)
+        rows = before.copy()
         for position, row in rows_by_site.items():
             rows[position] = row
         if is_float(np.asarray(current[key])) and rows_by_site:
-            notes += _bound_rows(key, rows, sorted(rows_by_site), settings)
+            notes += _bound_rows(key, before, rows, sorted(rows_by_site), settings)
         out[key] = rows.astype(np.asarray(current[key]).dtype)
     return out, notes
 
 
-def _bound_rows(key: str, rows: np.ndarray, changed: list[int], settings: RobustSettings) -> list[str]:
-    norms = np.sqrt(np.sum(rows.reshape(len(rows), -1) ** 2, axis=1))
-    reference = norms[norms > 0]
-    if len(reference) < MIN_REPLIES_FOR_SCREEN:
-        log.info("row bound of %s skipped: %d non-zero rows < %d", key, len(reference), MIN_REPLIES_FOR_SCREEN)
-        return []
-    bound, median, _ = settings.bound(reference)
-    notes = []
-    for position in changed:
-        if norms[position] > bound:
-            rows[position] *= bound / norms[position]
-            notes.append(f"row {position} of {key}: norm {norms[position]:.4g} scaled down to the "
-                         f"bound {bound:.4g} (median row norm {median:.4g})")
+def _norms(rows: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.sum(rows.reshape(len(rows), -1) ** 2, axis=1))
+
+
+def _bound_rows(key: str, before: np.ndarray, rows: np.ndarray, changed: list[int],
+                settings: RobustSettings) -> list[str]:
+    """Scale back, in place, each changed row over its bound (module docstring, 3.)."""
+    held, notes = _norms(before) > 0, []
+    updates = [p for p in changed if held[p]]
+    firsts = [p for p in changed if not held[p]]
+    change = _norms(rows - before)
+    if len(updates) >= MIN_REPLIES_FOR_SCREEN:
+        bound, median, _ = settings.bound(change[updates])
+        for p in (p for p in updates if change[p] > bound):
+            rows[p] = before[p] + (rows[p] - before[p]) * (bound / change[p])
+            notes.append(f"row {p} of {key}: change {change[p]:.4g} scaled back to {bound:.4g} "
+                         f"(median row change {median:.4g})")
+    elif updates:
+        log.info("row-change bound of %s skipped: %d rows changed < %d", key, len(updates), MIN_REPLIES_FOR_SCREEN)
+    values = _norms(rows)
+    reference = values[values > 0]
+    if firsts and len(reference) >= MIN_REPLIES_FOR_SCREEN:
+        bound, median, _ = settings.bound(reference)
+        for p in (p for p in firsts if values[p] > bound):
+            rows[p] *= bound / values[p]
+            notes.append(f"first value of row {p} of {key}: norm {values[p]:.4g} scaled back to {bound:.4g} "
+                         f"(median row norm {median:.4g})")
+    elif firsts:
+        log.info("first-value bound of %s skipped: %d non-zero rows < %d", key, len(reference), MIN_REPLIES_FOR_SCREEN)
     return notes
 
 

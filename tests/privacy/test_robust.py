@@ -204,19 +204,27 @@ def test_screen_measures_the_shared_update_not_the_site_rows():
 
 
 @pytest.mark.parametrize("combine", ["mean", "median", "trimmed-mean"])
-def test_a_site_row_is_bounded_by_the_other_sites_rows(combine):
-    """Row k comes from site k alone under every rule, and its value is bounded: 1e6 in a
-    Byzantine site's own row is scaled down to (1 + slack) x the median row norm (issue 12:
-    1e6-scale values reached the checkpoint under median and trimmed mean)."""
+def test_a_site_row_change_is_bounded_by_the_other_sites_changes(combine):
+    """Row k comes from site k alone under every rule, and its change is bounded: 1e6 in a
+    Byzantine site's own row is scaled back to (1 + slack) x the median row change (issue
+    12: 1e6-scale values reached the checkpoint under median and trimmed mean)."""
     current = np.random.default_rng(3).normal(size=(4, 8))
-    new_rows = {0: current[0] + 0.1, 1: current[1] - 0.1, 3: np.full(8, 1e6)}
+    new_rows = {0: current[0] + 0.1, 1: current[1] - 0.1, 2: current[2] + 0.05, 3: np.full(8, 1e6)}
     out, notes = RobustAggregator(RobustSettings(combine=combine)).site_rows(
         {"table": current.astype(np.float32)}, {"table": new_rows}, {"table": current.astype(np.float32)})
-    norms = np.linalg.norm(out["table"].astype(np.float64), axis=1)
-    reference = np.linalg.norm(np.stack([new_rows[0], new_rows[1], current[2], new_rows[3]]), axis=1)
-    assert norms[3] == pytest.approx(3 * np.median(reference[:3].tolist() + [reference[3]]), rel=1e-5)
-    np.testing.assert_allclose(out["table"][:3], np.stack([new_rows[0], new_rows[1], current[2]]), rtol=1e-6)
+    changes = np.linalg.norm(out["table"].astype(np.float64) - current, axis=1)
+    honest = [np.linalg.norm(new_rows[p] - current[p]) for p in range(3)]
+    assert changes[3] == pytest.approx(3 * np.median(honest + [np.linalg.norm(new_rows[3] - current[3])]), rel=1e-4)
+    np.testing.assert_allclose(out["table"][:3], np.stack([new_rows[p] for p in range(3)]), rtol=1e-6)
     assert len(notes) == 1 and "row 3 of table" in notes[0]
+
+
+def test_a_released_row_nobody_changes_any_more_cannot_be_changed():
+    current = np.random.default_rng(4).normal(1.0, 0.2, size=(4, 6))
+    new_rows = {p: current[p].copy() for p in range(3)} | {3: current[3] * 50}
+    out, notes = own_site_rows({"t": current}, {"t": new_rows}, {"t": current}, RobustSettings())
+    np.testing.assert_allclose(out["t"], current)
+    assert len(notes) == 1 and "change" in notes[0]
 
 
 def test_a_late_release_row_is_accepted_at_the_size_of_the_others():
