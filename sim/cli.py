@@ -9,6 +9,8 @@ import argparse
 import sys
 import time
 
+from medgen.sim.config import SimConfig, SimConfigError
+from medgen.sim.federation import FederationExistsError, build_federation
 from medgen.sim.head_cli import build_head, parse_window
 
 DESCRIPTION = """\
@@ -96,9 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from medgen.sim.config import SimConfig, SimConfigError
-    from medgen.sim.federation import FederationExistsError, build_federation
-
     args = build_parser().parse_args(argv)
     if args.federation == "head-ct":
         return build_head(args)
