@@ -14,7 +14,9 @@ and have its own exclusions logged against an innocent site). So:
   both are refused and the site stays unbound; a node sending two replies in one round is
   refused too;
 - the binding is written to ``<run-dir>/site_binding.json`` after every change, so a
-  restarted coordinator keeps it and names error replies by site from its first round.
+  restarted coordinator keeps it: an error reply is logged by site as soon as its node has
+  answered validly once in the run, before or after a restart (never from the reply's own
+  words: an error reason is self-declared).
   A restart whose SuperLink lost its node ids (none of the bound nodes is connected, e.g. a
   new simulation) starts a new binding (logged); a fresh run (round 0) always does.
 

@@ -130,6 +130,10 @@ def test_the_binding_survives_a_coordinator_restart_and_names_error_replies(tmp_
     assert last_record(tmp_path)["excluded"][0]["site"] == "D"
     fresh = strategy(tmp_path / "new", resume=False)
     assert fresh.pipeline.binding.site_of_node == {}
+    restarted.pipeline.binding.reconcile([100, 555])  # one bound node still there: kept
+    assert restarted.pipeline.binding.name_of(103) == "D"
+    restarted.pipeline.binding.reconcile([7, 8, 9])  # a SuperLink with new node ids: bind anew
+    assert restarted.pipeline.binding.site_of_node == {}
 
 
 # -- 3. self-declared example counts -----------------------------------------------------------
