@@ -305,7 +305,8 @@ def test_an_unreadable_file_for_a_real_non_root_node(files):
         assert patients == checked == 2
         assert reasons == ["images/p1.nii.gz: cannot be read (Permission denied); give the user "
                            "the node runs as read access, or move the file out of the site folder",
-                           "labels/p1.nii.gz: label map with no image of the same name in images/"]
+                           "labels/p1.nii.gz: not used: its image images/p1.nii.gz was skipped "
+                           "(see its reason)"]
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
