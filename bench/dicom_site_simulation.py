@@ -14,7 +14,7 @@ the same tensors (its cache entries) and whether the final weights are the same.
 Per variant it runs exactly these user-facing commands:
 
     python -m medgen.sim.cli build --out WORK/<variant>/data --seed 0 --workers 2 [--dicom-sites B]
-    medgen-server simulate --data-root WORK/<variant>/data --out WORK/<variant>/run --fresh \\
+    medgen-server simulate --data-root WORK/<variant>/data --out WORK/<variant>/run --fresh --delete-previous \\
         --set num-rounds=ROUNDS [--dicom-sites B]
 
 The held-out data of both builds are byte-identical, so the evaluation networks trained for
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         sets = [f"num-rounds={args.rounds}", *([f"image-size={args.image_size}"] if sizes else []),
                 *args.overrides]
         simulate = [sys.executable, "-m", "medgen.server.cli", "simulate", "--data-root", str(data),
-                    "--out", str(run), "--fresh", *[a for s in sets for a in ("--set", s)], *extra]
+                    "--out", str(run), "--fresh", "--delete-previous", *[a for s in sets for a in ("--set", s)], *extra]
         result["commands"][variant] = [" ".join(build), " ".join(simulate)]
         build_s = _run(build)
         manifest = Manifest.load(data)

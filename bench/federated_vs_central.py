@@ -2,8 +2,9 @@
 
     python -m bench.federated_vs_central [--rounds 3] [--local-steps 10] [--subjects 60] [--skip-flower]
 
-"Central" runs exactly the ClientApp's own `train_round` for every site, one after the
-other, in this process, with the same FedAvg arithmetic (server/strategy.py) and no Flower:
+"Central" runs the product's in-process runner (server/inprocess.py): the ClientApp's own
+`train_round` for every site, one after the other, in this process, aggregated by the
+server's one pipeline (server/aggregation.py), and no Flower transport:
 the difference between the two is the engine's overhead (Ray start-up, a ClientApp call per
 message, serialisation). Both use the same data, seeds, privacy plan and local steps.
 Also used to tune recipes quickly: `--eval` scores the final generator with the Evaluator.
@@ -19,51 +20,43 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from bench.common import write_result
-from medgen.client.app import train_round
-from medgen.client.node import resolve_node
+from medgen.client.simulated_site import simulated_sites
 from medgen.config import RunConfig, parse_overrides
+from medgen.evaluation.evaluator import Evaluator
 from medgen.models.registry import build_recipe
-from medgen.server.strategy import AcceptedReply, site_rows_from_own_site, specs_of, weighted_average
+from medgen.privacy.site_update import specs_of
+from medgen.server.aggregation import AggregationPipeline
+from medgen.server.inprocess import InProcessRunner
+from medgen.server.simulate import run_simulation
+from medgen.sim.config import SimConfig
+from medgen.sim.federation import build_federation
 
 
 def run_inprocess(config: RunConfig, evaluate: bool = False, site_rows: bool = True) -> dict:
-    """FedAvg over `train_round` calls in one process; returns timings (and eval metrics)."""
+    """The product's rounds in one process (server/inprocess.py): every site's real
+    ``train_round`` and the server's one aggregation pipeline; returns timings (and eval)."""
     recipe = build_recipe(config)
     model = recipe.build()
-    shared = {k: v.detach().cpu().numpy() for k, v in recipe.shared_state(model).items()}
-    sites = config.site_names
-    per_round = []
-    start = time.perf_counter()
-    for server_round in range(1, config.num_rounds + 1):
-        t0 = time.perf_counter()
-        replies = []
-        for index, _ in enumerate(sites):
-            node = resolve_node(config, {"partition-id": index, "num-partitions": len(sites)})
-            content = RecordDict({
-                "arrays": ArrayRecord({k: Array(v) for k, v in shared.items()}),
-                "config": ConfigRecord({"run-key": "bench", "absolute-round": server_round}),
-            })
-            reply = train_round(config, node, content)
-            replies.append(({k: a.numpy() for k, a in reply["arrays"].items()},
-                            float(reply["metrics"]["num-examples"]), dict(reply["metrics"])))
-        # the server's own arithmetic: FedAvg, then site-indexed rows from their own site
-        accepted = [AcceptedReply(site=sites[int(m["site-index"])], num_examples=w, arrays=arrays,
-                                  metrics={}) for arrays, w, m in replies]
-        specs = specs_of(ArrayRecord({k: Array(v) for k, v in shared.items()}))
-        averaged = weighted_average(accepted, specs)
-        if recipe.site_indexed_keys and site_rows:
-            averaged = site_rows_from_own_site(averaged, accepted, shared, recipe.site_indexed_keys, sites)
-        shared = averaged
-        epsilon = max(m["epsilon"] for _, _, m in replies)
-        per_round.append(time.perf_counter() - t0)
+    initial = {k: v.detach().cpu().numpy() for k, v in recipe.shared_state(model).items()}
+    # the ablation: plain FedAvg on the site-indexed rows too (the pipeline without its row stage)
+    keys = recipe.site_indexed_keys if site_rows else ()
+    pipeline = AggregationPipeline.for_run(config, specs_of(initial), keys, None, resume=False)
+    runner = InProcessRunner(config, pipeline, simulated_sites(config), run_key="bench")
+    per_round, marks = [], [time.perf_counter()]
+
+    def round_end(server_round: int, current: dict) -> None:
+        per_round.append(time.perf_counter() - marks[-1])
+        marks.append(time.perf_counter())
+        epsilon = runner.results[-1].metrics.get("epsilon", float("nan"))
         print(f"central round {server_round}/{config.num_rounds}: {per_round[-1]:.1f} s, max eps {epsilon:.2f}")
+
+    start = time.perf_counter()
+    shared = runner.run(initial, config.num_rounds, on_round_end=round_end)
+    epsilon = max(r.metrics.get("epsilon", 0.0) for r in runner.results)
     result = {"seconds": time.perf_counter() - start, "round_seconds": per_round, "max_epsilon": epsilon}
     if evaluate:
-        from medgen.evaluation.evaluator import Evaluator
-
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in shared.items()}, strict=False)
         evaluator = Evaluator.prepare(config, Path(config.data_root) / "heldout",
                                       Path(config.data_root) / "cache" / "evaluator")
@@ -74,8 +67,6 @@ def run_inprocess(config: RunConfig, evaluate: bool = False, site_rows: bool = T
 
 
 def run_flower(config: RunConfig, work: Path) -> dict:
-    from medgen.server.simulate import run_simulation
-
     start = time.perf_counter()
     run_simulation(config, work / "flower", progress=print)
     return {"seconds": time.perf_counter() - start}
@@ -94,9 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-site-rows", action="store_true",
                         help="plain FedAvg on site-indexed rows too (ablation)")
     args = parser.parse_args(argv)
-
-    from medgen.sim.config import SimConfig
-    from medgen.sim.federation import build_federation
 
     work = Path(tempfile.mkdtemp(prefix="medgen-bench-"))
     try:

@@ -256,6 +256,7 @@ def timing(args) -> None:
     from medgen.privacy.accounting import sample_rate_for
     from medgen.privacy.dp_sgd import PrivateTraining
     from medgen.privacy.ledger import PrivacyPlan
+    from medgen.models.round_context import RoundContext
 
     torch.set_num_threads(1)
     args.rounds, args.local_steps = 1, args.local_steps
@@ -294,11 +295,11 @@ def timing(args) -> None:
     rounds = []
     for k, s in enumerate(sites):
         start = time.perf_counter()
-        recipe.train_local(model, PatientDataset(s, generator_seed=k), public,
-                           PrivateTraining(PrivacyPlan(10.0, 1e-5, "prv", sample_rate_for(s.num_patients, config.batch_size),
-                                                       100, 1.0, 1.0, releases=recipe.one_off_releases()),
-                                           [], seed=k),
-                           k, config.local_steps, {}, "cpu")
+        plan = PrivacyPlan(10.0, 1e-5, "prv", sample_rate_for(s.num_patients, config.batch_size),
+                           100, 1.0, 1.0, releases=recipe.one_off_releases())
+        recipe.train_local(model, RoundContext(PatientDataset(s, generator_seed=k), public,
+                                               PrivateTraining(plan, [], seed=k), site_index=k,
+                                               steps=config.local_steps, seed=k))
         rounds.append(time.perf_counter() - start)
     write_result("translation", {
         "config": config.to_run_config(),

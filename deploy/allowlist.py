@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+import medgen
 from medgen.config import RunConfig, Scalar
 
 NODE_CONFIG_KEY = "allow-list"   # --node-config key holding the allow-list path
@@ -153,8 +154,6 @@ def enforce_node_allow_list(node_config: Mapping[str, Any], config: RunConfig,
     path = node_config.get(NODE_CONFIG_KEY)
     if not path:
         return
-    import medgen
-
     coordinator = (train_config or {}).get(VERSION_KEY)
     AllowList.load(str(path)).check(config, medgen.__version__,
                                     str(coordinator) if coordinator is not None else None)

@@ -37,7 +37,9 @@ import medgen
 from medgen.atomic import atomic_write_json
 from medgen.config import ConfigError, RunConfig
 from medgen.evaluation.report import write_report
+from medgen.evaluation.evaluator import Evaluator
 from medgen.models.recipe import Recipe
+from medgen.models.registry import build_recipe
 from medgen.privacy.client_dp import site_level_guarantee
 from medgen.privacy.secagg import SecAggSettings
 from medgen.privacy.site_update import specs_of
@@ -102,8 +104,6 @@ def _check_owner(config: RunConfig, run_dir: RunDir) -> None:
 
 
 def _train(grid: Grid, config: RunConfig, run_dir: RunDir) -> int:
-    from medgen.models.registry import build_recipe
-
     recipe = build_recipe(config)
     model = recipe.build()
     checkpoint = checkpoint_for_resume(run_dir.path, config)
@@ -206,8 +206,6 @@ def _evaluator(config: RunConfig) -> Any:
         raise ConfigError(f"run-config field 'eval-every' is {config.eval_every} but there is no "
                           f"held-out data at {heldout or '<data-root>/heldout'}; set eval-every=0 "
                           "or point data-root at a data root with heldout/")
-    from medgen.evaluation.evaluator import Evaluator
-
     # cached beside the held-out data it was trained on, so later runs pay nothing
     evaluator = Evaluator.prepare(config, heldout, Path(config.data_root) / "cache" / "evaluator")
     evaluator.write_info(Path(config.run_dir) / "evaluator.json")  # weight hashes for the report

@@ -5,7 +5,8 @@ Layout of a run directory (the report, evaluation/report.py, reads the same file
     config.toml            the RunConfig of the run (written at every start)
     metrics.jsonl          one JSON object per line:
                            {"round", "kind": "train", "per_site": {site: {...}},
-                            "excluded": [{"site", "reason"}], "aggregate": {...}}
+                            "excluded": [{"site", "reason", optional "node", "epsilon", "delta"}],
+                            "aggregate": {...}}
                            {"round", "kind": "eval", "metrics": {...}}
     samples/round_XXX.png  sample grids (one row per site)
     checkpoint.pt/.json    last good global shared weights (server/checkpoint.py)
