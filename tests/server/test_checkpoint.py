@@ -75,6 +75,7 @@ class FakeGrid:
 @pytest.fixture
 def tiny_recipe(monkeypatch):
     monkeypatch.setattr("medgen.models.registry.build_recipe", lambda config: TinyRecipe(config))
+    monkeypatch.setattr("medgen.server.app.build_recipe", lambda config: TinyRecipe(config))
 
 
 def _config(tmp_path, rounds: int) -> RunConfig:
