@@ -44,7 +44,7 @@ from medgen.server.simulate import free_port, run_simulation, write_app_dir
 ROUNDS, SITES = 3, ("A", "B")
 OPTIONS = {"gen-width": 4, "disc-width": 4, "noise-dim": 8, "spade-hidden": 4}
 CLIENTAPP_IMPORTS = ("import flwr.clientapp, medgen.client.app, medgen.models.dp_cgan, "
-                     "medgen.privacy.dp_sgd, medgen.client.site_data")
+                     "medgen.privacy.dp_sgd, medgen.data.site_data")
 
 
 def _config(data: Path, work: Path, name: str) -> RunConfig:
@@ -128,7 +128,7 @@ def clientapp_import_s(repeats: int = 3) -> list[float]:
 
 
 def data_load_s(config: RunConfig, repeats: int = 3) -> list[float]:
-    from medgen.client.site_data import load_public_bank, load_site
+    from medgen.data.site_data import load_public_bank, load_site
 
     site = SITES[0]
     cache = Path(config.state_root) / site / "cache"

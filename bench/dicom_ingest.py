@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from bench.common import write_result
-from medgen.client.dicom import DicomSeriesReader
-from medgen.client.readers import NiftiReader, PngReader
-from medgen.client.site_data import load_site
+from medgen.data.dicom import DicomSeriesReader
+from medgen.data.readers import NiftiReader, PngReader
+from medgen.data.site_data import load_site
 from medgen.sim.dicom_export import mni_t1_volume, write_series
 
 SUBJECTS, SLICES, IMAGE_SIZE = 10, 100, 64

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from bench.common import write_result
-from medgen.client.data_check import check_folder
-from medgen.client.site_data import SiteDataError, load_site
+from medgen.data.data_check import check_folder
+from medgen.data.site_data import SiteDataError, load_site
 from medgen.sim.dicom_export import export_site_as_dicom
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "hostile-site-folders.md"

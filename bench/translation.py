@@ -69,7 +69,7 @@ def _command(args) -> str:
 
 
 def _sites(config: RunConfig, data_root: Path, cache: Path):
-    from medgen.client.site_data import load_public_bank, load_site
+    from medgen.data.site_data import load_public_bank, load_site
 
     public = load_public_bank(data_root / "public", config.image_size)
     sites = [load_site(data_root / "sites" / s, config.image_size, cache_dir=cache) for s in config.site_names]
@@ -165,7 +165,7 @@ def load_trained(run_dir: Path):
 
 
 def evaluate(args) -> None:
-    from medgen.client.site_data import load_heldout, load_public_bank
+    from medgen.data.site_data import load_heldout, load_public_bank
     from medgen.evaluation.translation import (acceptance, classical_baselines, evaluate_translation,
                                                train_target_segmenters,
                                                write_translation_outputs)
@@ -222,7 +222,7 @@ def evaluate(args) -> None:
 
 
 def adapt(args) -> None:
-    from medgen.client.site_data import load_heldout, load_public_bank, load_site
+    from medgen.data.site_data import load_heldout, load_public_bank, load_site
     from medgen.evaluation.adaptation import evaluate_adaptation
     from medgen.models.bridge_translate import translate
     from medgen.models.segmenter import SegmenterSettings
@@ -249,7 +249,7 @@ def adapt(args) -> None:
 
 def timing(args) -> None:
     from bench.common import interleaved, write_result
-    from medgen.client.site_data import PatientDataset
+    from medgen.data.site_data import PatientDataset
     from medgen.models.dp_cgan import disc_loss
     from medgen.models.registry import build_recipe
     from medgen.models.blocks import one_hot_labels

@@ -29,7 +29,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from medgen.client.local_state import (LocalState, ReplyStore, StoredReply, load_local_state,
                                        request_id, save_local_state)
 from medgen.client.node import NodeSetup, resolve_node
-from medgen.client.site_data import PatientDataset, load_public_bank, load_site
+from medgen.data.site_data import PatientDataset, load_public_bank, load_site
 from medgen.config import RunConfig
 from medgen.deploy.allowlist import NOT_ALLOWED, AllowListError, NotAllowed, enforce_node_allow_list
 from medgen.models.recipe import RoundContext

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from medgen.atomic import atomic_write_text
-from medgen.client.data_check import main as data_check
+from medgen.data.data_check import main as data_check
 from medgen.client.node import epsilon_cap
 from medgen.config import ConfigError
 from medgen.deploy.allowlist import AllowList, AllowListError

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medgen.client.site_data import load_public_bank, normalise, robust_scaling, square_resize
+from medgen.data.site_data import load_public_bank, normalise, robust_scaling, square_resize
 from medgen.config import RunConfig
 from medgen.models.capabilities import Translation, declares
 from medgen.models.registry import build_recipe

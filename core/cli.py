@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("medgen.privacy.audit_cli", "membership-inference audit of finished runs"),
     "translate": ("medgen.client.translate", "translate NIfTI/DICOM files into a target site's style"),
     "sim": ("medgen.sim.cli", "build the simulated federation (`medgen sim build --help`)"),
-    "data": ("medgen.client.data_check", "`medgen data check DIR`: usable vs skipped files, read-only"),
+    "data": ("medgen.data.data_check", "`medgen data check DIR`: usable vs skipped files, read-only"),
     "pretrain-segmenter": ("medgen.models.segmenter_pretrain",
                            "train bridge-translate's segmenter S on public label maps only (options.seg-init)"),
 }

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from medgen.client.site_data import HeldoutSite, load_heldout
+from medgen.data.site_data import HeldoutSite, load_heldout
 
 
 class HeldoutDataError(ValueError):

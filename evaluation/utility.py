@@ -38,7 +38,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from medgen.atomic import atomic_write_json
-from medgen.client.site_data import load_heldout, load_public_bank
+from medgen.data.site_data import load_heldout, load_public_bank
 from medgen.config import RunConfig
 from medgen.evaluation.image_metrics import dice_per_class
 from medgen.models.registry import build_recipe

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from medgen.atomic import atomic_torch_save, atomic_write_json
-from medgen.client.site_data import SiteDataError, load_public_bank
+from medgen.data.site_data import SiteDataError, load_public_bank
 from medgen.models.segmenter import SegmenterSettings, train_contrast_agnostic
 from medgen.sim.random_deformation import RandomDeformation
 

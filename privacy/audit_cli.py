@@ -30,7 +30,7 @@ import torch
 
 from medgen.atomic import atomic_write_json
 from medgen.client.local_state import load_local_state
-from medgen.client.site_data import load_heldout, load_public_bank, load_site
+from medgen.data.site_data import load_heldout, load_public_bank, load_site
 from medgen.config import ConfigError, RunConfig
 from medgen.evaluation.report import write_report
 from medgen.models.capabilities import MembershipScores, require

@@ -13,7 +13,7 @@ import torch
 
 from medgen.atomic import atomic_write_text
 from medgen.client.translate import Translator, _unsquare, main
-from medgen.client.site_data import square_resize
+from medgen.data.site_data import square_resize
 from medgen.config import RunConfig
 from medgen.models.registry import build_recipe
 from medgen.server.checkpoint import new_checkpoint, save_checkpoint

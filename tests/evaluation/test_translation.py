@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from medgen.client.site_data import HeldoutSite
+from medgen.data.site_data import HeldoutSite
 from medgen.evaluation.translation import (acceptance, brain_masks, classical_baselines,
                                            evaluate_translation, mean_tissue_dice,
                                            render_section, score_pair, train_target_segmenters,

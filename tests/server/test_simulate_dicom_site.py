@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medgen.client.cache import TensorCache
-from medgen.client.site_data import load_site
+from medgen.data.cache import TensorCache
+from medgen.data.site_data import load_site
 from medgen.server.cli import main
 from medgen.server.run_log import read_metrics
 

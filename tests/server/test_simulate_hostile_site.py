@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medgen.client.data_check import check_folder
+from medgen.data.data_check import check_folder
 from medgen.privacy.accounting import sample_rate_for
 from medgen.server.cli import main
 from medgen.server.run_log import read_metrics

@@ -6,7 +6,7 @@ import pydicom
 import pytest
 import torch
 
-from medgen.client.site_data import load_site
+from medgen.data.site_data import load_site
 from medgen.sim.cli import main
 from medgen.sim.config import SimConfig, SimConfigError
 from medgen.sim.federation import build_federation

@@ -1,8 +1,8 @@
 """The one walk over a site folder: which entries medgen may open, and what each file holds.
 
-Every reader of a site's files goes through here: the site loader (client/site_records.py),
-the cache key (client/cache.py), ``data check`` (client/data_check.py) and the DICOM scan
-of a series folder (client/dicom/scan.py). So what ``data check`` calls usable is exactly
+Every reader of a site's files goes through here: the site loader (data/site_records.py),
+the cache key (data/cache.py), ``data check`` (data/data_check.py) and the DICOM scan
+of a series folder (data/dicom/scan.py). So what ``data check`` calls usable is exactly
 what trains, and no part of medgen follows a link or opens a pipe that another refuses.
 
 The rules, and why:

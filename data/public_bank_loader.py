@@ -1,7 +1,7 @@
 """The public anatomy bank: label maps anyone may use, read by the same walk as a site.
 
 ``<public_dir>/labels/`` (or ``public_dir`` itself) holds tissue label maps only. They
-are listed by client/site_folder.py (no links followed, regular files only, unreadable
+are listed by data/site_folder.py (no links followed, regular files only, unreadable
 files skipped and named), checked as label maps and resized nearest-neighbour. A bad map
 is skipped with its reason; only a bank with nothing usable raises.
 """
@@ -13,10 +13,10 @@ from typing import Sequence
 
 import torch
 
-from medgen.client.preprocess import check_labels, square_resize
-from medgen.client.readers import Reader, ReaderError, SkippedFile, default_readers
-from medgen.client.site_folder import SiteFolder
-from medgen.client.site_records import SiteDataError, SkipLog, claimed_entries, read_outcomes
+from medgen.data.preprocess import check_labels, square_resize
+from medgen.data.readers import Reader, ReaderError, SkippedFile, default_readers
+from medgen.data.site_folder import SiteFolder
+from medgen.data.site_records import SiteDataError, SkipLog, claimed_entries, read_outcomes
 from medgen.models.recipe import PublicData
 
 __all__ = ["load_public_bank"]

@@ -1,4 +1,4 @@
-"""The DICOM reader for medgen's reader registry (medgen.client.readers).
+"""The DICOM reader for medgen's reader registry (medgen.data.readers).
 
 A folder (any nesting, any file names) or a single file is scanned, grouped into series,
 ordered by geometry and decoded. Every image series becomes one Volume; every series or
@@ -20,11 +20,11 @@ from typing import Iterator
 import numpy as np
 from scipy import ndimage
 
-from medgen.client.dicom.labels import seg_label_map
-from medgen.client.dicom.pixels import PixelDecodeError, PixelOptions, decode_series
-from medgen.client.dicom.scan import Problem, ScanResult, is_dicom_file, iter_files, scan_folder
-from medgen.client.dicom.series import Series, group_series, series_problems
-from medgen.client.readers import ReaderError, SkippedFile, Volume
+from medgen.data.dicom.labels import seg_label_map
+from medgen.data.dicom.pixels import PixelDecodeError, PixelOptions, decode_series
+from medgen.data.dicom.scan import Problem, ScanResult, is_dicom_file, iter_files, scan_folder
+from medgen.data.dicom.series import Series, group_series, series_problems
+from medgen.data.readers import ReaderError, SkippedFile, Volume
 
 log = logging.getLogger(__name__)
 

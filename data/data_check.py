@@ -1,10 +1,10 @@
 """``medgen-client data check DIR``: what in a site folder trains, what does not, and why.
 
 The verdict is the training loader's own reading, not a second opinion: the same listing
-(client/site_folder.py: no symbolic link followed, regular files only, unreadable files
+(data/site_folder.py: no symbolic link followed, regular files only, unreadable files
 skipped and named), the same readers, the same checks (NaN/inf voxels, constant images,
 label maps of another shape or with values out of range) and the same label rule per
-record (client/site_records.py). Only the resizing into tensors is left out. So the
+record (data/site_records.py). Only the resizing into tensors is left out. So the
 record count and the number of distinct patients printed here are what a node trains on
 (its num-examples, and the privacy unit), whatever the folder's shape.
 
@@ -30,10 +30,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from medgen.client.dicom.reader import DicomReadOptions, DicomSeriesReader
-from medgen.client.readers import Reader, default_readers
-from medgen.client.site_folder import SiteFolder
-from medgen.client.site_records import SiteReading, SiteRecord
+from medgen.data.dicom.reader import DicomReadOptions, DicomSeriesReader
+from medgen.data.readers import Reader, default_readers
+from medgen.data.site_folder import SiteFolder
+from medgen.data.site_records import SiteReading, SiteRecord
 
 
 @dataclass
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.dir} is not a directory; pass the folder holding the site's images",
               file=sys.stderr)
         return 1
-    loader_log = logging.getLogger("medgen.client")
+    loader_log = logging.getLogger("medgen.data")
     level = loader_log.level
     loader_log.setLevel(logging.ERROR)  # every skip is in the report; no second copy on stderr
     try:

@@ -17,7 +17,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from medgen.client.site_folder import open_regular
+from medgen.data.site_folder import open_regular
 from medgen.privacy.deid import burned_in_annotation_status
 
 Vec3 = tuple[float, float, float]
@@ -144,7 +144,7 @@ def frame_infos(ds: Dataset) -> tuple[FrameInfo, ...]:
 
 def read_header(path, relpath: str, salt: bytes) -> DicomHeader:
     """Read one file's header (no pixel data). Raises pydicom/OS/Value errors on bad files."""
-    with open_regular(path) as handle:  # never a link or a pipe (client/site_folder.py)
+    with open_regular(path) as handle:  # never a link or a pipe (data/site_folder.py)
         ds = pydicom.dcmread(handle, stop_before_pixels=True)
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""

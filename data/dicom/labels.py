@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medgen.client.dicom.headers import DicomHeader
-from medgen.client.dicom.pixels import PixelDecodeError, read_frames
-from medgen.client.dicom.series import Series, _normal
+from medgen.data.dicom.headers import DicomHeader
+from medgen.data.dicom.pixels import PixelDecodeError, read_frames
+from medgen.data.dicom.series import Series, _normal
 
 
 def seg_label_map(root: Path, seg: DicomHeader, image: Series) -> np.ndarray:

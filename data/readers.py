@@ -1,7 +1,7 @@
 """Image readers: a registry of small classes that turn one file or folder into a Volume.
 
-The site reading (client/site_records.py) lists ``images/`` and ``labels/`` with the one
-walk every reader shares (client/site_folder.py: no links, regular files only) and asks
+The site reading (data/site_records.py) lists ``images/`` and ``labels/`` with the one
+walk every reader shares (data/site_folder.py: no links, regular files only) and asks
 each reader, in registry order, whether it ``claims`` a listed entry (a file, or a
 directory such as a DICOM series folder); the first that does ``read``s it. A directory
 nobody claims is walked into, so nested exports work. Adding a format = one class + one
@@ -37,14 +37,14 @@ import nibabel
 import numpy as np
 from PIL import Image
 
-from medgen.client.site_folder import open_regular
+from medgen.data.site_folder import open_regular
 
 # name -> "module:Class", in claim order; imported lazily so a format's heavy imports
 # cost only the sites that use it.
 READERS: tuple[tuple[str, str], ...] = (
-    ("nifti", "medgen.client.readers:NiftiReader"),
-    ("png", "medgen.client.readers:PngReader"),
-    ("dicom", "medgen.client.dicom.reader:DicomSeriesReader"),  # files and series folders
+    ("nifti", "medgen.data.readers:NiftiReader"),
+    ("png", "medgen.data.readers:PngReader"),
+    ("dicom", "medgen.data.dicom.reader:DicomSeriesReader"),  # files and series folders
 )
 
 

@@ -1,7 +1,7 @@
 """A cache of preprocessed tensors, keyed by the exact bytes they were made from.
 
 The key (``folder_key``) hashes the listing of the site's input folders made by the one
-walk every reader shares (client/site_folder.py): for every regular file it may read, its
+walk every reader shares (data/site_folder.py): for every regular file it may read, its
 path relative to the site, its size and a hash of its content (files are small; hashing the
 bytes is fast and, unlike mtimes, survives copies and catches same-size edits); every
 entry it skipped (a link, a FIFO, an unreadable file) with its reason; the preprocessing
@@ -26,7 +26,7 @@ import torch
 
 import medgen
 from medgen.atomic import atomic_torch_save
-from medgen.client.site_folder import SiteFolder, file_digest
+from medgen.data.site_folder import SiteFolder, file_digest
 
 logger = logging.getLogger(__name__)
 

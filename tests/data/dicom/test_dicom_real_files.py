@@ -10,8 +10,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from medgen.client.dicom import DicomReadOptions, DicomSeriesReader
-from medgen.client.readers import SkippedFile, Volume
+from medgen.data.dicom import DicomReadOptions, DicomSeriesReader
+from medgen.data.readers import SkippedFile, Volume
 
 from conftest import tree_digest
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medgen.client.dicom.headers import DicomHeader
-from medgen.client.dicom.scan import Problem, ScanResult
+from medgen.data.dicom.headers import DicomHeader
+from medgen.data.dicom.scan import Problem, ScanResult
 
 GAP_FACTOR = 1.5          # a step > 1.5x the median spacing means slices are missing
 ORIENTATION_TOL = 1e-3    # direction cosines that differ by more are another orientation

@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pytest
 
-from medgen.client.dicom import DicomReadOptions, DicomSeriesReader
-from medgen.client.readers import SkippedFile, Volume
+from medgen.data.dicom import DicomReadOptions, DicomSeriesReader
+from medgen.data.readers import SkippedFile, Volume
 from medgen.sim.dicom_export import PHI, mni_t1_volume, real_ct_hu
 
 from conftest import tree_digest
@@ -131,7 +131,7 @@ def test_series_of_one_patient_share_a_patient_key(corpus):
 
 
 def test_nothing_on_disk_is_modified(corpus):
-    from medgen.client.data_check import main
+    from medgen.data.data_check import main
 
     root, _ = corpus
     before = tree_digest(root)

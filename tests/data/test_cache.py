@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medgen.client.cache import TensorCache, fingerprint
-from medgen.client.readers import NiftiReader, PngReader
-from medgen.client.site_data import load_heldout, load_site
+from medgen.data.cache import TensorCache, fingerprint
+from medgen.data.readers import NiftiReader, PngReader
+from medgen.data.site_data import load_heldout, load_site
 
 torch.set_num_threads(1)
 

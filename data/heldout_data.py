@@ -1,7 +1,7 @@
 """Held-out evaluation data: the same subjects rendered at every site, paired row by row.
 
 ``<data_root>/heldout/<split>/<site>/{images,clean,labels}`` -> one ``HeldoutSite`` per
-site. The folders are listed by the same walk as a training site (client/site_folder.py:
+site. The folders are listed by the same walk as a training site (data/site_folder.py:
 no links followed, regular files only, unreadable files skipped and named) and keyed by
 subject name; a subject missing its image, clean rendering or labels is skipped at that
 site, with the reason.
@@ -17,12 +17,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from medgen.client.cache import TensorCache, folder_key
-from medgen.client.preprocess import (HIGH_PERCENTILE, cache_params, check_labels, normalise,
+from medgen.data.cache import TensorCache, folder_key
+from medgen.data.preprocess import (HIGH_PERCENTILE, cache_params, check_labels, normalise,
                                       robust_scaling, square_resize)
-from medgen.client.readers import Reader, ReaderError, SkippedFile, default_readers
-from medgen.client.site_folder import SiteFolder
-from medgen.client.site_records import SiteDataError, SkipLog, keyed_entries, read_single
+from medgen.data.readers import Reader, ReaderError, SkippedFile, default_readers
+from medgen.data.site_folder import SiteFolder
+from medgen.data.site_records import SiteDataError, SkipLog, keyed_entries, read_single
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from medgen import TISSUE_CLASSES
-from medgen.client.readers import Reader, ReaderError
+from medgen.data.readers import Reader, ReaderError
 
 __all__ = ["ImageScaling", "NORMALISATION_VERSION", "LOW_PERCENTILE", "HIGH_PERCENTILE",
            "cache_params", "check_image", "robust_scaling", "normalise", "check_labels",

@@ -6,7 +6,7 @@ import nibabel
 import numpy as np
 import pytest
 
-from medgen.client.readers import (NiftiReader, PngReader, ReaderError, Volume, default_readers,
+from medgen.data.readers import (NiftiReader, PngReader, ReaderError, Volume, default_readers,
                                    find_reader)
 
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 if TYPE_CHECKING:  # typing only: site_data re-exports this module's class
-    from medgen.client.site_data import SiteData
+    from medgen.data.site_data import SiteData
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 from pydicom.data import get_testdata_file
 
-from medgen.client.data_check import main
-from medgen.client.site_data import load_site
+from medgen.data.data_check import main
+from medgen.data.site_data import load_site
 from medgen.sim.dicom_export import PHI
 
 from conftest import tree_digest

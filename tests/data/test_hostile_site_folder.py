@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 import torch
 
-from medgen.client.data_check import check_folder
-from medgen.client.data_check import main as data_check
-from medgen.client.site_data import SiteDataError, load_site
+from medgen.data.data_check import check_folder
+from medgen.data.data_check import main as data_check
+from medgen.data.site_data import SiteDataError, load_site
 from medgen.sim.dicom_export import export_site_as_dicom
 
 torch.set_num_threads(1)

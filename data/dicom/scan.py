@@ -3,7 +3,7 @@
 File names mean nothing in a PACS export (``IM000123``, ``1.2.840...``, no extension), so
 every regular file is tried: a DICOM file starts with a 128-byte preamble and ``DICM``
 (PS3.10 7.1); files without it are reported as not DICOM, never guessed at. The folder is
-walked by the walk every reader of a site shares (client/site_folder.py): no symbolic link
+walked by the walk every reader of a site shares (data/site_folder.py): no symbolic link
 is followed, a FIFO, socket or device is reported from its ``lstat`` and never opened
 (opening a FIFO blocks forever), and a file that cannot be read is reported, not raised.
 Nothing is opened for writing. Problems are reported by the path relative to the scanned
@@ -20,8 +20,8 @@ from typing import Iterator, Sequence
 
 from pydicom.errors import InvalidDicomError
 
-from medgen.client.dicom.headers import DicomHeader, read_header
-from medgen.client.site_folder import (Entry, NotRegularFile, open_regular, regular_files,
+from medgen.data.dicom.headers import DicomHeader, read_header
+from medgen.data.site_folder import (Entry, NotRegularFile, open_regular, regular_files,
                                        unreadable_reason)
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"

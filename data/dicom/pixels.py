@@ -17,10 +17,10 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from medgen.client.dicom.headers import FrameInfo
-from medgen.client.dicom.scan import Problem
-from medgen.client.dicom.series import Series
-from medgen.client.site_folder import open_regular
+from medgen.data.dicom.headers import FrameInfo
+from medgen.data.dicom.scan import Problem
+from medgen.data.dicom.series import Series
+from medgen.data.site_folder import open_regular
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import torch
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
-from medgen.client.readers import SkippedFile, Volume, default_readers
-from medgen.client.site_data import (PatientDataset, SiteDataError, load_heldout,
+from medgen.data.readers import SkippedFile, Volume, default_readers
+from medgen.data.site_data import (PatientDataset, SiteDataError, load_heldout,
                                      load_public_bank, load_site)
 from medgen.models.recipe import PublicData
 

@@ -1,11 +1,11 @@
 """The records of a site folder: the one reading shared by training and ``data check``.
 
-``read_site(site_dir, readers)`` lists ``images/`` and ``labels/`` (client/site_folder.py:
+``read_site(site_dir, readers)`` lists ``images/`` and ``labels/`` (data/site_folder.py:
 no links followed, regular files only, unreadable files skipped), lets the readers claim
 entries of that listing (a file, or a folder such as a DICOM series; an unclaimed folder
 is walked into), then ``SiteReading.records()`` reads and validates one record at a time:
 
-- the image: every check training applies (client/preprocess.py: no NaN/inf voxel, not
+- the image: every check training applies (data/preprocess.py: no NaN/inf voxel, not
   constant, at least one non-constant slice);
 - its label map, per record: ``labels/<same name>`` or a segmentation read with the image
   (a DICOM SEG), checked against the image (same shape, tissue values only). When the
@@ -31,9 +31,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from medgen.client.preprocess import ImageScaling, check_labels, robust_scaling
-from medgen.client.readers import Reader, ReaderError, SkippedFile, Volume, find_reader
-from medgen.client.site_folder import SiteFolder, unreadable_reason
+from medgen.data.preprocess import ImageScaling, check_labels, robust_scaling
+from medgen.data.readers import Reader, ReaderError, SkippedFile, Volume, find_reader
+from medgen.data.site_folder import SiteFolder, unreadable_reason
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """A site's images on disk -> validated, normalised tensors, with one item per patient.
 
 ``load_site`` is the training side of the one reading of a site folder:
-  listing (client/site_folder.py: no link followed, regular files only, unreadable files
-  skipped) -> cache key over that listing (client/cache.py) -> on a miss, the records
-  (client/site_records.py: every check, labels per record) -> preprocessing
-  (client/preprocess.py) -> ``SiteData``.
-``medgen-client data check`` (client/data_check.py) runs the same listing and records, so
+  listing (data/site_folder.py: no link followed, regular files only, unreadable files
+  skipped) -> cache key over that listing (data/cache.py) -> on a miss, the records
+  (data/site_records.py: every check, labels per record) -> preprocessing
+  (data/preprocess.py) -> ``SiteData``.
+``medgen-client data check`` (data/data_check.py) runs the same listing and records, so
 its verdict is what trains. A bad file is logged, recorded in ``SiteData.skipped`` with a
 reason starting with its path relative to the site folder, and skipped; only a site with
 nothing usable raises ``SiteDataError``. Nothing on disk is ever written except the
@@ -29,16 +29,16 @@ from typing import Sequence
 
 import torch
 
-from medgen.client.cache import TensorCache, folder_key
-from medgen.client.heldout_data import HeldoutSite, load_heldout
-from medgen.client.patient_dataset import PatientDataset
-from medgen.client.preprocess import (NORMALISATION_VERSION, ImageScaling, cache_params,
+from medgen.data.cache import TensorCache, folder_key
+from medgen.data.heldout_data import HeldoutSite, load_heldout
+from medgen.data.patient_dataset import PatientDataset
+from medgen.data.preprocess import (NORMALISATION_VERSION, ImageScaling, cache_params,
                                       check_image, check_labels, normalise, robust_scaling,
                                       square_resize)
-from medgen.client.public_bank import load_public_bank
-from medgen.client.readers import Reader, SkippedFile, default_readers
-from medgen.client.site_folder import LINK_REASON, SiteFolder
-from medgen.client.site_records import SiteDataError, SiteReading, SiteRecord
+from medgen.data.public_bank_loader import load_public_bank
+from medgen.data.readers import Reader, SkippedFile, default_readers
+from medgen.data.site_folder import LINK_REASON, SiteFolder
+from medgen.data.site_records import SiteDataError, SiteReading, SiteRecord
 
 logger = logging.getLogger(__name__)
 

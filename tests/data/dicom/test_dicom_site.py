@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from medgen.client.cache import fingerprint
-from medgen.client.dicom import DicomReadOptions, DicomSeriesReader
-from medgen.client.readers import NiftiReader, PngReader
-from medgen.client.site_data import load_site
+from medgen.data.cache import fingerprint
+from medgen.data.dicom import DicomReadOptions, DicomSeriesReader
+from medgen.data.readers import NiftiReader, PngReader
+from medgen.data.site_data import load_site
 from medgen.sim.dicom_export import export_site_as_dicom, mni_t1_volume
 
 from conftest import tree_digest
@@ -105,7 +105,7 @@ def test_simulated_site_exported_as_dicom_loads_like_its_nifti(tmp_path):
 
 
 def test_reader_plugs_into_the_registry_protocol(sites, tmp_path):
-    from medgen.client.readers import Reader, find_reader
+    from medgen.data.readers import Reader, find_reader
 
     reader = DicomSeriesReader()
     assert isinstance(reader, Reader) and reader.name == "dicom"

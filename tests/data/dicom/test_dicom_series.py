@@ -6,8 +6,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from medgen.client.dicom import DicomSeriesReader, group_series, scan_folder
-from medgen.client.readers import SkippedFile, Volume
+from medgen.data.dicom import DicomSeriesReader, group_series, scan_folder
+from medgen.data.readers import SkippedFile, Volume
 from medgen.sim.dicom_export import write_series
 
 
