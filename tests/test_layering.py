@@ -170,6 +170,21 @@ def test_no_upward_imports():
     assert not upward, "upward imports (see the layer order in this file's docstring):\n" + "\n".join(upward)
 
 
+NO_CLIENT = ("medgen.server", "medgen.evaluation", "medgen.models")
+
+
+def test_server_evaluation_and_models_never_import_the_client():
+    """The node role is a leaf: data comes from medgen.data, the in-process runner gets its
+    sites passed in (client/simulated_site.py). Entry points and functions included."""
+    offenders = [f"{i.module}:{i.line} imports {i.target}" for i in IMPORTS
+                 if i.module.startswith(NO_CLIENT) and not i.typing_only
+                 and (i.target == "medgen.client" or i.target.startswith("medgen.client."))]
+    by_name = [f"{name} names medgen.client.* for importlib" for name, path in MODULES.items()
+               if name.startswith(NO_CLIENT) and "\"medgen.client." in path.read_text(encoding="utf-8")]
+    assert not offenders + by_name, "import data from medgen.data, not the client:\n" + \
+        "\n".join(offenders + by_name)
+
+
 def test_no_if_false_blocks_for_typing():
     offenders = [f"{name}:{node.lineno}" for name, path in MODULES.items()
                  for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
