@@ -42,6 +42,10 @@ class RunConfig:
     max_grad_norm: float = 1.0
     # federation: site names in index order (a site's index is its conditioning id)
     sites: str = "A,B,C,D"
+    # the label schema's class names in value order (label value = index), from the
+    # federation's dataset.toml (medgen-server simulate fills it); the default is the
+    # embedded brain federation's schema. Every recipe, segmenter and release sizes from it.
+    label_names: str = "background,csf,gm,wm"
     min_sites: int = 2
     round_timeout: float = 3600.0
     # where things are (simulation fills data-root/state-root; deployment uses node config)
@@ -76,6 +80,15 @@ class RunConfig:
     @property
     def site_names(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in self.sites.split(",") if name.strip())
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The label schema's class names; label value i is ``class_names[i]``."""
+        return tuple(name.strip() for name in self.label_names.split(",") if name.strip())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
     # -- Flower run config (flat scalar dict, hyphenated keys) -------------------------
     def to_run_config(self) -> dict[str, Scalar]:
@@ -171,6 +184,10 @@ def _validate(config: "RunConfig") -> None:
              f"must be a finite number > 0 (per-sample clipping bound), got {c.max_grad_norm!r}")
     _require(len(sites) >= 1 and len(set(sites)) == len(sites),
              "sites", "must be a comma-separated list of distinct site names")
+    classes = c.class_names
+    _require(len(classes) >= 2 and len(set(classes)) == len(classes), "label-names",
+             f"must be a comma-separated list of at least 2 distinct class names (label value = "
+             f"position), got {c.label_names!r}")
     _require(1 <= c.min_sites <= len(sites), "min-sites",
              f"must be between 1 and the number of sites ({len(sites)}: {c.sites}), got {c.min_sites}")
     _require(_finite(c.round_timeout) and c.round_timeout > 0, "round-timeout",

@@ -20,6 +20,8 @@ from monai.metrics import DiceMetric
 from monai.metrics.regression import compute_ssim_and_cs
 from monai.networks.utils import one_hot
 
+from medgen.config import RunConfig
+
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 
@@ -97,13 +99,17 @@ def ssim(pred, target, data_range: float, mask=None) -> float:
     return float(torch.stack([ssim_map[i][m[i]].mean() for i in range(p.shape[0])]).mean())
 
 
-def dice_per_class(pred_labels, true_labels, num_classes: int = 4,
+def dice_per_class(pred_labels, true_labels, num_classes: int | None = None,
                    include_background: bool = False) -> dict[int, float]:
     """Dice per label value over a batch of integer label maps (MONAI DiceMetric).
+
+    ``num_classes``: the run's label schema (``RunConfig.num_classes``); None means the run
+    config's default schema.
 
     Classes absent from both prediction and truth in every image give NaN (nothing to
     score); the mean over images ignores images where the class is absent from the truth.
     """
+    num_classes = RunConfig().num_classes if num_classes is None else num_classes
     pred = _batch("pred_labels", pred_labels).long()
     true = _batch("true_labels", true_labels).long()
     if pred.shape != true.shape:

@@ -23,9 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medgen import TISSUE_CLASSES
+from medgen.config import RunConfig
 
-NUM_TISSUES = len(TISSUE_CLASSES)
+
+def _classes(num_classes: int | None) -> int:
+    """The label schema's class count; None: the run config's default schema."""
+    return RunConfig().num_classes if num_classes is None else int(num_classes)
 
 
 @dataclass(frozen=True)
@@ -60,13 +63,14 @@ def _encoder(widths: tuple[int, ...]) -> nn.Sequential:
 
 class FeatureNet(nn.Module):
     def __init__(self, num_sites: int, widths: tuple[int, ...] = (16, 32, 64, 64),
-                 feature_dim: int = 64):
+                 feature_dim: int = 64, num_classes: int | None = None):
         super().__init__()
+        num_classes = _classes(num_classes)  # the tissue heads: one output per schema class
         self.encoder = _encoder(widths)
         self.project = nn.Linear(widths[-1], feature_dim)
         self.site_head = nn.Linear(feature_dim, num_sites)
-        self.fraction_head = nn.Linear(feature_dim, NUM_TISSUES)
-        self.seg_head = nn.Conv2d(widths[-1], NUM_TISSUES, 1)
+        self.fraction_head = nn.Linear(feature_dim, num_classes)
+        self.seg_head = nn.Conv2d(widths[-1], num_classes, 1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         fmap = self.encoder(images)
@@ -96,22 +100,25 @@ class SiteClassifier(nn.Module):
         return torch.cat([self(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
 
 
-def tissue_fractions(labels: torch.Tensor) -> torch.Tensor:
-    """Area fraction of each tissue class per label map: [N, NUM_TISSUES]."""
-    return F.one_hot(labels.long(), NUM_TISSUES).float().mean(dim=(1, 2))
+def tissue_fractions(labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """Area fraction of each class of the label schema per label map: [N, num_classes]."""
+    return F.one_hot(labels.long(), _classes(num_classes)).float().mean(dim=(1, 2))
 
 
 def train_feature_net(images: torch.Tensor, labels: torch.Tensor, site_ids: torch.Tensor,
-                      num_sites: int, settings: TrainSettings, seed: int) -> FeatureNet:
-    """Multi-task training on real held-out fit images [N,1,H,W], labels [N,H,W], site ids [N]."""
+                      num_sites: int, settings: TrainSettings, seed: int,
+                      num_classes: int | None = None) -> FeatureNet:
+    """Multi-task training on real held-out fit images [N,1,H,W], labels [N,H,W], site ids [N];
+    ``num_classes``: the run's label schema (None: the run config's default)."""
     _check_inputs(images, site_ids, num_sites, labels)
+    num_classes = _classes(num_classes)
     with torch.random.fork_rng(devices=[]):  # deterministic init without touching global RNG
         torch.manual_seed(seed)
-        net = FeatureNet(num_sites, settings.widths, settings.feature_dim)
+        net = FeatureNet(num_sites, settings.widths, settings.feature_dim, num_classes)
     scale = 2 ** len(settings.widths)
-    coarse = F.interpolate(F.one_hot(labels.long(), NUM_TISSUES).permute(0, 3, 1, 2).float(),
+    coarse = F.interpolate(F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).float(),
                            scale_factor=1 / scale, mode="area").argmax(1)  # majority class per cell
-    fractions = tissue_fractions(labels)
+    fractions = tissue_fractions(labels, num_classes)
 
     def loss_fn(batch: torch.Tensor, idx: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
         target_seg = torch.where(flipped[:, None, None], coarse[idx].flip(-1), coarse[idx])

@@ -21,8 +21,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from medgen.atomic import atomic_write_bytes
 
-# background, CSF, GM, WM (medgen.TISSUE_CLASSES)
-LABEL_COLOURS = np.array([[0, 0, 0], [60, 120, 230], [150, 150, 150], [245, 245, 235]], dtype=np.uint8)
+# one colour per label value (class 0, the background, black); a schema with more classes
+# than colours reuses the last ones (the legend row is for orientation, not measurement)
+LABEL_COLOURS = np.array([[0, 0, 0], [60, 120, 230], [150, 150, 150], [245, 245, 235],
+                          [220, 90, 60], [250, 200, 80], [90, 190, 110], [170, 90, 200],
+                          [80, 200, 210], [200, 120, 160]], dtype=np.uint8)
 MIN_CELL = 64
 GAP = 2
 MARGIN = 40

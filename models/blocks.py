@@ -22,7 +22,7 @@ def one_hot_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"label maps must be integer tensors, got dtype {labels.dtype}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"label values must lie in 0..{num_classes - 1} (medgen.TISSUE_CLASSES), "
+        raise ValueError(f"label values must lie in 0..{num_classes - 1} (the run's label-names), "
                          f"got {int(labels.min())}..{int(labels.max())}")
     return F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).to(torch.float32)
 

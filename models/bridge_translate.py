@@ -32,7 +32,7 @@ plan's DP-SGD noise is calibrated once for their composition (``one_off_releases
      (the only data-dependent part) differs.
   4. The style release (``style-release``, once per site, in its first round, before its
      DP-SGD steps): per patient one vector of its own tissue means, area weights and
-     blur, of L2 norm <= STYLE_CLIP, summed, plus Gaussian noise (sensitivity argument in
+     blur, of L2 norm <= style_clip(K) for the K classes of the schema, summed, plus Gaussian noise (sensitivity argument in
      models/site_style.py), accounted as (style-noise-multiplier, 1.0, 1). The ledger
      stores the noisy sum; row k of ``style_release`` (site k's row only) carries it to
      the federation (every site may translate into every other site's style). The style
@@ -63,9 +63,9 @@ from medgen.models.round_context import keep_optimizer, restore_optimizer
 from medgen.models.segmenter import (SegmenterSettings, build_segmenter, fit_segmenter, predict_probs,
                                      public_batches)
 # the style helpers are part of this recipe's public surface (medgen translate, bench, tests)
-from medgen.models.site_style import (STYLE_CLIP, STYLE_STAT_DIM, SiteStyle,  # noqa: F401
-                                      patient_style_statistics, style_from_images,
-                                      style_from_statistics, style_reference_counts, translate)
+from medgen.models.site_style import (SiteStyle, patient_style_statistics,  # noqa: F401
+                                      style_clip, style_from_images, style_from_statistics,
+                                      style_reference_counts, style_stat_dim, translate)
 from medgen.sim.random_contrast import RandomContrast, render_random_contrast
 
 
@@ -83,7 +83,7 @@ class BridgeOptions(CGANOptions):
     seg_generated_from_round: int = option(2, at_least=0)  # G's samples join S's batches then
     style_samples: int = option(64, at_least=4)
     style_release: bool = True  # SiteStyle from a DP release of the site's own statistics
-    style_noise_multiplier: float = option(1.0, above=0)  # sigma of that release (x STYLE_CLIP)
+    style_noise_multiplier: float = option(1.0, above=0)  # sigma of that release (x style_clip(K))
     # a patient's tissue mean counts fully once the tissue covers this quantile of the public
     # maps' areas (less below it); 0 = every patient having the tissue counts fully
     style_weight_quantile: float = option(0.5, at_least=0, at_most=1)
@@ -95,14 +95,15 @@ class BridgeOptions(CGANOptions):
 
 class BridgeModel(nn.Module):
     """``cgan`` = the foundation (gen shared, disc private), ``seg`` = S (public-trained, shared),
-    ``style_release`` [sites, STYLE_STAT_DIM] = each site's DP-released style statistics
-    (row k written once by site k; all zeros until released; shared, site-indexed)."""
+    ``style_release`` [sites, 2K+2] = each site's DP-released style statistics for the K
+    classes of the label schema (row k written once by site k; all zeros until released;
+    shared, site-indexed)."""
 
-    def __init__(self, cgan: nn.Module, seg: nn.Module, num_sites: int = 0):
+    def __init__(self, cgan: nn.Module, seg: nn.Module, num_sites: int = 0, *, num_classes: int):
         super().__init__()
         self.cgan = cgan
         self.seg = seg
-        self.register_buffer("style_release", torch.zeros(num_sites, STYLE_STAT_DIM))
+        self.register_buffer("style_release", torch.zeros(num_sites, style_stat_dim(num_classes)))
 
 
 class BridgeTranslator(Recipe):
@@ -130,8 +131,9 @@ class BridgeTranslator(Recipe):
     def build(self) -> nn.Module:
         members = max(1, len(self.options.seg_init_paths))
         return BridgeModel(self.foundation.build(),
-                           build_segmenter(self.seg_settings, self.config.seed + 1, members),
-                           self.num_sites)
+                           build_segmenter(self.seg_settings, self.config.seed + 1, members,
+                                           num_classes=self.num_classes),
+                           self.num_sites, num_classes=self.num_classes)
 
     def one_off_releases(self) -> tuple[tuple[float, float, int], ...]:
         """The style release: one Gaussian mechanism, accounted as (sigma_style, 1.0, 1)."""
@@ -179,10 +181,11 @@ class BridgeTranslator(Recipe):
         def statistics(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             # only called when the release is made, so later rounds skip the public counts
             weighted = public is not None and quantile > 0
-            reference = style_reference_counts(public.label_maps, quantile) if weighted else None
-            return patient_style_statistics(images, labels, reference)
+            reference = (style_reference_counts(public.label_maps, quantile, self.num_classes)
+                         if weighted else None)
+            return patient_style_statistics(images, labels, reference, num_classes=self.num_classes)
 
-        self.release_once(model.style_release[ctx.site_index], ctx, statistics, STYLE_CLIP,
+        self.release_once(model.style_release[ctx.site_index], ctx, statistics, style_clip(self.num_classes),
                           self.options.style_noise_multiplier,
                           no_labels_hint=" (set options.style-release = false to measure styles "
                                          "on the generator's samples instead)")
@@ -192,7 +195,8 @@ class BridgeTranslator(Recipe):
         the site, so every site computes the same S from the same broadcast weights."""
         settings = SegmenterSettings(steps=self.options.seg_pretrain_steps, batch_size=16, lr=3e-3)
         model.seg.to(device)
-        fit_segmenter(model.seg, public_batches(public.label_maps.long(), settings.batch_size),
+        fit_segmenter(model.seg, public_batches(public.label_maps.long(), settings.batch_size,
+                                                num_classes=self.num_classes),
                       settings, seed=self.config.seed + 1)
 
     def public_segmenter_update(self, model: BridgeModel, public: PublicData, round_index: int,
@@ -224,7 +228,7 @@ class BridgeTranslator(Recipe):
         """(images, label maps): random-contrast renderings of public maps, then G's samples
         of public maps at random sites. Built from ``public`` and G only."""
         labels = public.draw(n_render, generator=gen).long()
-        images = render_random_contrast(labels, gen, RandomContrast())
+        images = render_random_contrast(labels, gen, RandomContrast(), num_classes=self.num_classes)
         if n_generated:
             maps = public.draw(n_generated, generator=gen).long()
             sites = torch.randint(0, self.num_sites, (n_generated,), generator=gen)
@@ -266,7 +270,7 @@ class BridgeTranslator(Recipe):
         gen = torch.Generator().manual_seed(seed * 1_000 + site_index)
         maps = public.draw(self.options.style_samples, generator=gen).long()
         fake = self.sample(model, maps, torch.full((maps.shape[0],), site_index), generator=gen)
-        return style_from_images(fake.cpu(), maps)
+        return style_from_images(fake.cpu(), maps, self.num_classes)
 
     def site_styles(self, model: BridgeModel, public: PublicData, seed: int = 0) -> dict[str, SiteStyle]:
         return {name: self.site_style(model, public, k, seed)

@@ -12,6 +12,11 @@ need more ask for the ability, never for a recipe class:
 
 A recipe declares an ability by implementing the protocol's methods; ``require`` checks it
 on the recipe object and says what is missing.
+
+What a recipe consumes is declared as two attributes of ``Recipe`` (models/recipe.py):
+``consumes`` (one of ``CONSUMES``) and ``requires_labels``. ``Recipe.check_site`` refuses
+a site whose data does not fit with ``SiteDataRefused``, at plan time, before a privacy
+round opens (client/app.py).
 """
 
 from __future__ import annotations
@@ -24,6 +29,14 @@ from torch import nn
 from medgen.config import ConfigError
 
 Capability = TypeVar("Capability")
+
+CONSUMES = ("slices", "volumes")
+
+
+class SiteDataRefused(ConfigError):
+    """A site's data does not fit what the recipe consumes (no label maps for a recipe that
+    needs them, volumes for a slice recipe); raised before any privacy budget is spent.
+    The message names no path: it may travel back to the coordinator."""
 
 
 class MembershipScores(Protocol):

@@ -41,6 +41,7 @@ patient). Both are checked against the per-record autograd oracle in the tests.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -50,7 +51,6 @@ from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from medgen import TISSUE_CLASSES
 from medgen.config import ConfigError
 from medgen.models.blocks import one_hot_labels
 from medgen.models.ddim import alphas_cumprod, ddim_step, ddim_timesteps, training_target
@@ -60,7 +60,6 @@ from medgen.models.scanner_moments import MOMENT_CLIP, patient_moments
 from medgen.models.tissue_prior import TissuePriorDenoiser, denoiser_input
 from medgen.privacy.dp_step import DPModule
 
-NUM_CLASSES = len(TISSUE_CLASSES)
 SAMPLE_CHUNK = 64  # images per denoiser call while sampling (bounds memory)
 # the audit's loss attack: early timesteps, where the denoiser nearly copies its input and a
 # memorised record stands out most (fractions of train-timesteps), one fixed noise each
@@ -127,10 +126,11 @@ class DenoiserNetwork(nn.Module):
         self.denoiser = denoiser
 
 
-def build_denoiser(options: CDDPMOptions, num_sites: int) -> DiffusionModelUNet:
+def build_denoiser(options: CDDPMOptions, num_sites: int, num_classes: int) -> DiffusionModelUNet:
+    """The UNet: input = the noisy image + one channel per class of the label schema."""
     widths = options.channel_widths
     return DiffusionModelUNet(
-        spatial_dims=2, in_channels=1 + NUM_CLASSES, out_channels=1, channels=widths,
+        spatial_dims=2, in_channels=1 + num_classes, out_channels=1, channels=widths,
         num_res_blocks=options.res_blocks, attention_levels=(False,) * len(widths),
         norm_num_groups=options.norm_groups, num_class_embeds=num_sites)
 
@@ -197,10 +197,11 @@ class ConditionalDDPM(Recipe):
         o = self.options
         with torch.random.fork_rng(devices=[]):  # deterministic, global RNG untouched
             torch.manual_seed(self.config.seed)
-            unet = build_denoiser(o, self.num_sites)
+            unet = build_denoiser(o, self.num_sites, self.num_classes)
             if o.tissue_prior:
                 return DenoiserNetwork(TissuePriorDenoiser(unet, self.num_sites, self.abar,
-                                                           blur=o.prior_blur, gain=o.prior_gain))
+                                                           blur=o.prior_blur, gain=o.prior_gain,
+                                                           num_classes=self.num_classes))
             return DenoiserNetwork(unet)
 
     def param_groups(self, denoiser: nn.Module) -> list[dict[str, Any]]:
@@ -217,7 +218,8 @@ class ConditionalDDPM(Recipe):
         self.check_round(ctx)
         model.to(device).train()
         if self.releases_moments and self.release_once(
-                model.denoiser.site_moments[ctx.site_index], ctx, patient_moments, MOMENT_CLIP,
+                model.denoiser.site_moments[ctx.site_index], ctx,
+                functools.partial(patient_moments, num_classes=self.num_classes), MOMENT_CLIP,
                 o.moment_noise_multiplier):
             model.denoiser.start_from_release(ctx.site_index)  # new to this model: the prior starts there
         rng = ctx.generator()
@@ -260,7 +262,7 @@ class ConditionalDDPM(Recipe):
                          labels: torch.Tensor, site_index: int, rng: torch.Generator) -> None:
         """Fill ``p.grad_sample`` of the denoiser with one gradient per record (the private batch)."""
         x_t, t, target = self.draw_training_noise(images, rng)
-        condition = one_hot_labels(labels, NUM_CLASSES).to(images.device)
+        condition = one_hot_labels(labels, self.num_classes).to(images.device)
         site = torch.full((images.shape[0],), site_index, dtype=torch.long, device=images.device)
         if self.options.grad_sample_mode == "hooks":
             record_losses(wrapped, x_t, condition, site, t, target).mean().backward()
@@ -282,7 +284,7 @@ class ConditionalDDPM(Recipe):
                             device=gen_device)
         with self.inference(model) as device:
             out = [self._ddim(model.denoiser, noise[i:i + SAMPLE_CHUNK].to(device),
-                              one_hot_labels(label_maps[i:i + SAMPLE_CHUNK], NUM_CLASSES).to(device),
+                              one_hot_labels(label_maps[i:i + SAMPLE_CHUNK], self.num_classes).to(device),
                               site[i:i + SAMPLE_CHUNK].to(device), timesteps)
                    for i in range(0, label_maps.shape[0], SAMPLE_CHUNK)]
         return torch.cat(out) if out else noise.to(device)
@@ -305,6 +307,6 @@ class ConditionalDDPM(Recipe):
         noise = torch.randn((n, len(t), *images.shape[1:]), generator=torch.Generator().manual_seed(0))
         with self.inference(model) as device:
             x_t, t, target = self.noised(images.float().to(device), t.expand(n, -1), noise.to(device))
-            condition = one_hot_labels(labels, NUM_CLASSES).to(device)
+            condition = one_hot_labels(labels, self.num_classes).to(device)
             return -record_losses(model.denoiser, x_t, condition, self.site_ids(site_index, n).to(device),
                                   t, target)

@@ -35,6 +35,7 @@ patient (one dataset item):
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -43,16 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medgen import TISSUE_CLASSES
 from medgen.config import RunConfig
 from medgen.models.blocks import (DownBlock, ProjectionHead, ScannerHead, SPADEUpBlock,
                                   one_hot_labels, tissue_statistics)
 from medgen.models.options import RecipeOptions, option
 from medgen.models.recipe import PublicData, Recipe, RoundContext
-from medgen.models.scanner_moments import MOMENT_CLIP, MOMENT_DIM, moments_from_release, patient_moments
+from medgen.models.scanner_moments import MOMENT_CLIP, moment_dim, moments_from_release, patient_moments
 from medgen.privacy.dp_step import DPModule, clip_total_norm
 
-NUM_CLASSES = len(TISSUE_CLASSES)
 LOSSES = ("nonsat", "hinge")
 
 
@@ -62,7 +61,7 @@ class ConditionalGenerator(nn.Module):
 
     def __init__(self, image_size: int, num_sites: int, width: int, noise_dim: int,
                  site_dim: int, spade_hidden: int, spade_kernel: int, psf_radius: int = 4,
-                 upsample: str = "bilinear"):
+                 upsample: str = "bilinear", *, num_classes: int):
         super().__init__()
         self.noise_dim = noise_dim
         self.image_size = image_size
@@ -72,15 +71,15 @@ class ConditionalGenerator(nn.Module):
         self.project = nn.Linear(noise_dim, channels[0] * self.base * self.base)
         # stage 0 modulates at S/8, stages 1-2 upsample to S/2; the head goes to S
         self.stages = nn.ModuleList(
-            SPADEUpBlock(channels[i], channels[i + 1], NUM_CLASSES, site_dim, spade_hidden,
+            SPADEUpBlock(channels[i], channels[i + 1], num_classes, site_dim, spade_hidden,
                          spade_kernel, upsample=i > 0, mode=upsample) for i in range(3))
-        self.head = ScannerHead(channels[3], NUM_CLASSES, num_sites, psf_radius, upsample)
+        self.head = ScannerHead(channels[3], num_classes, num_sites, psf_radius, upsample)
         # row k: site k's released noisy sum of patient_moments (all zero = not released yet)
-        self.register_buffer("site_moments", torch.zeros(num_sites, MOMENT_DIM))
+        self.register_buffer("site_moments", torch.zeros(num_sites, moment_dim(num_classes)))
 
     def forward(self, labels: torch.Tensor, site: torch.Tensor, z: torch.Tensor,
                 pixel_noise: torch.Tensor) -> torch.Tensor:
-        """labels: one-hot [N,4,S,S]; site: [N] int64; z: [N,noise_dim]; pixel_noise: [N,1,S,S]."""
+        """labels: one-hot [N,K,S,S] (K classes of the schema); site: [N] int64; z: [N,noise_dim]; pixel_noise: [N,1,S,S]."""
         site_code = self.site_embed(site)
         x = self.project(z).view(z.shape[0], -1, self.base, self.base)
         for stage in self.stages:
@@ -100,19 +99,20 @@ class ConditionalGenerator(nn.Module):
 class ProjectionDiscriminator(nn.Module):
     """cat(image, one-hot map) -> stride-2 GroupNorm stages down to 4x4 -> per-patch projection
     (PatchGAN: local realism gets a local signal). GroupNorm, no spectral norm (DP.md traps
-    4, 5). With ``tissue_stats`` a second projection head on ``tissue_statistics`` (10
-    numbers: the scanner signal, in ~60 parameters that DP noise does not drown) is added
+    4, 5). With ``tissue_stats`` a second projection head on ``tissue_statistics`` (2K+2
+    numbers for K classes: the scanner signal, in ~60 parameters that DP noise does not drown) is added
     to every patch logit (docs/recipes/dp-cgan.md, "Networks")."""
 
-    def __init__(self, image_size: int, num_sites: int, width: int, tissue_stats: bool = True):
+    def __init__(self, image_size: int, num_sites: int, width: int, tissue_stats: bool = True, *,
+                 num_classes: int):
         super().__init__()
-        stages, in_ch, out_ch, size = [], 1 + NUM_CLASSES, width, image_size
+        stages, in_ch, out_ch, size = [], 1 + num_classes, width, image_size
         while size > 4:
             stages.append(DownBlock(in_ch, out_ch, norm=bool(stages)))
             in_ch, out_ch, size = out_ch, min(2 * out_ch, 4 * width), size // 2
         self.stages = nn.Sequential(*stages)
         self.head = ProjectionHead(in_ch, num_sites)
-        self.stats_head = ProjectionHead(2 * NUM_CLASSES + 2, num_sites) if tissue_stats else None
+        self.stats_head = ProjectionHead(2 * num_classes + 2, num_sites) if tissue_stats else None
 
     def forward(self, image: torch.Tensor, labels: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         features = self.stages(torch.cat([image, labels], dim=1))
@@ -198,8 +198,9 @@ class DPConditionalGAN(Recipe):
             torch.manual_seed(self.config.seed)
             gen = ConditionalGenerator(size, self.num_sites, o.gen_width, o.noise_dim,
                                        o.site_dim, o.spade_hidden, o.spade_kernel, o.psf_radius,
-                                       o.upsample)
-            disc = ProjectionDiscriminator(size, self.num_sites, o.disc_width, o.tissue_stats)
+                                       o.upsample, num_classes=self.num_classes)
+            disc = ProjectionDiscriminator(size, self.num_sites, o.disc_width, o.tissue_stats,
+                                           num_classes=self.num_classes)
         return ConditionalGAN(gen, disc)
 
     # -- training ---------------------------------------------------------------------
@@ -209,8 +210,9 @@ class DPConditionalGAN(Recipe):
         ctx.public.check_size(self.config.image_size)
         model.to(device).train()
         if o.moment_release:  # privacy argument, point 4: once per site, then reused for free
-            self.release_once(model.gen.site_moments[site], ctx, patient_moments, MOMENT_CLIP,
-                              o.moment_noise_multiplier)
+            self.release_once(model.gen.site_moments[site], ctx,
+                              functools.partial(patient_moments, num_classes=self.num_classes),
+                              MOMENT_CLIP, o.moment_noise_multiplier)
         rng = ctx.generator()
         scanner = model.gen.head.scanner_parameters()
         body = [p for p in model.gen.parameters() if all(p is not q for q in scanner)]
@@ -259,7 +261,7 @@ class DPConditionalGAN(Recipe):
         # accounted step (zero-length per-sample grads).
         if images.shape[0] > 0:
             real_site = torch.full((images.shape[0],), site_index, dtype=torch.long, device=device)
-            logits = d.module(images, one_hot_labels(labels, NUM_CLASSES), real_site)
+            logits = d.module(images, one_hot_labels(labels, self.num_classes), real_site)
             disc_loss(logits, real=True, kind=kind).mean().backward()
         d.step(public_grads)  # clip+noise real, add public, step, zero grads
         return float(loss_fake.detach())
@@ -283,7 +285,7 @@ class DPConditionalGAN(Recipe):
         return float(loss.detach()), float(torch.sigmoid(logits.detach()).mean())
 
     def _public_conditions(self, public: PublicData, site_index: int, n: int, rng, device):
-        labels = one_hot_labels(public.draw(n, generator=rng), NUM_CLASSES).to(device)
+        labels = one_hot_labels(public.draw(n, generator=rng), self.num_classes).to(device)
         return labels, torch.full((n,), site_index, dtype=torch.long, device=device)
 
     # -- sampling and the audit's score (post-processing of the released networks) -----
@@ -292,7 +294,7 @@ class DPConditionalGAN(Recipe):
         """Images [N,1,H,W] in [-1,1] on the model's device; eval mode, no grad."""
         site = self.site_ids(site_index, label_maps.shape[0])
         with self.inference(model) as device:
-            labels = one_hot_labels(label_maps, NUM_CLASSES).to(device)
+            labels = one_hot_labels(label_maps, self.num_classes).to(device)
             noise = model.gen.draw_noise(label_maps.shape[0], generator, device)
             return model.gen(labels, site.to(device), *noise)
 
@@ -302,4 +304,4 @@ class DPConditionalGAN(Recipe):
         """The audit's white-box score (models/capabilities.py): D's patch logits [N,4,4] of
         real records (a loss attack: the real-data loss is monotone in the logit)."""
         site = self.site_ids(site_index, images.shape[0])
-        return model.disc(images.float(), one_hot_labels(labels, NUM_CLASSES), site)
+        return model.disc(images.float(), one_hot_labels(labels, self.num_classes), site)

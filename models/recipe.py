@@ -19,7 +19,12 @@ Contract for ``train_local(model, ctx)`` (``ctx``: a ``RoundContext``):
   the plan's noise was calibrated for it; the ledger stores its values).
 
 Optional abilities (membership scores for the audit, translation) are declared by
-implementing the protocols of models/capabilities.py; callers check them there.
+implementing the protocols of models/capabilities.py; callers check them there. What a
+recipe consumes is declared too: ``consumes`` ("slices" or "volumes") and
+``requires_labels``; the node checks a site against them at plan time (``check_site``),
+before any privacy budget is spent. The label schema (class names, hence the number of
+label-input channels and the length of any per-class release) comes from the run config
+(``label-names``), never from a constant.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 from torch import nn
 
 from medgen.config import RunConfig
+from medgen.models.capabilities import CONSUMES, SiteDataRefused
 from medgen.models.options import RecipeOptions
 from medgen.models.round_context import PublicData, RoundContext
 
@@ -51,6 +57,10 @@ class Recipe(ABC):
     #: contrast table): only site k trains row k, so the server takes row k from site k's
     #: replies alone instead of averaging it with K-1 untouched copies (server/strategy.py)
     site_indexed_keys: ClassVar[tuple[str, ...]] = ()
+    #: what one training record is: a 2D slice stack per patient, or a 3D volume
+    consumes: ClassVar[str] = "slices"
+    #: whether training reads a label map with every image (a site without one is refused)
+    requires_labels: ClassVar[bool] = True
 
     def one_off_releases(self) -> tuple[tuple[float, float, int], ...]:
         """The recipe's one-off Gaussian releases of per-patient statistics, as accountant
@@ -65,6 +75,25 @@ class Recipe(ABC):
         self.config = config
         self.options = self.Options.from_mapping(self.name, config.options)
         self.num_sites = len(config.site_names)
+        self.label_names = config.class_names  # the schema: label value i = label_names[i]
+        self.num_classes = len(self.label_names)
+        if self.consumes not in CONSUMES:
+            raise TypeError(f"recipe {self.name!r} declares consumes={self.consumes!r}; "
+                            f"expected one of {CONSUMES}")
+
+    def check_site(self, data: Any) -> None:
+        """Refuse, at plan time and before any budget is spent, a site whose data this
+        recipe cannot train on: label maps required but the site has none, or records of
+        the wrong kind (slices vs volumes). ``SiteDataRefused`` names what is missing."""
+        if self.requires_labels and getattr(data, "has_labels", True) is False:
+            raise SiteDataRefused(
+                f"recipe {self.name!r} needs a label map with every image, and this site has "
+                f"no labels (no labels/ folder, or its dataset.toml declares none); train a "
+                f"recipe that needs no labels on it (e.g. site-gan), or add label maps")
+        served = getattr(data, "consumes", None)  # what the loaded site data serves, if it says
+        if served is not None and served != self.consumes:
+            raise SiteDataRefused(f"recipe {self.name!r} consumes {self.consumes}, but this "
+                                  f"site's data serves {served}")
 
     @abstractmethod
     def build(self) -> nn.Module:

@@ -27,7 +27,7 @@ from medgen.privacy.dp_sgd import PrivateTraining
 class PublicData:
     """Inputs any site may use at no privacy cost: label maps from a public anatomy bank."""
 
-    label_maps: torch.Tensor  # [M,H,W] int64, values index medgen.TISSUE_CLASSES
+    label_maps: torch.Tensor  # [M,H,W] int64, values index the run's label-names
 
     def draw(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         index = torch.randint(0, self.label_maps.shape[0], (n,), generator=generator)

@@ -12,6 +12,10 @@ Two uses, one network and one training loop:
 
 InstanceNorm, not BatchNorm: predictions do not depend on batch composition, and the
 per-image normalisation helps contrast invariance.
+
+The number of output classes is the run's label schema (``RunConfig.num_classes``, from the
+``label-names`` key): recipes pass it; a caller that passes none gets the run config's
+default schema.
 """
 
 from __future__ import annotations
@@ -24,11 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medgen import TISSUE_CLASSES
+from medgen.config import RunConfig
 from medgen.sim.random_contrast import RandomContrast, render_random_contrast
 from medgen.sim.random_deformation import RandomDeformation, deform_label_maps
 
-NUM_CLASSES = len(TISSUE_CLASSES)
 BatchFn = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 """Draws one training batch: (images [B,1,H,W] in [-1,1], labels [B,H,W] int64)."""
 
@@ -46,19 +49,29 @@ class SegmenterSettings:
             raise ValueError(f"SegmenterSettings needs steps >= 1, batch_size >= 1, lr > 0; got {self}")
 
 
+def schema_classes(num_classes: int | None) -> int:
+    """``num_classes``, or the run config's default schema's class count when None."""
+    k = RunConfig().num_classes if num_classes is None else int(num_classes)
+    if k < 2:
+        raise ValueError(f"a segmenter needs at least 2 classes, got {k}")
+    return k
+
+
 def build_segmenter(settings: SegmenterSettings = SegmenterSettings(), seed: int = 0,
-                    members: int = 1) -> nn.Module:
-    """A 2D MONAI UNet, 1 input channel -> NUM_CLASSES logits, deterministic init; with
-    ``members`` > 1 a ``SegmenterEnsemble`` of that many (seeds seed, seed + 1, ...)."""
+                    members: int = 1, num_classes: int | None = None) -> nn.Module:
+    """A 2D MONAI UNet, 1 input channel -> ``num_classes`` logits (the label schema's class
+    count), deterministic init; with ``members`` > 1 a ``SegmenterEnsemble`` of that many
+    (seeds seed, seed + 1, ...)."""
     from monai.networks.nets import UNet
 
+    k = schema_classes(num_classes)
     if members < 1:
         raise ValueError(f"a segmenter needs members >= 1, got {members}")
     if members > 1:
-        return SegmenterEnsemble([build_segmenter(settings, seed + i) for i in range(members)])
+        return SegmenterEnsemble([build_segmenter(settings, seed + i, num_classes=k) for i in range(members)])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet(spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES,
+        return UNet(spatial_dims=2, in_channels=1, out_channels=k,
                     channels=settings.channels, strides=(2,) * (len(settings.channels) - 1),
                     num_res_units=1, norm="instance")
 
@@ -110,10 +123,12 @@ def public_batches(label_maps: torch.Tensor, batch_size: int,
                    ranges: RandomContrast = RandomContrast(),
                    generated: tuple[torch.Tensor, torch.Tensor] | None = None,
                    generated_fraction: float = 0.25,
-                   deformation: RandomDeformation | None = None) -> BatchFn:
+                   deformation: RandomDeformation | None = None,
+                   num_classes: int | None = None) -> BatchFn:
     """Batches of random-contrast renderings of public maps (each map freshly deformed
     when ``deformation`` is given), optionally mixed with (generated images, the public maps
-    that conditioned them)."""
+    that conditioned them). ``num_classes``: the label schema's class count."""
+    k = schema_classes(num_classes)
     if label_maps.dim() != 3 or label_maps.shape[0] < 1:
         raise ValueError(f"public label maps must be [M>=1,H,W], got {tuple(label_maps.shape)}")
     if generated is not None and generated[0].shape[0] != generated[1].shape[0]:
@@ -125,7 +140,7 @@ def public_batches(label_maps: torch.Tensor, batch_size: int,
         labels = label_maps[index].long()
         if deformation is not None:
             labels = deform_label_maps(labels, gen, deformation)
-        images = render_random_contrast(labels, gen, ranges)
+        images = render_random_contrast(labels, gen, ranges, num_classes=k)
         if n_generated:
             pick = torch.randint(0, generated[0].shape[0], (n_generated,), generator=gen)
             images = torch.cat([images, generated[0][pick].float()])
@@ -155,25 +170,27 @@ def image_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
 def train_contrast_agnostic(label_maps: torch.Tensor, settings: SegmenterSettings = SegmenterSettings(),
                             seed: int = 0, generated: tuple[torch.Tensor, torch.Tensor] | None = None,
                             ranges: RandomContrast = RandomContrast(),
-                            deformation: RandomDeformation | None = None) -> nn.Module:
+                            deformation: RandomDeformation | None = None,
+                            num_classes: int | None = None) -> nn.Module:
     """S, trained on public renderings (plus generated pairs): zero privacy cost."""
-    net = build_segmenter(settings, seed)
+    net = build_segmenter(settings, seed, num_classes=num_classes)
     fit_segmenter(net, public_batches(label_maps, settings.batch_size, ranges, generated,
-                                      deformation=deformation), settings, seed + 1)
+                                      deformation=deformation, num_classes=num_classes), settings, seed + 1)
     return net
 
 
 def train_on_images(images: torch.Tensor, labels: torch.Tensor,
                     settings: SegmenterSettings = SegmenterSettings(), seed: int = 0,
-                    augment=None) -> nn.Module:
-    net = build_segmenter(settings, seed)
+                    augment=None, num_classes: int | None = None) -> nn.Module:
+    net = build_segmenter(settings, seed, num_classes=num_classes)
     fit_segmenter(net, image_batches(images, labels, settings.batch_size, augment), settings, seed + 1)
     return net
 
 
 @torch.no_grad()
 def predict_probs(net: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Softmax tissue probabilities [N,NUM_CLASSES,H,W] for images [N,1,H,W] in [-1, 1]."""
+    """Softmax tissue probabilities [N,K,H,W] (K: the segmenter's classes) for images
+    [N,1,H,W] in [-1, 1]."""
     if images.dim() != 4 or images.shape[1] != 1:
         raise ValueError(f"images must be [N,1,H,W], got {tuple(images.shape)}")
     was_training = net.training
@@ -184,7 +201,14 @@ def predict_probs(net: nn.Module, images: torch.Tensor, batch_size: int = 64) ->
                for i in range(0, images.shape[0], batch_size)]
     finally:
         net.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, NUM_CLASSES, *images.shape[-2:])
+    return torch.cat(out) if out else torch.zeros(0, output_classes(net), *images.shape[-2:])
+
+
+def output_classes(net: nn.Module) -> int:
+    """The number of classes a segmenter (or an ensemble of them) predicts."""
+    if isinstance(net, SegmenterEnsemble):
+        return output_classes(net.members[0])
+    return int(net.out_channels)
 
 
 def predict_labels(net: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:

@@ -15,15 +15,15 @@ and g is the least-squares slope of the target tissue means on the source tissue
 partial volume flip with the contrast).
 
 The style release (bridge-translate's privacy argument, point 4). Per patient i (one
-dataset item = one patient) the vector v_i = [1, m_ik w_ik (k = 0..3), w_ik (k = 0..3),
-b_i / 3] (``patient_style_statistics``: m_ik its mean intensity in tissue k, w_ik =
+dataset item = one patient) the vector v_i = [1, m_ik w_ik (k = 0..K-1), w_ik (k = 0..K-1),
+b_i / 3] for the K classes of the run's label schema (``patient_style_statistics``: m_ik its mean intensity in tissue k, w_ik =
 min(1, n_ik / r_k) with n_ik the pixels of tissue k in its label map and r_k the median
 area of tissue k over the PUBLIC maps (``style_reference_counts``: public constants,
 identical at every site; with quantile 0, w_ik = 1 if tissue k occurs), b_i the BLUR_GRID
 blur best fitting its own image) is computed from patient i's record alone. Images are in
-[-1, 1] and w_ik in [0, 1], so ||v_i|| <= sqrt(10) = STYLE_CLIP; v_i is clipped to
-STYLE_CLIP anyway, so adding or removing one patient moves S = sum_i v_i by at most
-STYLE_CLIP (L2 sensitivity). Released: S + N(0, (sigma_style STYLE_CLIP)^2 I), the
+[-1, 1] and w_ik in [0, 1], so ||v_i|| <= sqrt(2K+2) = style_clip(K); v_i is clipped to
+it anyway, so adding or removing one patient moves S = sum_i v_i by at most style_clip(K)
+(L2 sensitivity). Released: S + N(0, (sigma_style style_clip(K))^2 I), the
 Gaussian mechanism (privacy/releases.py), accounted as (sigma_style, 1.0, 1) in the
 site's one accountant (PRV at q = 1 is exactly the Gaussian mechanism's privacy-loss
 distribution; RDP has its closed form). Everything after it is post-processing
@@ -41,35 +41,46 @@ from typing import Any
 import torch
 from torch import nn
 
-from medgen.models.segmenter import NUM_CLASSES, predict_probs
+from medgen.models.segmenter import predict_probs
 from medgen.sim.random_contrast import gaussian_blur
 
 BLUR_GRID = tuple(0.25 * i for i in range(13))  # candidate blur sigmas (px) for SiteStyle
 MIN_TISSUE_MASS = 4.0  # pixels of probability mass below which a per-image mean is unreliable
-# the released per-patient statistic: [1, mean_k * present_k (4), present_k (4), blur / 3]
-STYLE_STAT_DIM = 2 * NUM_CLASSES + 2
-STYLE_CLIP = math.sqrt(STYLE_STAT_DIM)  # every in-range vector has norm <= sqrt(10): never clipped
+
+
+def style_stat_dim(num_classes: int) -> int:
+    """Length of the released per-patient statistic: [1, mean_k * present_k (K),
+    present_k (K), blur / 3] for K = ``num_classes``."""
+    return 2 * num_classes + 2
+
+
+def style_clip(num_classes: int) -> float:
+    """The release's clip norm: every in-range vector has norm <= sqrt(2K+2), never clipped."""
+    return math.sqrt(style_stat_dim(num_classes))
 
 
 @dataclass(frozen=True)
 class SiteStyle:
-    """A site's look on the [-1, 1] scale: mean intensity of background, CSF, GM, WM and
-    the Gaussian blur (px) that best maps a flat tissue rendering onto its images."""
+    """A site's look on the [-1, 1] scale: mean intensity of each class of the label schema
+    (index = label value) and the Gaussian blur (px) that best maps a flat tissue rendering
+    onto its images."""
 
-    tissue_means: tuple[float, float, float, float]
+    tissue_means: tuple[float, ...]
     blur_px: float
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def style_from_images(images: torch.Tensor, labels: torch.Tensor) -> SiteStyle:
-    """Measure a SiteStyle on images [N,1,H,W] with their label maps [N,H,W]."""
+def style_from_images(images: torch.Tensor, labels: torch.Tensor,
+                      num_classes: int | None = None) -> SiteStyle:
+    """Measure a SiteStyle on images [N,1,H,W] with their label maps [N,H,W]; every class of
+    the schema (``num_classes``; by default the largest label present + 1) must occur."""
     if images.shape[0] != labels.shape[0] or images.shape[-2:] != labels.shape[-2:]:
         raise ValueError(f"images {tuple(images.shape)} and labels {tuple(labels.shape)} do not pair")
     x = images[:, 0].float()
     means = []
-    for k in range(NUM_CLASSES):
+    for k in range(int(labels.max()) + 1 if num_classes is None else num_classes):
         inside = labels == k
         means.append(float(x[inside].mean()) if inside.any() else float("nan"))
     if any(math.isnan(m) for m in means):
@@ -81,24 +92,27 @@ def style_from_images(images: torch.Tensor, labels: torch.Tensor) -> SiteStyle:
 
 
 def patient_style_statistics(images: torch.Tensor, labels: torch.Tensor,
-                             reference_counts: torch.Tensor | None = None) -> torch.Tensor:
+                             reference_counts: torch.Tensor | None = None, *,
+                             num_classes: int) -> torch.Tensor:
     """One statistic vector per patient (one row per image [N,1,H,W] with label map [N,H,W]):
 
-        [1, m_0 w_0, ..., m_3 w_3, w_0, ..., w_3, b / 3]
+        [1, m_0 w_0, ..., m_{K-1} w_{K-1}, w_0, ..., w_{K-1}, b / 3]   (K = num_classes)
 
     m_k = the image's mean intensity in tissue class k (0 if absent), w_k its weight: 1 if
-    class k occurs in its label map, or with ``reference_counts`` [4] (public constants)
+    class k occurs in its label map, or with ``reference_counts`` [K] (public constants)
     min(1, n_k / reference_counts[k]) for a class covering n_k pixels, so a patient whose
     tissue is a thin, partial-volume-dominated sliver counts less (the released mean moves
     toward the pixel-pooled mean; see ``style_reference_counts``). b = the blur of
     BLUR_GRID (0..3 px) minimising the MSE between the image and its own flat tissue
     rendering blurred by b. Computed from that patient's image and labels alone; w_k is in
-    [0, 1] and images are in [-1, 1], so its L2 norm is <= sqrt(10) = STYLE_CLIP. float64."""
+    [0, 1] and images are in [-1, 1], so its L2 norm is <= sqrt(2K+2) = style_clip(K). float64."""
     if images.shape[0] != labels.shape[0] or images.shape[-2:] != labels.shape[-2:]:
         raise ValueError(f"images {tuple(images.shape)} and labels {tuple(labels.shape)} do not pair")
     n = images.shape[0]
     x = images[:, 0].double()
-    onehot = torch.nn.functional.one_hot(labels.long(), NUM_CLASSES).permute(0, 3, 1, 2).double()
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"label values must lie in 0..{num_classes - 1} (the run's label-names)")
+    onehot = torch.nn.functional.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).double()
     count = onehot.sum(dim=(2, 3))
     weight = (count > 0).double()
     if reference_counts is not None:
@@ -112,11 +126,11 @@ def patient_style_statistics(images: torch.Tensor, labels: torch.Tensor,
                       (best / BLUR_GRID[-1])[:, None]], dim=1)
 
 
-def style_reference_counts(public_label_maps: torch.Tensor, quantile: float) -> torch.Tensor:
+def style_reference_counts(public_label_maps: torch.Tensor, quantile: float, num_classes: int) -> torch.Tensor:
     """Per tissue class, the ``quantile`` of its pixel count over the PUBLIC label maps: the
     area above which a patient's tissue mean counts fully in the style release. Public data
     only, identical at every site, so it costs no privacy and changes no sensitivity."""
-    counts = torch.nn.functional.one_hot(public_label_maps.long(), NUM_CLASSES).sum(dim=(1, 2)).double()
+    counts = torch.nn.functional.one_hot(public_label_maps.long(), num_classes).sum(dim=(1, 2)).double()
     return torch.quantile(counts, quantile, dim=0)
 
 
@@ -125,11 +139,11 @@ def style_from_statistics(total: torch.Tensor) -> SiteStyle:
 
     Tissue mean k = weighted sum of per-patient means / sum of their weights; blur = mean
     per-patient best blur. Noisy counts are floored at 1, means clamped to [-1, 1],
-    the blur to the grid's range."""
+    the blur to the grid's range. K is read off the length (2K+2)."""
     t = [float(v) for v in total]
-    if len(t) != STYLE_STAT_DIM:
-        raise ValueError(f"style statistics have {len(t)} entries, expected {STYLE_STAT_DIM}")
-    k = NUM_CLASSES
+    k = (len(t) - 2) // 2
+    if k < 1 or len(t) != style_stat_dim(k):
+        raise ValueError(f"style statistics have {len(t)} entries, expected 2K+2 for K classes")
     means = tuple(min(1.0, max(-1.0, t[1 + c] / max(t[1 + k + c], 1.0))) for c in range(k))
     blur = min(BLUR_GRID[-1], max(0.0, t[-1] / max(t[0], 1.0) * BLUR_GRID[-1]))
     return SiteStyle(means, blur)

@@ -1,8 +1,8 @@
 """cddpm's tissue prior: a per-(site, tissue) intensity table the denoiser diffuses around.
 
 A site's tissue contrast is a handful of numbers. Under DP the UNet learns it only slowly,
-through a per-channel bias from the site embedding; a table of NUM_CLASSES offsets per
-site (``nn.Embedding(num_sites, NUM_CLASSES)``), looked up on the one-hot label map, gets
+through a per-channel bias from the site embedding; a table of K offsets per site, one per
+class of the label schema (``nn.Embedding(num_sites, num_classes)``), looked up on the one-hot label map, gets
 a clear gradient every step and its own Adam learning rate (``lr-prior``). The prior
 image p = blur_site(offset[site] . onehot(map)) is piecewise constant; the UNet sees
 x_t - sqrt(abar_t) p (the noised RESIDUAL x0 - p, up to noise) and predicts that
@@ -21,10 +21,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from medgen import TISSUE_CLASSES
-from medgen.models.scanner_moments import MOMENT_DIM, moments_from_release
-
-NUM_CLASSES = len(TISSUE_CLASSES)
+from medgen.models.scanner_moments import moment_dim, moments_from_release
 
 
 def denoiser_input(x_t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
@@ -44,13 +41,14 @@ class TissuePriorDenoiser(nn.Module):
     """
 
     def __init__(self, unet: DiffusionModelUNet, num_sites: int, abar: torch.Tensor, blur: bool = True,
-                 gain: float = 1.0):
+                 gain: float = 1.0, *, num_classes: int):
         super().__init__()
+        self.num_classes = num_classes
         # row k: site k's scanner-moment release (a noisy sum; all zero = not released yet)
-        self.register_buffer("site_moments", torch.zeros(num_sites, MOMENT_DIM))
+        self.register_buffer("site_moments", torch.zeros(num_sites, moment_dim(num_classes)))
         self.unet = unet
         self.gain = float(gain)  # tables are stored / = gain (see CDDPMOptions.prior_gain)
-        self.tissue_offset = nn.Embedding(num_sites, NUM_CLASSES)
+        self.tissue_offset = nn.Embedding(num_sites, num_classes)
         nn.init.zeros_(self.tissue_offset.weight)
         self.blur_raw = nn.Embedding(num_sites, 1) if blur else None
         if self.blur_raw is not None:
@@ -59,7 +57,7 @@ class TissuePriorDenoiser(nn.Module):
 
     def start_from_release(self, site: int) -> None:
         """Set site ``site``'s tissue offsets to the tissue means its release implies."""
-        means = moments_from_release(self.site_moments[site])[:NUM_CLASSES]
+        means = moments_from_release(self.site_moments[site])[:self.num_classes]
         with torch.no_grad():
             self.tissue_offset.weight[site] = means.to(self.tissue_offset.weight) / self.gain
 

@@ -9,8 +9,9 @@ trained on these renderings costs no privacy (DP.md "Conditioning").
 One rendering, per image, all parameters drawn from the caller's ``torch.Generator``:
   1. partial volume: the one-hot map is blurred (sigma U(0.2, 1.0) px), so tissue
      boundaries get mixed intensities as in a real area-pooled scan;
-  2. contrast: background mean U(0, 0.08), each of CSF/GM/WM a mean U(0.1, 1.0)
-     (independent: T1-like, T2-like, PD-like and orderings no scanner has);
+  2. contrast: background (class 0) mean U(0, 0.08), each other class of the label schema
+     a mean U(0.1, 1.0) (independent: T1-like, T2-like, PD-like and orderings no scanner
+     has; the brain's CSF/GM/WM or the head's seven classes alike);
   3. within-tissue texture: a smooth random field (a low-resolution Gaussian field
      upsampled) times a tissue-specific gain, so tissues are not flat;
   4. gamma U(0.6, 1.8) on the contrast image;
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-NUM_CLASSES = 4
+BRAIN_NUM_CLASSES = 4  # the embedded brain federation's schema: the default of this brain simulator
 LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5  # as client/site_data.robust_scaling
 
 
@@ -93,22 +94,27 @@ def robust_normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 def render_random_contrast(label_maps: torch.Tensor, gen: torch.Generator,
-                           ranges: RandomContrast = RandomContrast()) -> torch.Tensor:
-    """Images [N,1,H,W] in [-1, 1] from integer label maps [N,H,W] (values 0..3).
+                           ranges: RandomContrast = RandomContrast(),
+                           num_classes: int = BRAIN_NUM_CLASSES) -> torch.Tensor:
+    """Images [N,1,H,W] in [-1, 1] from integer label maps [N,H,W] (values 0..num_classes-1,
+    the run's label schema; class 0 is the background).
 
     Deterministic given ``gen``'s state; the label maps are not modified.
     """
     if label_maps.dim() != 3:
         raise ValueError(f"label maps must be [N,H,W], got shape {tuple(label_maps.shape)}")
-    if label_maps.numel() and (int(label_maps.min()) < 0 or int(label_maps.max()) >= NUM_CLASSES):
-        raise ValueError(f"label maps must hold values 0..{NUM_CLASSES - 1} (medgen.TISSUE_CLASSES)")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 (a background and a tissue), got {num_classes}")
+    if label_maps.numel() and (int(label_maps.min()) < 0 or int(label_maps.max()) >= num_classes):
+        raise ValueError(f"label maps must hold values 0..{num_classes - 1} (the run's label schema)")
     n, size = label_maps.shape[0], label_maps.shape[-1]
-    one_hot = F.one_hot(label_maps.long().cpu(), NUM_CLASSES).permute(0, 3, 1, 2).float()
+    one_hot = F.one_hot(label_maps.long().cpu(), num_classes).permute(0, 3, 1, 2).float()
     soft = gaussian_blur(one_hot, _uniform(n, ranges.partial_volume_px, gen))
 
     means = torch.cat([_uniform(n, ranges.background, gen)[:, None],
-                       torch.stack([_uniform(n, ranges.tissue, gen) for _ in range(3)], dim=1)], dim=1)
-    gains = torch.stack([_uniform(n, ranges.texture, gen) for _ in range(NUM_CLASSES)], dim=1)
+                       torch.stack([_uniform(n, ranges.tissue, gen) for _ in range(num_classes - 1)],
+                                   dim=1)], dim=1)
+    gains = torch.stack([_uniform(n, ranges.texture, gen) for _ in range(num_classes)], dim=1)
     gains[:, 0] = 0.0  # the background has no anatomy: texture there would be invented
     texture = _smooth_field(n, size, max(4, size // 4), gen)
     image = (soft * (means[:, :, None, None] + gains[:, :, None, None] * texture)).sum(dim=1, keepdim=True)

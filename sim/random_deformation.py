@@ -27,8 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from medgen.sim.random_contrast import NUM_CLASSES
-
 
 @dataclass(frozen=True)
 class RandomDeformation:
@@ -53,7 +51,8 @@ def _symmetric(n: int, bound: float, gen: torch.Generator) -> torch.Tensor:
 
 def deform_label_maps(label_maps: torch.Tensor, gen: torch.Generator,
                       ranges: RandomDeformation = RandomDeformation()) -> torch.Tensor:
-    """Deformed copies [N,H,W] int64 of integer label maps [N,H,W] (values 0..3).
+    """Deformed copies [N,H,W] int64 of integer label maps [N,H,W] (values >= 0, any label
+    schema: the one-hot warp needs only the largest value present).
 
     Deterministic given ``gen``'s state; the input is not modified."""
     if label_maps.dim() != 3:
@@ -61,6 +60,10 @@ def deform_label_maps(label_maps: torch.Tensor, gen: torch.Generator,
     n, h, w = label_maps.shape
     if n == 0:
         return label_maps.long().clone()
+    if int(label_maps.min()) < 0:
+        raise ValueError("label maps must hold values >= 0")
+    # classes above the largest present would be all-zero channels: the arg-max is the same
+    num_classes = int(label_maps.max()) + 1
     angle = _symmetric(n, ranges.rotation_rad, gen)
     scale = 1.0 + _symmetric(n, ranges.scale, gen)
     shift = torch.stack([_symmetric(n, ranges.shift_px, gen) * 2.0 / w,
@@ -68,12 +71,12 @@ def deform_label_maps(label_maps: torch.Tensor, gen: torch.Generator,
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale  # output -> input coordinates
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], dim=1),
                          torch.stack([sin, cos, shift[:, 1]], dim=1)], dim=1)
-    grid = F.affine_grid(theta, [n, NUM_CLASSES, h, w], align_corners=False)
+    grid = F.affine_grid(theta, [n, num_classes, h, w], align_corners=False)
     cells = ranges.elastic_cells
     coarse = torch.randn(n, 2, cells, cells, generator=gen) * ranges.elastic_px
     displacement = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)
     displacement = displacement * torch.tensor([2.0 / w, 2.0 / h])[None, :, None, None]
     grid = grid + displacement.permute(0, 2, 3, 1)
-    one_hot = F.one_hot(label_maps.long().cpu(), NUM_CLASSES).permute(0, 3, 1, 2).float()
+    one_hot = F.one_hot(label_maps.long().cpu(), num_classes).permute(0, 3, 1, 2).float()
     warped = F.grid_sample(one_hot, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return warped.argmax(dim=1)  # all-zero outside the view: arg-max 0, the background

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from medgen.config import ConfigError, RunConfig
-from medgen.models.bridge_translate import (STYLE_CLIP, BridgeTranslator, SiteStyle,
+from medgen.models.bridge_translate import (BridgeTranslator, SiteStyle, style_clip,
                                             patient_style_statistics, style_from_images,
                                             style_from_statistics, style_reference_counts,
                                             translate)
@@ -30,6 +30,8 @@ T1 = (-1.0, -0.5, 0.1, 0.8)  # background, CSF, GM, WM
 T2 = (-1.0, 0.8, 0.1, -0.5)
 SMALL = {"gen-width": 4, "disc-width": 4, "noise-dim": 8, "seg-steps-per-round": 2, "seg-pretrain-steps": 2,
          "seg-batch-size": 4, "style-samples": 8, "seg-generated-from-round": 1}
+
+STYLE_CLIP = style_clip(4)  # the brain fixtures' 4 classes
 
 
 def ellipses(n: int, size: int, seed: int) -> torch.Tensor:
@@ -264,7 +266,7 @@ def test_patient_statistics_are_in_the_clip_bound_and_handle_missing_classes():
     labels[0][labels[0] == 1] = 2  # patient 0 has no CSF
     images = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     images[1] = 1.0  # extreme but in range
-    v = patient_style_statistics(images, labels)
+    v = patient_style_statistics(images, labels, num_classes=4)
     assert v.shape == (6, 10) and bool((v.norm(dim=1) <= STYLE_CLIP + 1e-9).all())
     assert v[0, 2] == 0 and v[0, 6] == 0 and v[1, 6] == 1  # absent class: no mean, no count
     assert torch.equal(v[:, 0], torch.ones(6))
@@ -280,12 +282,12 @@ def test_noiseless_release_equals_the_central_measurement():
     flat = torch.tensor(T2)[labels][:, None]
     blurred = gaussian_blur(flat, torch.full((12,), 1.0))
     for images, blur in ((flat, 0.0), (blurred, None)):
-        released = style_from_statistics(patient_style_statistics(images, labels).sum(0))
+        released = style_from_statistics(patient_style_statistics(images, labels, num_classes=4).sum(0))
         central = style_from_images(images, labels)
         assert released.tissue_means == pytest.approx(central.tissue_means, abs=1e-6 if blur == 0 else 0.02)
         assert released.blur_px == pytest.approx(central.blur_px, abs=1e-9 if blur == 0 else 0.26)
     noisy = render(labels, T1, seed=3, noise=0.05)
-    released = style_from_statistics(patient_style_statistics(noisy, labels).sum(0))
+    released = style_from_statistics(patient_style_statistics(noisy, labels, num_classes=4).sum(0))
     assert released.tissue_means == pytest.approx(style_from_images(noisy, labels).tissue_means, abs=0.01)
     assert released.tissue_means[1:] == pytest.approx(T1[1:], abs=0.02)  # background clamps at -1
 
@@ -299,20 +301,20 @@ def test_area_weights_move_the_released_mean_to_the_pixel_pooled_mean():
     images = render(labels, T1, seed=3, noise=0.05)
     images[:4] = images[:4] * 0.5  # patients differ, so the two weightings disagree
     pooled = style_from_images(images, labels).tissue_means
-    total = patient_style_statistics(images, labels, torch.full((4,), 32.0 * 32.0)).sum(0)
+    total = patient_style_statistics(images, labels, torch.full((4,), 32.0 * 32.0), num_classes=4).sum(0)
     by_area = (total[1:5] / total[5:9]).tolist()  # style_from_statistics' ratio (its count floor aside)
     assert by_area == pytest.approx(pooled, abs=1e-6)
-    by_presence = patient_style_statistics(images, labels)
-    assert torch.equal(patient_style_statistics(images, labels, torch.full((4,), 1e-3)), by_presence)
+    by_presence = patient_style_statistics(images, labels, num_classes=4)
+    assert torch.equal(patient_style_statistics(images, labels, torch.full((4,), 1e-3), num_classes=4), by_presence)
     per_patient = style_from_statistics(by_presence.sum(0)).tissue_means
     assert max(abs(a - b) for a, b in zip(per_patient, pooled)) > 1e-3  # the weighting matters here
-    weighted = patient_style_statistics(images, labels, torch.tensor([500.0, 60.0, 200.0, 80.0]))
+    weighted = patient_style_statistics(images, labels, torch.tensor([500.0, 60.0, 200.0, 80.0]), num_classes=4)
     assert (weighted.norm(dim=1) <= STYLE_CLIP + 1e-9).all()
     assert ((weighted[:, 5:9] >= 0) & (weighted[:, 5:9] <= 1)).all()
     # reference counts are quantiles of the PUBLIC maps' tissue areas
     maps = ellipses(9, 16, 7)
     counts = torch.nn.functional.one_hot(maps, 4).sum(dim=(1, 2)).double()
-    assert torch.allclose(style_reference_counts(maps, 0.5), counts.median(dim=0).values)
+    assert torch.allclose(style_reference_counts(maps, 0.5, 4), counts.median(dim=0).values)
 
 
 def test_each_site_releases_only_its_own_statistics_once(monkeypatch):
@@ -335,8 +337,8 @@ def test_each_site_releases_only_its_own_statistics_once(monkeypatch):
         train(recipe, model, data, public, private, index, 2, states[index], seed=index)
         histories[index], stored[index] = private.history, private.new_releases
         # this site's patients, one row each, area weights from the PUBLIC maps' median areas
-        reference = style_reference_counts(public.label_maps, recipe.options.style_weight_quantile)
-        own = patient_style_statistics(*data.tensors, reference)
+        reference = style_reference_counts(public.label_maps, recipe.options.style_weight_quantile, 4)
+        own = patient_style_statistics(*data.tensors, reference, num_classes=4)
         assert torch.equal(released[-1][0], own)
         assert released[-1][1:] == (STYLE_CLIP, 1.0)
         others = [k for k in range(2) if k != index]
@@ -349,7 +351,7 @@ def test_each_site_releases_only_its_own_statistics_once(monkeypatch):
     assert len(released) == 2
     # the rows are the noisy sums (noise std 1 x sqrt(10) per entry), and the style comes from them
     for index, data in sites.items():
-        noise = model.style_release[index].double() - patient_style_statistics(*data.tensors, reference).sum(0)
+        noise = model.style_release[index].double() - patient_style_statistics(*data.tensors, reference, num_classes=4).sum(0)
         assert 0 < float(noise.abs().max()) < 6 * 1.0 * STYLE_CLIP
     assert recipe.site_style(model, public, 1) == style_from_statistics(model.style_release[1])
     # later rounds reuse the release values the ledger stored: nothing more is spent

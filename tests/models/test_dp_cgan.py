@@ -294,14 +294,14 @@ def test_moment_release_rows_and_targets_are_the_per_patient_tissue_statistics()
 
     labels = label_maps(12, 16, seed=3)
     images = site_images(labels, seed=3)
-    rows = patient_moments(images, labels)
+    rows = patient_moments(images, labels, 4)
     assert rows.shape == (12, 15) and (rows.norm(dim=1) < MOMENT_CLIP).all()  # scans: never clipped
     # noise-free sum -> exactly the mean of the per-image statistics (every class present)
     expected = tissue_statistics(images, one_hot_labels(labels, 4)).mean(dim=0)
     assert torch.allclose(moments_from_release(rows.sum(dim=0)), expected, atol=1e-5)
     # a class absent from some images is averaged over the images having it only
     labels[:6][labels[:6] == 1] = 2
-    rows = patient_moments(site_images(labels, seed=3), labels)
+    rows = patient_moments(site_images(labels, seed=3), labels, 4)
     assert rows[:6, 1 + 2 * 4 + 1].sum() == 0 and rows[6:, 1 + 2 * 4 + 1].sum() == 6
     csf = moments_from_release(rows.sum(dim=0))[1]
     assert csf == pytest.approx(SITE_INTENSITY[1], abs=0.05)
