@@ -101,12 +101,18 @@ def kid_with_ci(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor | np.n
     rng = np.random.default_rng(seed)
     values = np.empty(bootstrap)
     for i in range(bootstrap):
-        ia, ib = rng.integers(0, n, n), rng.integers(0, m, m)
-        values[i] = _masked_mean(k_aa, ia) + _masked_mean(k_bb, ib) - 2 * k_ab[np.ix_(ia, ib)].mean()
+        values[i] = kid_resampled(k_aa, k_bb, k_ab, rng.integers(0, n, n), rng.integers(0, m, m))
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return KidEstimate(value=_unbiased(k_aa, k_bb, k_ab), low=float(low), high=float(high),
                        n_a=n, n_b=m, bootstrap=bootstrap, seed=seed)
+
+
+def kid_resampled(k_aa: np.ndarray, k_bb: np.ndarray, k_ab: np.ndarray,
+                  index_a: np.ndarray, index_b: np.ndarray) -> float:
+    """KID of the rows ``index_a`` / ``index_b`` (with repeats) of precomputed kernels."""
+    return (_masked_mean(k_aa, index_a) + _masked_mean(k_bb, index_b)
+            - 2 * float(k_ab[np.ix_(index_a, index_b)].mean()))
 
 
 def _masked_mean(kernel: np.ndarray, index: np.ndarray) -> float:

@@ -15,13 +15,13 @@ generator that reproduced the real scans exactly would score.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from medgen.data.site_data import HeldoutSite, load_heldout
+from medgen.evaluation.hashing import state_dict_sha256, tensors_sha256  # noqa: F401 (re-exported)
 
 
 class HeldoutDataError(ValueError):
@@ -35,6 +35,7 @@ class SplitSite:
     cond_images: torch.Tensor   # [n1,1,H,W] real images of the conditioning half
     cond_labels: torch.Tensor   # [n1,H,W] their label maps (generator conditioning)
     ref_images: torch.Tensor    # [n2,1,H,W] real images of the reference half
+    ref_labels: torch.Tensor    # [n2,H,W] their label maps (per-tissue intensity metrics)
 
 
 def load_split(heldout_root: Path, split: str, image_size: int, sites: tuple[str, ...],
@@ -58,23 +59,4 @@ def split_by_subject(site: str, data: HeldoutSite) -> SplitSite:
     cond_subjects = set(order[0::2])
     in_cond = torch.tensor([s in cond_subjects for s in data.subjects])
     return SplitSite(cond_images=data.images[in_cond], cond_labels=data.labels[in_cond],
-                     ref_images=data.images[~in_cond])
-
-
-def tensors_sha256(*tensors: torch.Tensor) -> str:
-    """Content hash of loaded tensors (shape, dtype and values): the data part of a cache key."""
-    digest = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        digest.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-        digest.update(t.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def state_dict_sha256(module: torch.nn.Module) -> str:
-    """Hash of a network's weights (names, shapes, dtypes, values), independent of pickling."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode() + b"\0")
-        digest.update(tensors_sha256(tensor).encode())
-    return digest.hexdigest()
+                     ref_images=data.images[~in_cond], ref_labels=data.labels[~in_cond])
