@@ -31,8 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medgen.data.dicom.reader import DicomReadOptions, DicomSeriesReader
+from medgen.data.manifest import DatasetManifest
 from medgen.data.readers import Reader, default_readers
 from medgen.data.site_folder import SiteFolder
+from medgen.data.site_data import site_manifest
 from medgen.data.site_records import SiteReading, SiteRecord
 
 
@@ -97,14 +99,17 @@ def check_readers(allow_burned_in: bool = False) -> list[Reader]:
 
 
 def check_folder(root: Path, allow_burned_in: bool = False, image_size: int | None = None,
-                 readers: list[Reader] | None = None) -> Report:
-    """Read ``root`` the way training does (read-only) and return the report."""
+                 readers: list[Reader] | None = None,
+                 manifest: DatasetManifest | None = None) -> Report:
+    """Read ``root`` the way training does (read-only) and return the report; the manifest
+    is the one training reads (``site_manifest``: dataset.toml here over the federation's)."""
     root = Path(root)
+    manifest = manifest if manifest is not None else site_manifest(root)
     site_folder = (root / "images").is_dir() or (root / "labels").is_dir()
     images = "images" if site_folder else "."
     folder = SiteFolder.scan(root, ("images", "labels") if site_folder else (".",))
     readers = readers if readers is not None else check_readers(allow_burned_in)
-    reading = SiteReading(folder, readers, images=images)
+    reading = SiteReading(folder, readers, images=images, manifest=manifest)
     report = Report(root=str(root), site_folder=site_folder and images in folder.present,
                     labelled=reading.labelled)
     patients: set[str] = set()

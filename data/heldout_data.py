@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from medgen.data.cache import TensorCache, folder_key
+from medgen.data.intensity import PercentileMap
+from medgen.data.manifest import DatasetManifest, load_manifest
 from medgen.data.preprocess import (HIGH_PERCENTILE, cache_params, check_labels, normalise,
-                                      robust_scaling, square_resize)
+                                      square_resize, volume_scaling)
 from medgen.data.readers import Reader, ReaderError, SkippedFile, default_readers
 from medgen.data.site_folder import SiteFolder
 from medgen.data.site_records import SiteDataError, SkipLog, keyed_entries, read_single
@@ -61,7 +63,8 @@ def load_heldout(data_root: str | Path, split: str, image_size: int,
         raise SiteDataError(f"{split_dir}: no held-out split '{split}'; expected "
                             f"<data-root>/heldout/{split}/<site>/images|clean|labels")
     readers = list(readers) if readers is not None else default_readers()
-    sites = {d.name: _heldout_site(d, image_size, readers, cache_dir)
+    sites = {d.name: _heldout_site(d, image_size, readers, cache_dir,
+                                   load_manifest(d, root=root if split_dir.parent.parent == root else None))
              for d in sorted(split_dir.iterdir())
              if d.is_dir() and not d.is_symlink() and not d.name.startswith(".")}
     if not sites:
@@ -75,9 +78,11 @@ def load_heldout(data_root: str | Path, split: str, image_size: int,
 
 
 def _heldout_site(site_dir: Path, size: int, readers: Sequence[Reader],
-                  cache_dir: str | Path | None) -> HeldoutSite:
+                  cache_dir: str | Path | None, manifest: DatasetManifest) -> HeldoutSite:
+    """One held-out site, normalised and labelled as its manifest says (as a training site)."""
     folder = SiteFolder.scan(site_dir, FOLDERS)
-    key = folder_key(folder, cache_params(size, readers, "heldout"))
+    key = folder_key(folder, cache_params(size, readers, "heldout",
+                                          manifest=manifest.to_tables()))
     cache = TensorCache(cache_dir, prefix="heldout") if cache_dir is not None else None
     cached = cache.get(key) if cache is not None else None
     if cached is not None:
@@ -96,7 +101,7 @@ def _heldout_site(site_dir: Path, size: int, readers: Sequence[Reader],
             if missing:
                 raise ReaderError(f"no {' or '.join(missing)} file of the same name")
             volume = read_single(site_dir / rel, reader)
-            scaling = robust_scaling(volume.array)
+            scaling = volume_scaling(volume.array, manifest.intensity)
             clean_rel, clean_reader = keyed["clean"][item]
             twin = _read_twin(site_dir, clean_rel, clean_reader, "clean rendering")
             if twin.shape != volume.array.shape or not np.isfinite(twin).all():
@@ -104,7 +109,7 @@ def _heldout_site(site_dir: Path, size: int, readers: Sequence[Reader],
                                   f"expected finite values of shape {volume.array.shape}")
             label_rel, label_reader = keyed["labels"][item]
             label_map = _read_twin(site_dir, label_rel, label_reader, "label map")
-            check_labels(label_map, volume.array.shape, label_rel)
+            label_map = check_labels(label_map, volume.array.shape, label_rel, manifest.labels)
         except ReaderError as err:
             skips.add(site_dir / rel, str(err))
             continue
@@ -112,8 +117,9 @@ def _heldout_site(site_dir: Path, size: int, readers: Sequence[Reader],
         clean.append(square_resize(normalise(twin, scaling), size, volume.spacing, "image"))
         labels.append(square_resize(label_map[..., scaling.keep], size, volume.spacing, "label"))
         subjects.extend([item] * int(scaling.keep.sum()))
-        unit_ratios.append(float(np.percentile(twin, HIGH_PERCENTILE)) /
-                           max(float(scaling.high.max()), 1e-12))
+        if isinstance(scaling.intensity, PercentileMap):  # a fixed window has no such scale
+            unit_ratios.append(float(np.percentile(twin, HIGH_PERCENTILE)) /
+                               max(float(scaling.high.max()), 1e-12))
     if not images:
         reasons = "\n  ".join(s.reason for s in skips.items) or "images/ holds no files"
         raise SiteDataError(f"{site_dir}: no usable held-out subjects; reasons:\n  {reasons}")
@@ -135,6 +141,8 @@ def _read_twin(site_dir: Path, rel: str, reader: Reader, what: str) -> np.ndarra
 
 
 def _warn_on_unit_mismatch(site_dir: Path, unit_ratios: list[float]) -> None:
+    if not unit_ratios:
+        return
     ratio = float(np.median(unit_ratios))
     if not 0.25 <= ratio <= 4.0:
         logger.warning("%s: clean renderings look like they are in other units than images/ "

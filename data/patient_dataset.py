@@ -30,7 +30,9 @@ class PatientDataset(Dataset):
     part of the randomised mechanism, not a leak. (Items as slices would instead let one
     patient enter a batch many times and weaken the guarantee by up to the slice count.)
 
-    Items are (image [1,H,W] float32, label [H,W] int64). A site without labels returns
+    Items are (image [1,H,W] float32, label [H,W] int64), or with a site loaded as volumes
+    (``load_site(..., dims=3)``) one of the patient's volumes (image [1,D,H,W], label
+    [D,H,W]): the item is still the patient, so the guarantee is the same. A site without labels returns
     an all-zero label map; check ``has_labels`` before using it. Always returning a tensor
     keeps DPDataLoader's empty Poisson batches well-formed ([0,1,H,W] and [0,H,W]).
     Pass a ``generator_seed`` that changes every round (e.g. from run seed, round, site),
@@ -46,6 +48,9 @@ class PatientDataset(Dataset):
                            "placeholder label map (has_labels is False); a recipe that needs "
                            "labels must refuse it")
         self.num_patients = site_data.num_patients
+        self.manifest = site_data.manifest
+        self.schema = site_data.schema
+        self.dims = site_data.dims
         index = site_data.patient_index
         self._counts = torch.bincount(index, minlength=self.num_patients)
         self._starts = torch.cumsum(self._counts, 0) - self._counts

@@ -3,10 +3,15 @@
 Shared by sites, the public bank, held-out data and translation, so every "[-1, 1]" means
 the same thing (NORMALISATION_VERSION is in every cache key):
 - ``check_image``: refuse non-finite voxels and constant images;
-- ``robust_scaling``: per axial slice, the 0.5th..99.5th percentile range maps to [-1, 1],
-  clipped (robust to hot pixels and to a site's bit depth); a slice with an empty robust
-  range falls back to min..max; a constant slice (a blank end slice of a volume) is dropped;
-- ``check_labels``: a label map matches its image voxel for voxel and holds tissue values;
+- ``volume_scaling``: the manifest's intensity policy (data/intensity.py) for one patient's
+  volume: CT through the one fixed window, MR by the percentiles of the whole volume (not
+  per slice), the map kept (``ImageScaling.intensity``) so it can be inverted; a constant
+  slice (a blank end slice of a volume) is dropped;
+- ``robust_scaling``: the legacy per-slice 0.5th..99.5th percentile range (translate and
+  held-out data of data without a manifest; identical to ``volume_scaling`` for 2D images);
+- ``check_labels``: a label map matches its image voxel for voxel and holds only values of
+  the label schema (``dataset.toml`` [labels]; the brain default without one); returns the
+  class indices 0..K-1;
 - ``square_resize``: each slice is padded to a square in PHYSICAL extent (in-plane spacing
   when known, so anisotropic pixels do not stretch anatomy) with -1 (images) or 0
   (labels), then resized: area averaging when shrinking, bilinear when enlarging,
@@ -24,11 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medgen import TISSUE_CLASSES
+from medgen.data.errors import LabelValueError
+from medgen.data.intensity import IntensityMap, intensity_map
+from medgen.data.label_schema import LabelSchema
+from medgen.data.manifest import DatasetManifest, IntensityPolicy
 from medgen.data.readers import Reader, ReaderError
 
 __all__ = ["ImageScaling", "NORMALISATION_VERSION", "LOW_PERCENTILE", "HIGH_PERCENTILE",
-           "cache_params", "check_image", "robust_scaling", "normalise", "check_labels",
+           "cache_params", "check_image", "robust_scaling", "volume_scaling", "normalise", "check_labels",
            "square_resize"]
 
 
@@ -39,9 +47,11 @@ class ImageScaling:
     keep: np.ndarray  # [S] bool: slices kept (not constant)
     low: np.ndarray   # [S] float: value mapped to -1
     high: np.ndarray  # [S] float: value mapped to +1
+    intensity: IntensityMap | None = None  # the volume's map (None: legacy per-slice scaling)
 
 
-NORMALISATION_VERSION = 1
+NORMALISATION_VERSION = 2  # 2: the manifest's map per volume (window / volume percentiles)
+BRAIN_SCHEMA = DatasetManifest.default_brain().labels
 LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5
 
 
@@ -68,6 +78,22 @@ def robust_scaling(array: np.ndarray) -> ImageScaling:
     return ImageScaling(keep=keep, low=low.astype(np.float64), high=high.astype(np.float64))
 
 
+def volume_scaling(array: np.ndarray, policy: IntensityPolicy) -> ImageScaling:
+    """One map for the whole (H, W, S) volume under ``policy``; constant slices dropped."""
+    check_image(array)
+    flat = array.reshape(-1, array.shape[-1])
+    keep = flat.max(axis=0) > flat.min(axis=0)
+    if not keep.any():
+        raise ReaderError("every slice is constant; nothing to learn from it")
+    try:
+        imap = intensity_map(policy, array[..., keep])
+    except ValueError as err:
+        raise ReaderError(f"cannot be normalised ({err})") from None
+    slices = array.shape[-1]
+    return ImageScaling(keep=keep, low=np.full(slices, imap.lo, np.float64),
+                        high=np.full(slices, imap.hi, np.float64), intensity=imap)
+
+
 def normalise(array: np.ndarray, scaling: ImageScaling) -> np.ndarray:
     """Kept slices of ``array`` mapped to [-1, 1] by ``scaling`` and clipped."""
     kept = array[..., scaling.keep].astype(np.float64)
@@ -76,20 +102,19 @@ def normalise(array: np.ndarray, scaling: ImageScaling) -> np.ndarray:
     return np.clip(scaled, -1.0, 1.0).astype(np.float32)
 
 
-def check_labels(labels: np.ndarray, image_shape: tuple[int, ...] | None, label_name: str) -> None:
-    """Raise ReaderError naming the label file if it is not a tissue map (for the image)."""
+def check_labels(labels: np.ndarray, image_shape: tuple[int, ...] | None, label_name: str,
+                 schema: LabelSchema | None = None) -> np.ndarray:
+    """The class indices (int64) of a label map; ReaderError naming the file and value if it
+    does not match the image or holds a value outside ``schema`` (default: the brain's)."""
     labels = np.asarray(labels)
+    schema = schema if schema is not None else BRAIN_SCHEMA
     if image_shape is not None and tuple(labels.shape) != tuple(image_shape):
         raise ReaderError(f"label map {label_name} has shape {tuple(labels.shape)} but the image "
                           f"has shape {tuple(image_shape)}; they must match voxel for voxel")
-    if not np.isfinite(labels).all() or not np.array_equal(labels, np.round(labels)):
-        raise ReaderError(f"label map {label_name} has non-integer values; expected integers "
-                          f"0..{len(TISSUE_CLASSES) - 1}")
-    outside = np.unique(labels[(labels < 0) | (labels >= len(TISSUE_CLASSES))])
-    if outside.size:
-        shown = ", ".join(f"{v:g}" for v in outside[:5])
-        raise ReaderError(f"label map {label_name} has values outside 0..{len(TISSUE_CLASSES) - 1} "
-                          f"({shown}); expected {', '.join(f'{i} {c}' for i, c in enumerate(TISSUE_CLASSES))}")
+    try:
+        return schema.to_indices(labels, source=f"label map {label_name}")
+    except LabelValueError as err:
+        raise ReaderError(str(err)) from None
 
 
 def square_resize(slices: np.ndarray, size: int, spacing: tuple[float, float, float] | None,

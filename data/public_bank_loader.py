@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from medgen.data.label_schema import LabelSchema
+from medgen.data.manifest import load_manifest
 from medgen.data.preprocess import check_labels, square_resize
 from medgen.data.readers import Reader, ReaderError, SkippedFile, default_readers
 from medgen.data.site_folder import SiteFolder
@@ -23,9 +25,15 @@ __all__ = ["load_public_bank"]
 
 
 def load_public_bank(public_dir: str | Path, image_size: int,
-                     readers: Sequence[Reader] | None = None) -> PublicData:
-    """Label maps of the public bank (``<public_dir>/labels`` or ``public_dir`` itself)."""
+                     readers: Sequence[Reader] | None = None,
+                     schema: LabelSchema | None = None) -> PublicData:
+    """Label maps of the public bank (``<public_dir>/labels`` or ``public_dir`` itself), as
+    class indices of ``schema`` (default: the bank's own dataset.toml [labels], else the
+    federation root's, else the brain default); a value outside it skips the map, named."""
     public_dir = Path(public_dir)
+    if schema is None and public_dir.is_dir():
+        root = public_dir.parent if public_dir.name == "public" else None
+        schema = load_manifest(public_dir, root=root).labels
     if not public_dir.is_dir():
         raise SiteDataError(f"{public_dir}: no public label maps (expected {public_dir}/labels/)")
     readers = list(readers) if readers is not None else default_readers()
@@ -41,11 +49,11 @@ def load_public_bank(public_dir: str | Path, image_size: int,
                 skips.add(outcome.path, outcome.reason)
                 continue
             try:
-                check_labels(outcome.array, None, skips.relative(outcome.source))
+                indices = check_labels(outcome.array, None, skips.relative(outcome.source), schema)
             except ReaderError as err:
                 skips.add(outcome.source, str(err))
                 continue
-            maps.append(square_resize(outcome.array, image_size, outcome.spacing, "label"))
+            maps.append(square_resize(indices, image_size, outcome.spacing, "label"))
     if not maps:
         reasons = "\n  ".join(s.reason for s in skips.items) or "the folder holds no files"
         where = public_dir / top if top != "." else public_dir

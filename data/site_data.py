@@ -11,6 +11,13 @@ reason starting with its path relative to the site folder, and skipped; only a s
 nothing usable raises ``SiteDataError``. Nothing on disk is ever written except the
 optional cache entry.
 
+The manifest (``dataset.toml`` in the site folder, read over the federation root's when the
+folder is ``<root>/sites/<S>``; the brain default without one) decides the modality that is
+kept, the intensity map (CT: one fixed HU window at every site; MR: per volume), the label
+schema (stored values -> class indices 0..K-1) and whether slices (``dims=2``) or whole
+volumes (``dims=3``) are served. The intensity map of every record is kept
+(``SiteData.intensity_of(row)``), so a row maps back to physical units exactly.
+
 Labels: with a ``labels/`` folder, each record needs its label map (``need_labels``, the
 default, as every current recipe trains on labels); a record without one is skipped alone.
 A site with no ``labels/`` folder keeps its images, ``has_labels`` is False and a warning
@@ -23,18 +30,23 @@ preprocessing functions under their historical import path.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from medgen.data.cache import TensorCache, folder_key
 from medgen.data.heldout_data import HeldoutSite, load_heldout
+from medgen.data.intensity import IntensityMap, intensity_map_from_dict
+from medgen.data.label_schema import LabelSchema
+from medgen.data.manifest import DatasetManifest, load_manifest
 from medgen.data.patient_dataset import PatientDataset
 from medgen.data.preprocess import (NORMALISATION_VERSION, ImageScaling, cache_params,
                                       check_image, check_labels, normalise, robust_scaling,
-                                      square_resize)
+                                      square_resize, volume_scaling)
 from medgen.data.public_bank_loader import load_public_bank
 from medgen.data.readers import Reader, SkippedFile, default_readers
 from medgen.data.site_folder import LINK_REASON, SiteFolder
@@ -43,29 +55,44 @@ from medgen.data.site_records import SiteDataError, SiteReading, SiteRecord
 logger = logging.getLogger(__name__)
 
 __all__ = ["SiteData", "SiteDataError", "SkippedFile", "PatientDataset", "HeldoutSite",
-           "load_site", "load_public_bank", "load_heldout", "NORMALISATION_VERSION",
+           "load_site", "site_manifest", "federation_root", "load_public_bank", "load_heldout", "NORMALISATION_VERSION",
            "ImageScaling", "check_image", "check_labels", "normalise", "robust_scaling",
-           "square_resize"]
+           "volume_scaling", "square_resize"]
 
 
 @dataclass(frozen=True)
 class SiteData:
-    """A site's usable slices. Patients are integers 0..P-1 (no names, no paths).
+    """A site's usable slices (or volumes). Patients are integers 0..P-1 (no names, no paths).
 
     ``skipped`` holds the hospital's own file paths and reasons, for its local logs and
     data check only: never put it (or anything derived from a path) into a reply.
     """
 
-    images: torch.Tensor               # [N,1,H,W] float32 in [-1, 1]
-    labels: torch.Tensor | None        # [N,H,W] int64 in 0..3; None: has_labels is False
-    patient_index: torch.Tensor        # [N] int64: slice -> patient (the privacy unit)
+    images: torch.Tensor               # [N,1,H,W] (dims 2) or [N,1,D,H,W] (dims 3), in [-1, 1]
+    labels: torch.Tensor | None        # [N,H,W] / [N,D,H,W] int64 class indices; None: unlabelled
+    patient_index: torch.Tensor        # [N] int64: row -> patient (the privacy unit)
     num_patients: int
     skipped: list[SkippedFile]
     fingerprint: str                   # the cache key (hash of inputs and preprocessing)
+    manifest: DatasetManifest = field(default_factory=DatasetManifest.default_brain)
+    record_index: torch.Tensor | None = None  # [N] int64: row -> record (its intensity map)
+    intensity_maps: tuple[IntensityMap, ...] = ()  # one per record: physical <-> [-1, 1]
 
     @property
     def has_labels(self) -> bool:
         return self.labels is not None
+
+    @property
+    def schema(self) -> LabelSchema | None:
+        return self.manifest.labels
+
+    @property
+    def dims(self) -> int:
+        return 3 if self.images.dim() == 5 else 2
+
+    def intensity_of(self, row: int) -> IntensityMap:
+        """The map of row ``row``'s record: ``.inverse(images[row])`` is in physical units."""
+        return self.intensity_maps[int(self.record_index[row])]
 
     @property
     def num_slices(self) -> int:
@@ -76,19 +103,43 @@ class SiteData:
 class _Tensors:
     patient_key: str
     key: str
-    images: torch.Tensor          # [S,1,H,W]
-    labels: torch.Tensor | None   # [S,H,W]
+    images: torch.Tensor          # [S,1,H,W] or [1,1,D,H,W]
+    labels: torch.Tensor | None   # [S,H,W] or [1,D,H,W]
+    intensity: IntensityMap
+
+
+def federation_root(site_dir: str | Path) -> Path | None:
+    """``<root>`` when ``site_dir`` is ``<root>/sites/<S>`` (its dataset.toml applies), else None."""
+    site_dir = Path(site_dir)
+    parent = site_dir.absolute().parent
+    return parent.parent if parent.name == "sites" else None
+
+
+def site_manifest(site_dir: str | Path, root: str | Path | None = None) -> DatasetManifest:
+    """The manifest a site is read with: its dataset.toml over the federation root's."""
+    return load_manifest(site_dir, root=root if root is not None else federation_root(site_dir))
 
 
 def load_site(site_dir: str | Path, image_size: int, cache_dir: str | Path | None = None,
-              readers: Sequence[Reader] | None = None, need_labels: bool = True) -> SiteData:
+              readers: Sequence[Reader] | None = None, need_labels: bool = True, *,
+              root: str | Path | None = None, manifest: DatasetManifest | None = None,
+              dims: int | None = None, depth: int | None = None) -> SiteData:
     """Read, validate and preprocess a site directory (docs/data-layout.md); see module doc.
 
     ``cache_dir``: reuse tensors made from byte-identical inputs and parameters.
     ``readers``: reader instances to use instead of the registry's (tests, options).
     ``need_labels``: skip a record without a label map when the site has labels/.
+    ``root``: the federation root whose dataset.toml the site's is read over (default: the
+    folder above ``sites/`` when the site sits there); ``manifest``: use this one instead.
+    ``dims``: 2 serves axial slices, 3 one volume per record ([1, D, size, size], D =
+    ``depth``, default ``image_size``, resampled through-plane); default: the manifest's.
     """
     site_dir = Path(site_dir)
+    manifest = manifest if manifest is not None else site_manifest(site_dir, root)
+    dims = int(dims if dims is not None else manifest.dims)
+    if dims not in (2, 3):
+        raise ValueError(f"dims = {dims}: serve 2 (slices) or 3 (volumes)")
+    depth = int(depth if depth is not None else image_size) if dims == 3 else None
     readers = list(readers) if readers is not None else default_readers()
     folder = SiteFolder.scan(site_dir, ("images", "labels"))
     if "images" not in folder.present:
@@ -97,7 +148,8 @@ def load_site(site_dir: str | Path, image_size: int, cache_dir: str | Path | Non
                "the node at a folder whose images/ is a real folder" if linked else
                "no images/ folder; a site directory holds images/ and optionally labels/")
         raise SiteDataError(f"{site_dir}: {why} (docs/data-layout.md)")
-    key = folder_key(folder, cache_params(image_size, readers, "site", need_labels=need_labels))
+    key = folder_key(folder, cache_params(image_size, readers, "site", need_labels=need_labels,
+                                          manifest=manifest.to_tables(), dims=dims, depth=depth))
     cache = TensorCache(cache_dir, prefix="site") if cache_dir is not None else None
     cached = cache.get(key) if cache is not None else None
     if cached is not None:
@@ -105,34 +157,51 @@ def load_site(site_dir: str | Path, image_size: int, cache_dir: str | Path | Non
         for item in skipped:
             logger.warning("skipped %s (cached result)", item.reason)
         site = SiteData(cached["images"], cached["labels"], cached["patient_index"],
-                        int(cached["num_patients"]), skipped, key)
+                        int(cached["num_patients"]), skipped, key, manifest,
+                        cached["record_index"],
+                        tuple(intensity_map_from_dict(m) for m in cached["intensity_maps"]))
         _warn_if_unlabelled(site_dir, site)
         return site
-    reading = SiteReading(folder, readers, need_labels=need_labels)
-    records = [_tensors(record, image_size) for record in reading.records()]
+    reading = SiteReading(folder, readers, need_labels=need_labels, manifest=manifest)
+    records = [_tensors(record, image_size, depth) for record in reading.records()]
     if not records:
         reasons = "\n  ".join(s.reason for s in reading.skipped) or "images/ holds no files"
         raise SiteDataError(f"{site_dir}: no usable images; reasons:\n  {reasons}")
-    site = _assemble(records, reading.skipped, key)
+    site = _assemble(records, reading.skipped, key, manifest)
     _warn_if_unlabelled(site_dir, site)
     if cache is not None:
         cache.put(key, {"images": site.images, "labels": site.labels,
                         "patient_index": site.patient_index, "num_patients": site.num_patients,
+                        "record_index": site.record_index,
+                        "intensity_maps": [m.to_dict() for m in site.intensity_maps],
                         "skipped": [[reading.skips.relative(s.path), s.reason]
                                     for s in site.skipped]})
     return site
 
 
-def _tensors(record: SiteRecord, size: int) -> _Tensors:
+def _tensors(record: SiteRecord, size: int, depth: int | None) -> _Tensors:
     volume, scaling = record.volume, record.scaling
+    if depth is not None:  # a volume: every slice kept (a blank end slice is anatomy too)
+        scaling = ImageScaling(np.ones_like(scaling.keep), scaling.low, scaling.high,
+                               scaling.intensity)
     images = square_resize(normalise(volume.array, scaling), size, volume.spacing, "image")
     labels = None
     if record.labels is not None:
         labels = square_resize(record.labels[..., scaling.keep], size, volume.spacing, "label")
-    return _Tensors(record.patient_key, record.key, images.unsqueeze(1), labels)
+    if depth is None:
+        return _Tensors(record.patient_key, record.key, images.unsqueeze(1), labels,
+                        scaling.intensity)
+    # [S, size, size] -> [1, 1, depth, size, size]: through-plane to a fixed depth
+    images = F.interpolate(images[None, None], size=(depth, size, size), mode="trilinear",
+                           align_corners=False).clamp_(-1.0, 1.0)
+    if labels is not None:
+        labels = F.interpolate(labels[None, None].float(), size=(depth, size, size),
+                               mode="nearest-exact")[:, 0].round().to(torch.int64)
+    return _Tensors(record.patient_key, record.key, images, labels, scaling.intensity)
 
 
-def _assemble(records: list[_Tensors], skipped: list[SkippedFile], key: str) -> SiteData:
+def _assemble(records: list[_Tensors], skipped: list[SkippedFile], key: str,
+              manifest: DatasetManifest) -> SiteData:
     # patients numbered by their first record's name (not by patient_key, which may be a
     # per-process salted hash): the same files give the same order in every run
     records.sort(key=lambda r: r.key)
@@ -149,7 +218,10 @@ def _assemble(records: list[_Tensors], skipped: list[SkippedFile], key: str) -> 
     patient_index = torch.cat([torch.full((r.images.shape[0],), patients[r.patient_key],
                                           dtype=torch.int64) for r in records])
     images = torch.cat([r.images for r in records]).contiguous()
-    return SiteData(images, labels, patient_index, len(patients), skipped, key)
+    record_index = torch.cat([torch.full((r.images.shape[0],), k, dtype=torch.int64)
+                              for k, r in enumerate(records)])
+    return SiteData(images, labels, patient_index, len(patients), skipped, key, manifest,
+                    record_index, tuple(r.intensity for r in records))
 
 
 def _warn_if_unlabelled(site_dir: Path, site: SiteData) -> None:

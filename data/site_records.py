@@ -5,10 +5,16 @@ no links followed, regular files only, unreadable files skipped), lets the reade
 entries of that listing (a file, or a folder such as a DICOM series; an unclaimed folder
 is walked into), then ``SiteReading.records()`` reads and validates one record at a time:
 
-- the image: every check training applies (data/preprocess.py: no NaN/inf voxel, not
-  constant, at least one non-constant slice);
+- the image: its modality agrees with the manifest (``dataset.toml`` [dataset] modality;
+  a DICOM series of another Modality, e.g. a CR scout or an OT secondary capture in a CT
+  folder, is left out and named; without a dataset.toml every modality is read, as before
+  manifests, and data check counts them per modality), and every check training applies (data/preprocess.py:
+  no NaN/inf voxel, not constant, at least one non-constant slice), normalised by the
+  manifest's intensity policy (one fixed window for CT, the volume's percentiles for MR);
 - its label map, per record: ``labels/<same name>`` or a segmentation read with the image
-  (a DICOM SEG), checked against the image (same shape, tissue values only). When the
+  (a DICOM SEG), checked against the image (same shape, only values of the manifest's
+  label schema, mapped to class indices; a manifest with ``[labels] none = true`` reads
+  no label maps). When the
   site has a ``labels/`` folder, a record without a label map is skipped alone (every
   current recipe needs labels); the site trains on the rest. A site with no ``labels/``
   folder keeps its images (``labelled`` is False; the loader warns and flags it);
@@ -31,7 +37,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from medgen.data.preprocess import ImageScaling, check_labels, robust_scaling
+from medgen.data.manifest import DatasetManifest
+from medgen.data.preprocess import ImageScaling, check_labels, volume_scaling
 from medgen.data.readers import Reader, ReaderError, SkippedFile, Volume, find_reader
 from medgen.data.site_folder import SiteFolder, unreadable_reason
 
@@ -55,7 +62,7 @@ class SiteRecord:
     patient_key: str              # distinct keys = distinct patients (the privacy unit)
     volume: Volume
     scaling: ImageScaling
-    labels: np.ndarray | None     # same shape as volume.array
+    labels: np.ndarray | None     # class indices (int64) of the schema, shape of volume.array
     label_source: str | None      # relative path of the label map, or "(segmentation ...)"
 
 
@@ -170,6 +177,7 @@ class SiteReading:
     images: str = "images"
     labels: str = "labels"
     need_labels: bool = True
+    manifest: DatasetManifest = field(default_factory=DatasetManifest.default_brain)
     skips: SkipLog = field(init=False)
 
     def __post_init__(self) -> None:
@@ -183,8 +191,9 @@ class SiteReading:
 
     @property
     def labelled(self) -> bool:
-        """The site has a labels/ folder: label maps are expected per record."""
-        return self.labels in self.folder.present
+        """The site has a labels/ folder and its manifest a label schema: label maps are
+        expected per record."""
+        return self.labels in self.folder.present and self.manifest.labels is not None
 
     @property
     def skipped(self) -> list[SkippedFile]:
@@ -237,9 +246,17 @@ class SiteReading:
 
     def _record(self, volume: Volume, item: str, source: str,
                 label: tuple[str, Reader] | None) -> SiteRecord:
-        scaling = robust_scaling(volume.array)
+        modality = volume.meta.get("modality")
+        declared = bool(self.manifest.sources)  # the brain default declares no modality
+        if declared and modality is not None and modality != self.manifest.modality:
+            raise ReaderError(f"modality {modality} contradicts the manifest's "
+                              f"{self.manifest.modality} ({_manifest_name(self.manifest)}): "
+                              "left out; move it to a site folder of its own modality")
+        scaling = volume_scaling(volume.array, self.manifest.intensity)
         label_array, label_source = None, None
-        if label is not None:
+        if self.manifest.labels is None:
+            pass  # unlabelled data (dataset.toml [labels] none = true): no label map is read
+        elif label is not None:
             try:
                 label_array = read_single(self.folder.root / label[0], label[1]).array
             except ReaderError as err:
@@ -257,7 +274,8 @@ class SiteReading:
                               "a DICOM SEG in its series folder); this record is skipped, the "
                               "site trains on the others")
         if label_array is not None:
-            check_labels(label_array, volume.array.shape, label_source)
+            label_array = check_labels(label_array, volume.array.shape, label_source,
+                                       self.manifest.labels)
         patient_key = str(volume.meta.get("patient_key", item))
         return SiteRecord(item, source, patient_key, volume, scaling, label_array, label_source)
 
@@ -270,10 +288,16 @@ class SiteReading:
 
 
 def read_site(site_dir: str | Path, readers: Sequence[Reader], *, need_labels: bool = True,
-              folder: SiteFolder | None = None) -> SiteReading:
+              folder: SiteFolder | None = None,
+              manifest: DatasetManifest | None = None) -> SiteReading:
     """The reading of ``site_dir``'s images/ and labels/ (``folder``: an existing listing)."""
     folder = folder if folder is not None else SiteFolder.scan(site_dir, ("images", "labels"))
-    return SiteReading(folder, list(readers), need_labels=need_labels)
+    return SiteReading(folder, list(readers), need_labels=need_labels,
+                       manifest=manifest or DatasetManifest.default_brain())
+
+
+def _manifest_name(manifest: DatasetManifest) -> str:
+    return " + ".join(Path(s).name if s else "" for s in manifest.sources) or "the brain default"
 
 
 def distinct_patients(records: Sequence[SiteRecord]) -> int:

@@ -57,11 +57,13 @@ def test_3d_volume_is_one_patient_with_its_slices_in_order(tmp_path, files):
     files.write_nifti(tmp_path / "s" / "labels" / "v.nii.gz", np.stack([s[1] for s in slices], -1))
     site = load_site(tmp_path / "s", 16)
     assert site.num_patients == 1 and site.patient_index.tolist() == [0, 0, 0, 0]
+    low, high = np.percentile(volume.astype(np.float64), [0.5, 99.5])
     for index, (image, labels) in enumerate(slices):
-        # per-slice scaling: slice k's values were multiplied by k+1, normalised away again
-        np.testing.assert_allclose(site.images[index, 0].numpy(),
-                                   reference_normalise(image.astype(np.float64)), atol=1e-5)
+        # per-VOLUME scaling (MR, brain default): slice k keeps its k+1 brightness
+        expected = np.clip(2 * (volume[..., index].astype(np.float64) - low) / (high - low) - 1, -1, 1)
+        np.testing.assert_allclose(site.images[index, 0].numpy(), expected, atol=1e-5)
         np.testing.assert_array_equal(site.labels[index].numpy(), labels)
+    assert site.intensity_of(3).to_dict()["lo"] == low
 
 
 def test_constant_end_slice_of_volume_dropped_with_its_label(tmp_path, files):
@@ -122,7 +124,7 @@ def test_bad_files_reported_by_name_skipped_and_nothing_modified(tmp_path, caplo
         "corrupt.nii.gz": "not a readable NIfTI", "empty.nii.gz": "not a readable NIfTI",
         "nan.nii.gz": "non-finite", "constant.nii.gz": "constant",
         "shape.nii.gz": "labels/shape.nii.gz has shape (12, 16, 1)",
-        "range.nii.gz": "labels/range.png has values outside 0..3 (6, 9)",
+        "range.nii.gz": "labels/range.png holds label value(s) 6, 9 outside the label schema",
         "notes.txt": "no reader", "orphan.nii.gz": "no image of the same name",
     }
     assert set(reasons) == set(expected)

@@ -104,7 +104,7 @@ def test_label_values_are_checked_with_their_image(tmp_path, capsys):
     rows = {r["item"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert rows["images/a.nii.gz"]["status"] == "usable"
     assert rows["images/a.nii.gz"]["labels"] == "labels/a.nii.gz"
-    assert "label map labels/b.nii.gz has values outside 0..3 (7)" in rows["images/b.nii.gz"]["status"]
+    assert "label map labels/b.nii.gz holds label value(s) 7 outside the label schema" in rows["images/b.nii.gz"]["status"]
 
 
 def test_seg_without_its_images_is_reported(tmp_path, capsys):
