@@ -32,6 +32,7 @@ from medgen.client.node import NodeSetup, resolve_node
 from medgen.data.site_data import PatientDataset, load_public_bank, load_site
 from medgen.config import RunConfig
 from medgen.deploy.allowlist import NOT_ALLOWED, AllowListError, NotAllowed, enforce_node_allow_list
+from medgen.models.capabilities import SiteDataRefused
 from medgen.models.recipe import RoundContext
 from medgen.models.registry import build_recipe
 from medgen.privacy.accounting import sample_rate_for
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 BUDGET_EXCEEDED = 4001  # Flower's own error codes stop at 8; ours are recognisable
 TRAINING_FAILED = 4002
+SITE_DATA_REFUSED = 4003  # the recipe cannot train on this site's data (e.g. no label maps)
 
 app = ClientApp()
 
@@ -77,6 +79,10 @@ def train(msg: Message, context: Context) -> Message:
         reason = str(err) if isinstance(err, NotAllowed) else \
             "refused: this hospital's allow-list file is unreadable (see the node log)"
         return Message(Error(NOT_ALLOWED, f"site {site}: {reason}"), reply_to=msg)
+    except SiteDataRefused as err:  # a fixed, path-free sentence of the recipe's (capabilities.py)
+        log.warning("site %s: %s", site, err)
+        return Message(Error(SITE_DATA_REFUSED, f"site {site}: refused before any privacy budget "
+                             f"was spent: {err}"), reply_to=msg)
     except BudgetExceeded as err:
         log.warning("%s", err)
         return Message(Error(BUDGET_EXCEEDED, f"site {site}: refused to train, its privacy "
@@ -111,6 +117,7 @@ def train_round(config: RunConfig, node: NodeSetup, content: RecordDict) -> Reco
     model.load_state_dict({**model.state_dict(), **local.weights, **shared})
 
     data = load_site(node.data_dir, config.image_size, cache_dir=node.cache_dir)
+    recipe.check_site(data)  # plan time: a recipe that needs label maps refuses before the ledger
     public = load_public_bank(node.public_dir, config.image_size)
     cap = node.target_epsilon(config)  # the run's target, tightened by the site's own cap
     schedule = PrivacySchedule(target_epsilon=cap, delta=config.delta,

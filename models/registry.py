@@ -12,6 +12,7 @@ RECIPES: dict[str, str] = {
     "dp-cgan": "medgen.models.dp_cgan:DPConditionalGAN",
     "cddpm": "medgen.models.cddpm:ConditionalDDPM",
     "bridge-translate": "medgen.models.bridge_translate:BridgeTranslator",
+    "site-gan": "medgen.models.site_gan:SiteConditionalGAN",  # needs no label maps
 }
 
 

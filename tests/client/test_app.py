@@ -199,3 +199,53 @@ def test_the_round_seed_is_derived_once_and_every_draw_follows_it(config, flower
     (seed1, private1, data1, stream1), (seed2, *_rest) = seen
     assert seed1 == private1 == data1 and stream1 not in (seed1, seed1 + 1, seed1 + 2)
     assert seed2 != seed1
+
+
+@pytest.fixture
+def unlabelled_federation(tiny_federation, tmp_path):
+    """The tiny federation with site B's labels/ folder removed (an unlabelled hospital)."""
+    import shutil
+
+    root = tmp_path / "unlabelled"
+    shutil.copytree(tiny_federation, root)
+    shutil.rmtree(root / "sites" / "B" / "labels")
+    return root
+
+
+def test_a_recipe_needing_labels_refuses_an_unlabelled_site_before_any_ledger_change(
+        unlabelled_federation, tmp_path, flower_task_identity):
+    """dp-cgan needs a label map with every image: at plan time, before a privacy round
+    opens, the node refuses with a clear, path-free reason; no ledger, no local state."""
+    from pathlib import Path
+
+    from medgen.client.app import SITE_DATA_REFUSED
+
+    config = _config(unlabelled_federation, tmp_path / "state")
+    reply = app(_message(config, 1), _context(config))
+    assert reply.has_error() and reply.error.code == SITE_DATA_REFUSED
+    assert "dp-cgan" in reply.error.reason and "no labels" in reply.error.reason
+    assert str(tmp_path) not in reply.error.reason
+    state = Path(config.state_root) / "B"
+    assert not (state / "privacy_ledger.json").exists() and not (state / "local_state.pt").exists()
+
+
+def test_site_gan_trains_two_rounds_on_an_unlabelled_site(unlabelled_federation, tmp_path,
+                                                         flower_task_identity):
+    """The label-free path: site-gan trains on the site's images alone, accounted as usual."""
+    import json
+    from pathlib import Path
+
+    config = _config(unlabelled_federation, tmp_path / "state", num_rounds=2).replace(
+        recipe="site-gan", options={"gen-width": 4, "disc-width": 4, "noise-dim": 8})
+    epsilons = []
+    for server_round in (1, 2):
+        reply = app(_message(config, server_round), _context(config))
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        metrics = reply.content["metrics"]
+        assert metrics["steps"] == 2 and metrics["num-examples"] > 0
+        assert set(reply.content["arrays"].keys()) == set(build_recipe(config).shared_keys(
+            build_recipe(config).build()))
+        epsilons.append(metrics["epsilon"])
+    assert 0 < epsilons[0] < epsilons[1] <= 5.0
+    ledger = json.loads((Path(config.state_root) / "B" / "privacy_ledger.json").read_text())
+    assert ledger  # both rounds committed to the node's ledger
