@@ -7,5 +7,5 @@ installed package in every ClientApp (see docs/architecture.md).
 
 __version__ = "0.1.0"
 
-TISSUE_CLASSES: tuple[str, ...] = ("background", "csf", "gm", "wm")
-"""Label values in every tissue map medgen reads or writes: index = label value."""
+# No label classes here: the schema (class names, hence counts) comes from a dataset's
+# manifest (dataset.toml) and travels in the run config as ``label-names`` (core/config.py).

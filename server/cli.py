@@ -26,7 +26,7 @@ from medgen.server.deploy_cli import DEPLOY_SUBCOMMANDS
 from medgen.server.previous_run import set_aside
 from medgen.server.run_lock import RunDirLocked
 from medgen.server.run_log import RunDir
-from medgen.server.simulate import (NothingTrained, SimulationError, add_node_ledgers,
+from medgen.server.simulate import (FEDERATIONS, NothingTrained, SimulationError, add_node_ledgers,
                                     prepare_federation, run_simulation)
 from medgen.sim.config import SimConfigError
 from medgen.sim.federation import FederationExistsError
@@ -56,6 +56,10 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one run-config key, e.g. --set num-rounds=3 --set options.gen-width=32; "
                    "repeatable")
+    p.add_argument("--federation", choices=FEDERATIONS, default="brain",
+                   help="which simulated federation: the brain default (MR, 4 classes) or head-ct "
+                   "(CT sites A-D in HU and the MR site M, 7 classes; docs/simulated-federation.md); "
+                   "the run's label-names come from its dataset.toml (default: %(default)s)")
     p.add_argument("--sites", type=positive_int, metavar="N", help="number of simulated sites (default: the "
                    "config's `sites`, A,B,C,D)")
     p.add_argument("--subjects-per-site", type=positive_int, default=DEFAULT_SUBJECTS, metavar="N",
@@ -126,7 +130,8 @@ def _simulate_owned(args: argparse.Namespace, config: RunConfig, out: Path, data
                                     public_size=args.public_size, heldout_fit=args.heldout_size,
                                     heldout_test=args.heldout_size,
                                     dicom_sites=args.dicom_sites,
-                                    reuse_any=args.data_root is not None)
+                                    reuse_any=args.data_root is not None,
+                                    federation=args.federation)
     except (SimConfigError, FederationExistsError) as err:
         print(f"medgen-server simulate: {err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -5,7 +5,9 @@ every process it starts:
 0. it claims the run directory: the lock refuses a second coordinator, whatever a crashed
    predecessor left running is stopped, and a supervisor process stands by to stop
    everything this one starts if it dies, SIGKILL included (server/supervisor.py);
-1. the simulated federation's data (medgen.sim) is built, or reused if already there;
+1. the simulated federation's data (medgen.sim) is built, or reused if already there: the
+   brain default or, with ``federation="head-ct"``, the head CT/MR federation; the run's
+   ``label-names`` come from the federation's root dataset.toml (its label schema);
 2. the app directory is written: the FAB template (core/flowerapp) whose
    [tool.flwr.app.config] table is the run's full RunConfig, coordinator-id included
    (Flower only accepts run-config keys listed there, so the config travels in the bundle,
@@ -40,6 +42,7 @@ from typing import Callable
 import medgen
 from medgen.atomic import atomic_write_json
 from medgen.config import RunConfig
+from medgen.data.manifest import load_manifest
 from medgen.evaluation.report import write_report
 from medgen.privacy.ledger import PrivacyLedger
 from medgen.server.coordinator import Coordinator
@@ -49,6 +52,8 @@ from medgen.server.run_log import RunDir, read_metrics, show_new_records
 from medgen.server.superlink import CONNECTION, SimulationError, SuperLink, _tool, free_port  # noqa: F401
 from medgen.sim.config import SimConfig, SimConfigError
 from medgen.sim.federation import Manifest, build_federation
+from medgen.sim.head_config import HeadSimConfig
+from medgen.sim.head_federation import HeadManifest, build_head_federation
 
 STATUS_EVERY = 30.0  # seconds between `flwr ls` checks (a Python start each: not free on 2 cores)
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "core" / "flowerapp"
@@ -87,16 +92,29 @@ def write_app_dir(config: RunConfig, dest: Path) -> Path:
 
 
 # -- the federation's data ------------------------------------------------------------
-def prepare_federation(config: RunConfig, data_root: Path, *, num_sites: int | None,
-                       subjects_per_site: int, reuse_any: bool = False, **sim_options) -> RunConfig:
-    """Build (or reuse) the simulated federation; returns the config with its sites and root.
+FEDERATIONS = ("brain", "head-ct")  # medgen-server simulate --federation
 
-    ``reuse_any``: a data root that already holds a federation is used as it is, whatever
-    settings built it (its manifest names the sites), except that ``dicom_sites``, when
-    given, must be the ones it was built with; otherwise medgen.sim rebuilds only if the
-    settings changed and refuses to overwrite a different build.
+
+def prepare_federation(config: RunConfig, data_root: Path, *, num_sites: int | None,
+                       subjects_per_site: int, reuse_any: bool = False, federation: str = "brain",
+                       **sim_options) -> RunConfig:
+    """Build (or reuse) the simulated federation; returns the config with its sites, root and
+    label schema (``label-names`` from the federation's root dataset.toml).
+
+    ``federation``: "brain" (the default) or "head-ct" (sim/head_federation.py: CT sites
+    A-D in HU and the MR site M, 7 classes). ``reuse_any``: a data root that already holds
+    a federation is used as it is, whatever settings built it (its manifest names the
+    federation and the sites), except that ``dicom_sites``, when given, must be the ones it
+    was built with; otherwise medgen.sim rebuilds only if the settings changed and refuses
+    to overwrite a different build.
     """
+    if federation not in FEDERATIONS:
+        raise SimConfigError(f"federation must be one of {', '.join(FEDERATIONS)}, got {federation!r}")
     if reuse_any and (Path(data_root) / "manifest.json").is_file():
+        built = Manifest.load(Path(data_root)).data.get("federation", "brain")
+        if built == "head-ct":
+            return _with_schema(config.replace(sites=",".join(HeadManifest.load(Path(data_root)).site_names),
+                                               data_root=str(Path(data_root).resolve())))
         manifest = Manifest.load(Path(data_root))
         wanted = SimConfig(sites=",".join(manifest.site_names),
                            dicom_sites=sim_options.get("dicom_sites", ())).dicom_sites
@@ -105,13 +123,44 @@ def prepare_federation(config: RunConfig, data_root: Path, *, num_sites: int | N
             raise SimConfigError(f"{data_root} holds a federation whose DICOM sites are {built}, "
                                  f"not {','.join(wanted)}; build it with these DICOM sites into "
                                  "another --data-root (or leave --dicom-sites out to use it as it is)")
-        return config.replace(sites=",".join(manifest.site_names),
-                              data_root=str(Path(data_root).resolve()))
+        return _with_schema(config.replace(sites=",".join(manifest.site_names),
+                                           data_root=str(Path(data_root).resolve())))
+    if federation == "head-ct":
+        return _with_schema(_build_head(config, data_root, num_sites, subjects_per_site, **sim_options))
     sites = str(num_sites) if num_sites is not None else config.sites
     sim_config = SimConfig(seed=config.seed, sites=sites, subjects_per_site=subjects_per_site,
                            image_size=config.image_size, **sim_options)
     manifest = build_federation(sim_config, data_root)
+    return _with_schema(config.replace(sites=",".join(manifest.site_names),
+                                       data_root=str(Path(data_root).resolve())))
+
+
+def _build_head(config: RunConfig, data_root: Path, num_sites: int | None, subjects_per_site: int,
+                dicom_sites: str | tuple[str, ...] = "", **sim_options) -> RunConfig:
+    """The head CT/MR federation: ``num_sites`` takes the first N of A, B, C, D, M; without
+    it the run config's sites are used if they are head sites, else all five."""
+    if dicom_sites:
+        raise SimConfigError("--dicom-sites is for the brain federation; the head-ct federation "
+                             "writes NIfTI sites in HU (see docs/simulated-federation.md)")
+    default = HeadSimConfig().site_names
+    if num_sites is not None:
+        if num_sites > len(default):
+            raise SimConfigError(f"the head-ct federation has at most {len(default)} sites "
+                                 f"({','.join(default)}), asked for {num_sites}")
+        sites = ",".join(default[:num_sites])
+    else:
+        sites = config.sites if set(config.site_names) <= set(default) else ",".join(default)
+    head = HeadSimConfig(seed=config.seed, sites=sites, subjects_per_site=subjects_per_site,
+                         image_size=config.image_size, **sim_options)
+    manifest = build_head_federation(head, data_root)
     return config.replace(sites=",".join(manifest.site_names), data_root=str(Path(data_root).resolve()))
+
+
+def _with_schema(config: RunConfig) -> RunConfig:
+    """``label-names`` from the federation's root dataset.toml (the brain's default schema
+    where there is none); an unlabelled federation keeps the config's."""
+    labels = load_manifest(root=config.data_root).labels
+    return config if labels is None else config.replace(label_names=",".join(labels.names))
 
 
 # -- one simulated run ------------------------------------------------------------------
