@@ -4,7 +4,7 @@ A SEG stores one binary (or fractional) frame per segment per slice, each frame 
 own ImagePositionPatient (PS3.3 C.8.20). Alignment is by geometry: a SEG frame lands on
 the image slice whose position along the normal is the same (within half a slice), never
 by frame order. Segment numbers become label values, so a site's SEG must number its
-segments as medgen.TISSUE_CLASSES (1 CSF, 2 GM, 3 WM); overlapping segments: the higher
+segments as the brain default schema (1 CSF, 2 GM, 3 WM); overlapping segments: the higher
 number wins.
 """
 
