@@ -90,7 +90,15 @@ class Recipe(ABC):
                 f"recipe {self.name!r} needs a label map with every image, and this site has "
                 f"no labels (no labels/ folder, or its dataset.toml declares none); train a "
                 f"recipe that needs no labels on it (e.g. site-gan), or add label maps")
-        served = getattr(data, "consumes", None)  # what the loaded site data serves, if it says
+        schema = getattr(data, "schema", None)
+        if self.requires_labels and schema is not None and len(schema.names) != self.num_classes:
+            raise SiteDataRefused(
+                f"recipe {self.name!r} was configured for {self.num_classes} classes (label-names "
+                f"{','.join(self.label_names)}), but this site's dataset.toml declares "
+                f"{len(schema.names)} ({','.join(schema.names)}); set label-names to the "
+                f"federation's schema")
+        dims = getattr(data, "dims", None)  # what the loaded site data serves, if it says
+        served = getattr(data, "consumes", None) or {2: "slices", 3: "volumes"}.get(dims)
         if served is not None and served != self.consumes:
             raise SiteDataRefused(f"recipe {self.name!r} consumes {self.consumes}, but this "
                                   f"site's data serves {served}")

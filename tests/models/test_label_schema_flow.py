@@ -108,3 +108,14 @@ def test_a_recipe_that_needs_labels_refuses_an_unlabelled_site_and_site_gan_does
     build_recipe(_config("site-gan", HEAD)).check_site(unlabelled)
     with pytest.raises(SiteDataRefused, match="consumes slices"):
         build_recipe(_config("site-gan", HEAD)).check_site(types.SimpleNamespace(consumes="volumes"))
+
+
+def test_a_site_whose_schema_differs_from_the_runs_label_names_is_refused():
+    head_site = types.SimpleNamespace(has_labels=True, dims=2,
+                                      schema=types.SimpleNamespace(names=tuple(HEAD.split(","))))
+    with pytest.raises(SiteDataRefused, match="4 classes.*declares 7"):
+        build_recipe(_config("dp-cgan", BRAIN, SMALL)).check_site(head_site)
+    build_recipe(_config("dp-cgan", HEAD, SMALL)).check_site(head_site)
+    with pytest.raises(SiteDataRefused, match="consumes slices.*serves volumes"):
+        build_recipe(_config("dp-cgan", HEAD, SMALL)).check_site(
+            types.SimpleNamespace(has_labels=True, dims=3, schema=None))
