@@ -34,11 +34,16 @@ NEAREST_K = 5
 
 
 def knn_radii(within: np.ndarray, index: np.ndarray, k: int = NEAREST_K) -> np.ndarray:
-    """Distance of each resampled row to its k-th nearest *other* row of the same set."""
+    """Distance of each resampled row to its k-th nearest *other* row of the same set.
+
+    A tiny (resampled) set with k or fewer distinct rows uses its farthest other row
+    instead; a set of one distinct row has no neighbour (radius 0).
+    """
     block = within[np.ix_(index, index)].copy()
     block[~distinct_pairs(index)] = np.inf
-    if len(np.unique(index)) <= k:
-        raise ValueError(f"k-NN radii need more than k={k} distinct samples, got {len(np.unique(index))}")
+    k = min(k, len(np.unique(index)) - 1)
+    if k < 1:
+        return np.zeros(len(index))
     return np.partition(block, k - 1, axis=1)[:, k - 1]
 
 

@@ -3,7 +3,14 @@
 ``Evaluator.prepare`` loads heldout/fit and heldout/test, trains (or loads from cache)
 the feature extractor and the site classifier on heldout/fit ONLY, and precomputes the
 real reference features and the real-vs-real floors. ``evaluate`` then scores a recipe's
-model per site (see heldout_split.py for the like-for-like design):
+model per site (see heldout_split.py for the like-for-like design).
+
+The set-metric panel (metric_panel.py) comes first in the report: SWD, power spectrum,
+per-tissue intensity and texture, random-feature KID and precision/recall/density/
+coverage, each beside its floor and interval; its HEADLINE metrics are the ones that
+passed the sanity suite on real images (docs/evaluation.md). The keys below are the
+older trained-encoder numbers, kept for comparison with earlier runs; FD_medgenenc-v1 is
+NOT a headline metric: it misses added noise and texture loss (bench/metric_sanity.py).
 
     fd/<site>        FD_medgenenc-v1(G(maps of half 1, site), real half 2)
     fd_floor/<site>  FD_medgenenc-v1(real half 1, real half 2), same N, same anatomy
@@ -37,11 +44,14 @@ import medgen
 from medgen.atomic import atomic_torch_save, atomic_write_json
 from medgen.config import ConfigError, RunConfig
 from medgen.evaluation.feature_metrics import frechet_distance, kid, kid_with_ci
-from medgen.evaluation.heldout_split import (SplitSite, load_split, split_by_subject,
-                                             state_dict_sha256, tensors_sha256)
+from medgen.data.manifest import load_manifest
+from medgen.evaluation.hashing import state_dict_sha256, tensors_sha256
+from medgen.evaluation.heldout_split import SplitSite, load_split, split_by_subject
+from medgen.evaluation.metric_panel import MetricPanel
 from medgen.evaluation.networks import (FeatureNet, SiteClassifier, TrainSettings,
                                         train_feature_net, train_site_classifier)
 from medgen.evaluation.sample_grid import render_grid
+from medgen.evaluation.tissue_intensity import TissueUnits
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +76,7 @@ class Evaluator:
     ref_features: dict[str, torch.Tensor] = field(repr=False)
     num_eval: dict[str, int]
     cache_path: Path
+    panel: MetricPanel = field(repr=False)
     extractor_name: str = f"FD_{EXTRACTOR_VERSION}"
 
     # -- preparation --------------------------------------------------------------------
@@ -83,12 +94,14 @@ class Evaluator:
         fit_images = torch.cat([fit[s].images for s in sites])
         fit_labels = torch.cat([fit[s].labels for s in sites])
         fit_sites = torch.cat([torch.full((len(fit[s].images),), k) for k, s in enumerate(sites)])
-        key = _cache_key(settings, size, sites, tensors_sha256(fit_images, fit_labels, fit_sites))
+        classes = config.num_classes
+        key = _cache_key(settings, size, sites, tensors_sha256(fit_images, fit_labels, fit_sites), classes)
         cache_path = cache_dir / f"evaluator-{key[:32]}.pt"
-        nets = _load_cached(cache_path, key, len(sites), settings)
+        nets = _load_cached(cache_path, key, len(sites), settings, classes)
         if nets is None:
             start = time.perf_counter()
-            extractor = train_feature_net(fit_images, fit_labels, fit_sites, len(sites), settings, EVALUATOR_SEED)
+            extractor = train_feature_net(fit_images, fit_labels, fit_sites, len(sites), settings,
+                                          EVALUATOR_SEED, num_classes=classes)
             classifier = train_site_classifier(fit_images, fit_sites, len(sites), settings, EVALUATOR_SEED)
             seconds = time.perf_counter() - start
             atomic_torch_save(cache_path, {
@@ -108,11 +121,13 @@ class Evaluator:
             floor[s] = frechet_distance(cond_feats, ref[s])
             kid_floor[s] = kid(cond_feats, ref[s])
             real_acc[s] = float((classifier.predict(test[s].images) == k).float().mean())
+        units = {s: _tissue_units(heldout_root, s) for s in sites}
+        panel = MetricPanel.prepare(split, num_eval, config.class_names, units)
         return cls(config=config, sites=sites, extractor=extractor, classifier=classifier,
                    extractor_sha256=state_dict_sha256(extractor),
                    classifier_sha256=state_dict_sha256(classifier), floor=floor,
                    kid_floor=kid_floor, classifier_real_acc=real_acc, split=split,
-                   ref_features=ref, num_eval=num_eval, cache_path=cache_path)
+                   ref_features=ref, num_eval=num_eval, cache_path=cache_path, panel=panel)
 
     # -- scoring ------------------------------------------------------------------------
     def sampling_seed(self, server_round: int, site_index: int, purpose: str = "eval") -> int:
@@ -146,7 +161,9 @@ class Evaluator:
         metrics: dict[str, float] = {}
         for k, site in enumerate(self.sites):
             n, seed = self.num_eval[site], self.sampling_seed(server_round, k)
-            images, nonfinite = self.generate(recipe, model, self.split[site].cond_labels[:n], k, seed)
+            maps = self.split[site].cond_labels[:n]
+            images, nonfinite = self.generate(recipe, model, maps, k, seed)
+            metrics.update(self.panel.score(site, images, maps, seed))
             feats = self.extractor.features(images)
             estimate = kid_with_ci(feats, self.ref_features[site], bootstrap=KID_BOOTSTRAP, seed=seed)
             metrics.update({
@@ -163,7 +180,13 @@ class Evaluator:
 
     def write_sample_grid(self, recipe: Any, model: torch.nn.Module, server_round: int,
                           path: Path) -> None:
-        """PNG: a header row of label maps, then one row per site (its paired real scan first)."""
+        """PNG: a header row of label maps, then one row per site (its paired real scan first).
+
+        Beside it, ``<name>.tissue.json``: the per-tissue intensity histograms (real
+        reference vs generated) of the last ``evaluate``, for the report's histogram charts.
+        """
+        if self.panel.last_histograms:
+            atomic_write_json(Path(path).with_suffix(".tissue.json"), self.panel.last_histograms)
         first = self.split[self.sites[0]]
         cols = min(GRID_COLUMNS, len(first.cond_labels))
         maps = first.cond_labels[:cols]
@@ -184,27 +207,36 @@ class Evaluator:
                 "num_ref": {s: len(v) for s, v in self.ref_features.items()},
                 "kid_bootstrap": KID_BOOTSTRAP, "cache_file": self.cache_path.name,
                 "conditioning": "label maps of half of the heldout/test subjects; reference: "
-                                "real images of the other half"}
+                                "real images of the other half", "panel": self.panel.info()}
 
     def write_info(self, path: Path) -> None:
         atomic_write_json(path, self.info())
 
 
-def _cache_key(settings: TrainSettings, image_size: int, sites: tuple[str, ...], data_sha256: str) -> str:
+def _tissue_units(heldout_root: Path, site: str) -> TissueUnits:
+    """HU (or the manifest's unit) for a fixed-window site; normalised units otherwise."""
+    policy = load_manifest(heldout_root / "test" / site, root=heldout_root.parent).intensity
+    if policy.normalisation == "window" and policy.window:
+        return TissueUnits.from_window(*policy.window, name=policy.units)
+    return TissueUnits()
+
+
+def _cache_key(settings: TrainSettings, image_size: int, sites: tuple[str, ...], data_sha256: str,
+               num_classes: int) -> str:
     payload = {"extractor": EXTRACTOR_VERSION, "medgen": medgen.__version__, "torch": torch.__version__,
                "settings": settings.as_dict(), "image_size": image_size, "sites": list(sites),
-               "seed": EVALUATOR_SEED, "data": data_sha256}
+               "seed": EVALUATOR_SEED, "data": data_sha256, "classes": num_classes}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _load_cached(path: Path, key: str, num_sites: int,
-                 settings: TrainSettings) -> tuple[FeatureNet, SiteClassifier] | None:
+def _load_cached(path: Path, key: str, num_sites: int, settings: TrainSettings,
+                 num_classes: int) -> tuple[FeatureNet, SiteClassifier] | None:
     """Cached nets, or None (absent, unreadable or failing its hash: retrain; a cache is derivable)."""
     if not path.exists():
         return None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        extractor = FeatureNet(num_sites, settings.widths, settings.feature_dim)
+        extractor = FeatureNet(num_sites, settings.widths, settings.feature_dim, num_classes)
         extractor.load_state_dict(blob["extractor"])
         classifier = SiteClassifier(num_sites, settings.widths)
         classifier.load_state_dict(blob["classifier"])

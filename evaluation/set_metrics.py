@@ -16,6 +16,8 @@ Quantities (``QUANTITIES``; per-level and per-class keys share their family's en
     tissue_bands        both bands together, in reference s.d. (dimensionless)
     kid_rand            KID on untrained random-conv features (random_features.py)
     precision, recall, density, coverage   on the same features (density_coverage.py)
+    fd_medgenenc, kid_medgenenc   FD and KID on medgen's TRAINED encoder (networks.py), the
+                        old headline, kept to show what the sanity suite says about it
 
 Which of these are *headline* metrics is decided by the sanity suite
 (bench/metric_sanity.py; docs/evaluation.md): ``HEADLINE`` lists the ones that scored
@@ -25,6 +27,7 @@ federations.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 
 from medgen.evaluation.bootstrap import DEFAULT_BOOTSTRAP, Interval, Statistic, bootstrap_intervals
+from medgen.evaluation.feature_metrics import frechet_distance, kid_resampled, polynomial_kernel
 from medgen.evaluation.laplacian_swd import describe_patches, swd_statistic
 from medgen.evaluation.power_spectrum import radial_log_spectra, spectrum_statistic
 from medgen.evaluation.random_features import VERSION as RANDOM_FEATURES, RandomConvFeatures
@@ -73,6 +77,9 @@ QUANTITIES = {q.key: q for q in (
     Quantity("tissue_bands", "per-tissue intensity and fine-texture Wasserstein-1, mean of both",
              "ref. s.d.", True),
     Quantity("kid_rand", f"KID on untrained random-conv features ({RANDOM_FEATURES})", "", True),
+    Quantity("fd_medgenenc", "FD_medgenenc-v1: Frechet distance on medgen's trained encoder",
+             "", True),
+    Quantity("kid_medgenenc", "KID on medgen's trained encoder (medgenenc-v1)", "", True),
     Quantity("precision", "precision: generated samples on the real manifold (fidelity)", "", False),
     Quantity("recall", "recall: real samples on the generated manifold (diversity)", "", False),
     Quantity("density", "density: real k-NN balls per generated sample / k (fidelity)", "", False),
@@ -154,6 +161,30 @@ class RandomFeatures:
 
     def statistic(self, candidate: Any, reference: Any) -> Statistic:
         return random_feature_statistic(candidate, reference)
+
+
+class TrainedEncoderFeatures:
+    """FD and KID on the features of a trained ``FeatureNet`` (evaluator.py's extractor)."""
+
+    name, needs_labels = "medgenenc", False
+
+    def __init__(self, extractor: Any):
+        self.extractor = extractor
+
+    def describe(self, images: ImageSet) -> Any:
+        return self.extractor.features(images.images).double().numpy()
+
+    def statistic(self, candidate: Any, reference: Any) -> Statistic:
+        kernels = (polynomial_kernel(candidate, candidate), polynomial_kernel(reference, reference),
+                   polynomial_kernel(candidate, reference))
+
+        def statistic(index_a: np.ndarray, index_b: np.ndarray) -> dict[str, float]:
+            with warnings.catch_warnings():  # resamples repeat rows: singular covariances are expected
+                warnings.simplefilter("ignore")
+                fd = frechet_distance(candidate[index_a], reference[index_b])
+            return {"fd_medgenenc": fd, "kid_medgenenc": kid_resampled(*kernels, index_a, index_b)}
+
+        return statistic
 
 
 def standard_metrics(class_names: Sequence[str], units: TissueUnits = TissueUnits()) -> list[SetMetric]:
