@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from medgen.atomic import atomic_torch_save, atomic_write_json
+from medgen.data.manifest import load_manifest
 from medgen.data.site_data import SiteDataError, load_public_bank
 from medgen.models.segmenter import SegmenterSettings, train_contrast_agnostic
 from medgen.sim.random_deformation import RandomDeformation
@@ -47,16 +48,29 @@ def pretrain(public_dir: str | Path, out: str | Path, steps: int, image_size: in
     atomically; return the provenance record."""
     public = load_public_bank(public_dir, image_size)
     maps = public.label_maps.long()
+    classes = _bank_classes(Path(public_dir))
     start = time.perf_counter()
     net = train_contrast_agnostic(maps, SegmenterSettings(steps=steps, lr=lr), seed=seed + 1,
-                                  deformation=RandomDeformation() if deform else None)
+                                  deformation=RandomDeformation() if deform else None,
+                                  num_classes=len(classes) if classes else None)
     record = {"segmenter": str(out), "steps": steps, "image_size": image_size, "seed": seed,
+              "label_names": list(classes) if classes else None,
               "deform": deform, "lr": lr, "public_maps": int(maps.shape[0]),
               "public_maps_sha256": hashlib.sha256(maps.to(torch.uint8).numpy().tobytes()).hexdigest(),
               "seconds": time.perf_counter() - start}
     atomic_torch_save(out, net.state_dict())
     atomic_write_json(provenance_path(out), record)
     return record
+
+
+def _bank_classes(public_dir: Path) -> tuple[str, ...] | None:
+    """The bank's label schema (its dataset.toml, else the federation root's), as the loader
+    reads it; None: no schema declared (the run config's default)."""
+    if not public_dir.is_dir():
+        return None
+    root = public_dir.parent if public_dir.name == "public" else None
+    labels = load_manifest(public_dir, root=root).labels
+    return tuple(labels.names) if labels is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:
