@@ -1,6 +1,8 @@
 """``medgen-client``: a hospital joins a medgen federation (or checks its data first).
 
     medgen-client data check /data/mri                       # read-only: what is usable
+    medgen-client translate --run-dir RUN --public PUB --source-site A --target-site C \
+        --out OUT /data/ct                                   # local, read-only on the input
     medgen-client --server fl.example.org:9092 --data /data/mri --state /var/lib/medgen \\
         --key keys/site-a --ca ca.crt --site A --epsilon-cap 3 --allow allow.toml
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from medgen.atomic import atomic_write_text
 from medgen.data.data_check import main as data_check
 from medgen.client.node import epsilon_cap
+from medgen.client.translate import main as translate
 from medgen.config import ConfigError
 from medgen.deploy.allowlist import AllowList, AllowListError
 from medgen.deploy.launch import NodeLaunch, flower_env, node_config_toml, supernode_command
@@ -144,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["data", "check"]:
         return data_check(argv[2:])
+    if argv[:1] == ["translate"]:
+        return translate(argv[1:])
     if argv[:1] == ["data"]:
         print("usage: medgen-client data check DIR [--image-size N] [--json]", file=sys.stderr)
         return 2

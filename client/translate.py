@@ -1,40 +1,68 @@
-"""`medgen translate`: a hospital translates its own scans to another site's style, locally.
+"""`medgen translate`: a hospital translates its own site folder to another site's style, locally.
 
-    python -m medgen.client.translate --run-dir RUN --public PUBLIC_DIR \\
-        --source-site A --target-site C --out OUT_DIR INPUT [INPUT ...]
+    medgen-client translate --run-dir RUN --public PUBLIC_DIR \\
+        --source-site A --target-site C --out OUT_DIR SITE_DIR
+    (also: medgen translate ..., python -m medgen.client.translate ...)
 
-RUN is a trained bridge-translate run (config.toml + checkpoint.pt, as written by
-`medgen-server` or `python -m bench.translation train`); PUBLIC_DIR the public label maps
-the federation shares (the site styles are measured on the generator's samples of them:
-no private data). INPUT: NIfTI files (.nii, .nii.gz), single-frame DICOM files (.dcm), or
-folders of them. Each output keeps its input's format, file name, geometry and header:
-- NIfTI: same affine, same header (data type set to float32), same shape;
-- DICOM: same header except pixel data, a new SOP Instance UID, one new Series Instance
-  UID per input series, and "(translated to <site>)" appended to the Series Description.
-Intensities: the translated image on the [-1, 1] scale is mapped back onto the input
-slice's own robust range (0.5th..99.5th percentile), so values stay in scanner-like units.
-Inputs are only read; an existing output is never overwritten (choose a new --out).
-Every slice goes through the same preprocessing the model was trained with
-(client/site_data.py: robust scaling, padding to a square in physical extent, resizing).
+RUN is a trained run of a recipe that declares the Translation capability
+(models/capabilities.py; bridge-translate does): config.toml + checkpoint.pt as written by
+`medgen-server` or `python -m bench.translation train`. PUBLIC_DIR holds the public label
+maps the federation shares (a site's style may be measured on the generator's samples of
+them: no private data). SITE_DIR is a site folder (docs/data-layout.md): images/ and its
+dataset.toml, read exactly as training reads it, through medgen.data (the one listing and
+reading of data/site_records.py: links not followed, the manifest's modality filter, every
+data check verdict; a skipped record is named on stderr and not translated).
+
+Intensities never pass through a scaling of this module's own: each record is mapped to
+[-1, 1] by the manifest's intensity map for that record (CT: the fixed HU window,
+identical at every site; MR: the volume's percentiles), translated, and mapped back by
+the same map's exact inverse (data/intensity.py), so the output is in the input's
+physical units (HU for CT; outside the window a value comes back as the window's edge).
+A constant slice (dropped by training too) is passed through unchanged.
+
+OUT_DIR is written as a site folder of its own, built in a staging folder and renamed into
+place at the end (never half-written, never overwritten; it must not exist):
+- OUT/dataset.toml: the manifest the input was read with;
+- OUT/images/<subject>.nii.gz for a NIfTI/PNG record: HU as int16 with identity scaling,
+  other units float32 (data/nifti_io.py), voxel spacing kept;
+- OUT/images/<subject>/slice_NNNN.dcm for a DICOM series: one new series
+  (data/dicom_writer.py) whose Rescale Slope/Intercept make pydicom's modality LUT return
+  the physical values (HU, RescaleType HU, the manifest's window as display window),
+  ImageType DERIVED\\SECONDARY, "translated to <site>" in the Series Description, no
+  patient identifier copied.
+Input files are only read. Geometry: slices are padded to a square in physical extent and
+resized to the run's image size exactly as in training, then brought back to the input's
+rows x columns.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medgen.data.site_data import load_public_bank, normalise, robust_scaling, square_resize
 from medgen.config import RunConfig
+from medgen.data.dicom_writer import write_physical_dicom
+from medgen.data.manifest import DatasetManifest
+from medgen.data.nifti_io import write_physical_nifti
+from medgen.data.preprocess import normalise, square_resize
+from medgen.data.public_bank_loader import load_public_bank
+from medgen.data.readers import default_readers
+from medgen.data.site_data import site_manifest
+from medgen.data.site_folder import SiteFolder
+from medgen.data.site_records import SiteReading, SiteRecord
+from medgen.data.staging import staged_folder
 from medgen.models.capabilities import Translation, declares
 from medgen.models.registry import build_recipe
 from medgen.server.checkpoint import load_checkpoint
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ImageFn = Callable[[torch.Tensor], torch.Tensor]  # [N,1,size,size] in [-1,1] -> same
 
 
 class TranslateError(ValueError):
@@ -42,9 +70,10 @@ class TranslateError(ValueError):
 
 
 class Translator:
-    """The trained model, its styles and the preprocessing, bound to one source -> target."""
+    """The trained model and the two site styles, bound to one source -> target."""
 
     def __init__(self, run_dir: Path, public_dir: Path, source: str, target: str, seed: int = 0):
+        run_dir = Path(run_dir)
         config_path = run_dir / "config.toml"
         if not config_path.is_file():
             raise TranslateError(f"{config_path} does not exist: --run-dir must be a trained run")
@@ -69,141 +98,117 @@ class Translator:
         self.target_style = self.recipe.site_style(self.model, public, names.index(target), seed)
         self.target = target
 
-    def translate_volume(self, array: np.ndarray, spacing: tuple[float, float, float] | None) -> np.ndarray:
-        """(H, W) or (H, W, S) scanner values -> translated float32 of the same shape."""
-        squeeze = array.ndim == 2
-        volume = array[..., None] if squeeze else array
-        if volume.ndim != 3:
-            raise TranslateError(f"expected a 2D image or a 3D stack of axial slices, got shape {array.shape}")
-        volume = volume.astype(np.float64)
-        scaling = robust_scaling(volume)
-        out = volume.astype(np.float32).copy()  # constant slices are passed through as they are
-        if scaling.keep.any():
-            x = square_resize(normalise(volume, scaling), self.size, spacing, "image")[:, None]
-            with torch.no_grad():
-                y = self.recipe.translate_images(self.model, x, self.source_style, self.target_style)
-            y = _unsquare(y, volume.shape[:2], spacing)  # [S_kept, H, W] in [-1, 1]
-            low, high = scaling.low[scaling.keep], scaling.high[scaling.keep]
-            values = low[:, None, None] + (y.numpy().astype(np.float64) + 1.0) / 2.0 * (high - low)[:, None, None]
-            out[..., scaling.keep] = np.moveaxis(values, 0, -1).astype(np.float32)
-        return out[..., 0] if squeeze else out
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.recipe.translate_images(self.model, images, self.source_style, self.target_style)
+
+
+def translate_record(record: SiteRecord, fn: ImageFn, size: int) -> np.ndarray:
+    """One record's (H, W, S) physical values -> the translated physical values, same shape.
+
+    Forward and inverse are the record's own intensity map (the manifest's); constant
+    slices are returned as they are."""
+    volume, scaling = record.volume, record.scaling
+    imap = scaling.intensity
+    if imap is None:
+        raise TranslateError(f"{record.source}: no intensity map (read without a manifest)")
+    array = np.asarray(volume.array, np.float64)
+    out = array.copy()
+    if scaling.keep.any():
+        x = square_resize(normalise(array, scaling), size, volume.spacing, "image")[:, None]
+        y = fn(x).float().cpu()
+        y = _unsquare(y, array.shape[:2], volume.spacing)  # [S_kept, H, W] in [-1, 1]
+        out[..., scaling.keep] = np.moveaxis(imap.inverse(y.numpy()), 0, -1)
+    return out
 
 
 def _unsquare(images: torch.Tensor, shape: tuple[int, int], spacing) -> torch.Tensor:
-    """Inverse of site_data.square_resize for images: resize to the padded square, crop."""
+    """Inverse of square_resize for images: resize to the padded square, crop."""
     height, width = shape
     row_mm, col_mm = (spacing[0], spacing[1]) if spacing and min(spacing[:2]) > 0 else (1.0, 1.0)
     side_mm = max(height * row_mm, width * col_mm)
     target_h, target_w = max(height, round(side_mm / row_mm)), max(width, round(side_mm / col_mm))
     top, left = (target_h - height) // 2, (target_w - width) // 2
-    big = F.interpolate(images.float(), size=(target_h, target_w), mode="bilinear", align_corners=False)
+    big = images.float()
+    if big.shape[-2:] != (target_h, target_w):
+        big = F.interpolate(big, size=(target_h, target_w), mode="bilinear", align_corners=False)
     return big[:, 0, top:top + height, left:left + width]
 
 
-# -- formats -------------------------------------------------------------------------
-def translate_nifti(translator: Translator, path: Path, out: Path) -> None:
-    import nibabel as nib
-
-    image = nib.load(str(path))
-    array = np.asarray(image.dataobj)
-    if array.ndim == 4 and array.shape[-1] == 1:
-        array = array[..., 0]
-    zooms = tuple(float(z) for z in image.header.get_zooms()[:3]) + (1.0,) * max(0, 3 - len(image.header.get_zooms()))
-    result = translator.translate_volume(array, zooms[:3]).reshape(np.asarray(image.dataobj).shape)
-    header = image.header.copy()
-    header.set_data_dtype(np.float32)
-    header["scl_slope"], header["scl_inter"] = 1.0, 0.0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(type(image)(result.astype(np.float32), image.affine, header), str(out))
+def read_site_records(site_dir: Path) -> tuple[DatasetManifest, list[SiteRecord], list[str]]:
+    """The site's manifest, its usable records and the skip reasons: the training reading."""
+    site_dir = Path(site_dir)
+    if not (site_dir / "images").is_dir():
+        raise TranslateError(f"{site_dir}: not a site folder (no images/); see docs/data-layout.md")
+    manifest = site_manifest(site_dir)
+    folder = SiteFolder.scan(site_dir, ("images",))  # labels are not needed to translate
+    reading = SiteReading(folder, default_readers(), need_labels=False,
+                          manifest=manifest.with_labels(None))
+    records = list(reading.records())
+    return manifest, records, [s.reason for s in reading.skipped]
 
 
-def translate_dicom(translator: Translator, path: Path, out: Path, series_uids: dict[str, str]) -> None:
-    import pydicom
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = pydicom.dcmread(str(path))
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        raise TranslateError(f"{path}: multi-frame DICOM is not supported by `medgen translate` yet; "
-                             "export single-frame slices")
-    stored = ds.pixel_array
-    slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
-    values = stored.astype(np.float64) * slope + intercept
-    spacing = tuple(float(v) for v in getattr(ds, "PixelSpacing", (1.0, 1.0))) + (1.0,)
-    result = translator.translate_volume(values, spacing)
-    info = np.iinfo(stored.dtype) if np.issubdtype(stored.dtype, np.integer) else None
-    back = np.rint((result - intercept) / slope)
-    if info is not None:
-        back = np.clip(back, info.min, info.max)
-    ds.PixelData = back.astype(stored.dtype).tobytes()
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    series = str(getattr(ds, "SeriesInstanceUID", ""))
-    ds.SeriesInstanceUID = series_uids.setdefault(series, generate_uid())
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.SeriesDescription = f"{getattr(ds, 'SeriesDescription', '')} (translated to {translator.target})".strip()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(str(out))
-
-
-def _inputs(paths: list[Path]) -> list[tuple[Path, Path]]:
-    """(file, its path relative to the output folder) for every input file, sorted."""
-    found = []
-    for path in paths:
-        if path.is_dir():
-            found += [(p, p.relative_to(path)) for p in sorted(path.rglob("*")) if p.is_file()]
-        elif path.is_file():
-            found.append((path, Path(path.name)))
-        else:
-            raise TranslateError(f"input {path} does not exist")
-    return found
+def translate_site(site_dir: Path, out: Path, fn: ImageFn, size: int, target: str) -> list[Path]:
+    """Translate every usable record of ``site_dir`` into the new site folder ``out``."""
+    site_dir, out = Path(site_dir), Path(out)
+    if out.exists():
+        raise TranslateError(f"{out} exists; medgen translate never overwrites: choose a new --out")
+    if out.resolve() == site_dir.resolve() or site_dir.resolve() in out.resolve().parents:
+        raise TranslateError(f"--out {out} is inside the input site {site_dir}; choose another folder")
+    manifest, records, skipped = read_site_records(site_dir)
+    for reason in skipped:
+        print(f"skipped {reason}", file=sys.stderr)
+    if not records:
+        raise TranslateError(f"{site_dir}: no usable image to translate (run `medgen-client data "
+                             "check` on it)")
+    units = manifest.intensity.units
+    window = manifest.intensity.window if manifest.intensity.normalisation == "window" else None
+    written = []
+    with staged_folder(out) as staging:
+        manifest.write(staging)
+        for record in records:
+            physical = translate_record(record, fn, size)
+            spacing = record.volume.spacing or (1.0, 1.0, 1.0)
+            name = record.key.replace("#", "_")
+            if record.volume.meta.get("format") == "dicom":
+                seed = int(hashlib.sha256(f"{target}/{record.source}".encode()).hexdigest()[:12], 16)
+                write_physical_dicom(staging / "images" / name, physical, spacing,
+                                     modality=manifest.modality, units=units, seed=seed,
+                                     window=window, description=f"medgen (translated to {target})")
+                written.append(out / "images" / name)
+            else:
+                path = staging / "images" / f"{name}.nii.gz"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_physical_nifti(path, _squeeze(physical), spacing, units)
+                written.append(out / "images" / path.name)
+    return written
 
 
-def _kind(path: Path) -> str | None:
-    name = path.name.lower()
-    if name.endswith(NIFTI_SUFFIXES):
-        return "nifti"
-    if name.endswith(".dcm"):
-        return "dicom"
-    return None
+def _squeeze(physical: np.ndarray) -> np.ndarray:
+    return physical[..., 0] if physical.ndim == 3 and physical.shape[-1] == 1 else physical
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medgen translate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", type=Path, help="NIfTI/DICOM files or folders")
+    parser.add_argument("site", type=Path, help="the site folder (images/, dataset.toml) to translate")
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--public", type=Path, required=True, help="public label maps (public/ or public/labels)")
     parser.add_argument("--source-site", required=True, help="the site these scans come from")
     parser.add_argument("--target-site", required=True, help="the site whose style to translate to")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (never the input)")
+    parser.add_argument("--out", type=Path, required=True, help="new output folder (must not exist)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     try:
-        files = _inputs(args.inputs)
-        out_root = args.out.resolve()
-        for path, _ in files:
-            if path.resolve().parent == out_root or out_root in path.resolve().parents:
-                raise TranslateError(f"--out {args.out} contains the input {path}; choose another folder")
+        if not args.site.is_dir():
+            raise TranslateError(f"input {args.site} does not exist or is not a site folder")
+        if args.out.exists():
+            raise TranslateError(f"{args.out} exists; medgen translate never overwrites: choose a new --out")
         translator = Translator(args.run_dir, args.public, args.source_site, args.target_site)
-        series_uids: dict[str, str] = {}
-        done = skipped = 0
-        for path, rel in files:
-            kind, dest = _kind(path), args.out / rel
-            if kind is None:
-                print(f"skipped {path}: not NIfTI (.nii, .nii.gz) or DICOM (.dcm)", file=sys.stderr)
-                skipped += 1
-                continue
-            if dest.exists():
-                raise TranslateError(f"{dest} exists; medgen translate never overwrites: choose a new --out")
-            if kind == "nifti":
-                translate_nifti(translator, path, dest)
-            else:
-                translate_dicom(translator, path, dest, series_uids)
-            done += 1
-        print(f"translated {done} file(s) from site {args.source_site} to {args.target_site} into "
-              f"{args.out}; skipped {skipped}")
-    except TranslateError as err:
+        written = translate_site(args.site, args.out, translator, translator.size, args.target_site)
+        print(f"translated {len(written)} record(s) from site {args.source_site} to "
+              f"{args.target_site} into {args.out}")
+    except (TranslateError, ValueError) as err:
         print(f"medgen translate: {err}", file=sys.stderr)
         return 2
     return 0

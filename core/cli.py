@@ -18,7 +18,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("medgen.privacy.audit_cli", "membership-inference audit of finished runs"),
-    "translate": ("medgen.client.translate", "translate NIfTI/DICOM files into a target site's style"),
+    "translate": ("medgen.client.translate", "translate a site folder (NIfTI/DICOM) into a target site's style, in physical units"),
     "sim": ("medgen.sim.cli", "build the simulated federation (`medgen sim build --help`)"),
     "data": ("medgen.data.data_check", "`medgen data check DIR`: usable vs skipped files, read-only"),
     "pretrain-segmenter": ("medgen.models.segmenter_pretrain",

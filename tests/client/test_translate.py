@@ -1,24 +1,59 @@
-"""`medgen translate`: formats in = formats out, geometry and headers kept, never in place."""
+"""`medgen translate`: a site folder read through medgen.data, written back in physical units.
+
+Real files end to end: a CT site made of pydicom-data's CT voxels (HU through their modality
+LUT) written as a DICOM series by data/dicom_writer.py, a CT NIfTI site in int16 HU, an MR
+NIfTI site. The identity check runs the translation path with an identity network at the
+images' own size: what comes out is the input in HU exactly (the window's inverse map),
+read back through pydicom's modality LUT.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
+from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_modality_lut
 
 from medgen.atomic import atomic_write_text
-from medgen.client.translate import Translator, _unsquare, main
-from medgen.data.site_data import square_resize
+from medgen.client.cli import main as client_main
+from medgen.client.translate import Translator, _unsquare, main, translate_site
 from medgen.config import RunConfig
+from medgen.data.dicom_writer import write_physical_dicom
+from medgen.data.nifti_io import read_physical_nifti, write_physical_nifti
+from medgen.data.site_data import load_site, square_resize
 from medgen.models.registry import build_recipe
 from medgen.server.checkpoint import new_checkpoint, save_checkpoint
 
 SIZE = 16
+CT_TOML = """[dataset]
+modality = "CT"
+dims = 2
+
+[intensity]
+units = "HU"
+normalisation = "window"
+window = [-1000, 2000]
+
+[labels]
+none = true
+"""
+MR_TOML = """[dataset]
+modality = "MR"
+
+[intensity]
+units = "arbitrary"
+normalisation = "percentile"
+percentiles = [0.5, 99.5]
+
+[labels]
+none = true
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -50,8 +85,40 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
     return run_dir, root / "public"
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def ct_hu() -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Real CT voxels in HU (pydicom-data CT_small.dcm through its modality LUT), 3 slices."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu = np.asarray(apply_modality_lut(ds.pixel_array, ds), np.float64)
+    volume = np.stack([hu, hu[::-1], np.roll(hu, 9, axis=1)], axis=-1)
+    row, col = (float(v) for v in ds.PixelSpacing)
+    return np.rint(volume), (row, col, float(ds.SliceThickness))
+
+
+@pytest.fixture
+def ct_dicom_site(tmp_path) -> tuple[Path, np.ndarray]:
+    site = tmp_path / "ct-site"
+    hu, spacing = ct_hu()
+    write_physical_dicom(site / "images" / "patient1", hu, spacing, modality="CT", units="HU",
+                         seed=3, window=(-1000, 2000), description="hospital CT")
+    (site / "dataset.toml").write_text(CT_TOML)
+    return site, hu
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_series_hu(folder: Path) -> tuple[np.ndarray, list[pydicom.Dataset]]:
+    files = sorted(folder.glob("*.dcm"))
+    datasets = [pydicom.dcmread(f) for f in files]
+    datasets.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+    hu = np.stack([np.asarray(apply_modality_lut(d.pixel_array, d), np.float64) for d in datasets], -1)
+    return hu, datasets
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def test_unsquare_inverts_square_resize_geometry():
@@ -65,68 +132,90 @@ def test_unsquare_inverts_square_resize_geometry():
     assert error < 0.3 * np.abs(np.roll(back, 2, axis=1) - image[..., 0]).mean()  # not shifted
 
 
-def test_nifti_in_nifti_out_with_affine_and_header(run, tmp_path):
-    run_dir, public = run
-    affine = np.array([[0.0, -1.2, 0, 10], [1.1, 0, 0, -5], [0, 0, 3.0, 2], [0, 0, 0, 1]])
-    volume = np.random.default_rng(1).integers(0, 4000, (20, 18, 3)).astype(np.int16)
-    volume[..., 2] = 7  # a constant slice: passed through as is
-    source = tmp_path / "in" / "patient.nii.gz"
-    source.parent.mkdir()
-    image = nib.Nifti1Image(volume, affine)
-    image.header["descrip"] = b"hospital scan"
-    nib.save(image, str(source))
-    before = digest(source)
+def test_ct_dicom_identity_path_preserves_hu_through_the_modality_lut(ct_dicom_site, tmp_path):
+    site, hu = ct_dicom_site
+    assert -1000 <= hu.min() and hu.max() <= 2000  # inside the window: nothing clipped
+    before = digests(site)
     out = tmp_path / "out"
-    assert main([str(source.parent), "--run-dir", str(run_dir), "--public", str(public),
-                 "--source-site", "A", "--target-site", "B", "--out", str(out)]) == 0
-    result = nib.load(str(out / "patient.nii.gz"))
-    assert digest(source) == before  # input untouched
-    assert result.shape == volume.shape
-    assert np.allclose(result.affine, affine)
-    assert result.header.get_zooms() == pytest.approx(image.header.get_zooms())
-    assert result.header["descrip"].tobytes().startswith(b"hospital scan")
-    data = np.asarray(result.dataobj)
-    assert data.dtype == np.float32 and np.isfinite(data).all()
-    assert np.all(data[..., 2] == 7)
-    lo, hi = np.percentile(volume[..., 0], [0.5, 99.5])  # mapped back onto the slice's own range
-    assert lo - 1e-3 <= data[..., 0].min() and data[..., 0].max() <= hi + 1e-3
-    # never overwrites, never writes next to its input
-    assert main([str(source), "--run-dir", str(run_dir), "--public", str(public),
-                 "--source-site", "A", "--target-site", "B", "--out", str(out)]) == 2
-    assert main([str(source), "--run-dir", str(run_dir), "--public", str(public),
-                 "--source-site", "A", "--target-site", "B", "--out", str(source.parent)]) == 2
+    written = translate_site(site, out, identity, size=hu.shape[0], target="B")
+    assert digests(site) == before  # input never modified
+    assert written == [out / "images" / "patient1"]
+    back, datasets = read_series_hu(out / "images" / "patient1")
+    assert back.shape == hu.shape
+    assert np.abs(back - hu).max() <= 0.5  # HU preserved within quantisation (1 HU steps)
+    for ds in datasets:
+        assert ds.Modality == "CT" and ds.RescaleType == "HU"
+        assert float(ds.RescaleSlope) == 1.0 and float(ds.RescaleIntercept) <= -1024
+        assert "translated to B" in ds.SeriesDescription
+        assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert (out / "dataset.toml").is_file()  # the output is a site folder medgen reads again
+    again = load_site(out, 32)
+    assert again.manifest.modality == "CT" and not again.has_labels
+    assert not list(tmp_path.glob(".out.building-*"))  # staged, renamed into place
 
 
-def test_dicom_in_dicom_out_keeps_headers(run, tmp_path):
-    import pydicom
-    from pydicom.data import get_testdata_file
-
+def test_translate_cli_on_a_ct_dicom_site_writes_a_hu_dicom_series(run, ct_dicom_site, tmp_path, capsys):
     run_dir, public = run
-    source = tmp_path / "in" / "slice.dcm"
-    source.parent.mkdir()
-    shutil.copy(get_testdata_file("MR_small.dcm"), source)
-    before = digest(source)
-    original = pydicom.dcmread(str(source))
+    site, hu = ct_dicom_site
+    before = digests(site)
     out = tmp_path / "out"
-    assert main([str(source), "--run-dir", str(run_dir), "--public", str(public),
-                 "--source-site", "A", "--target-site", "B", "--out", str(out)]) == 0
-    result = pydicom.dcmread(str(out / "slice.dcm"))
-    assert digest(source) == before
-    assert result.pixel_array.shape == original.pixel_array.shape
-    assert result.pixel_array.dtype == original.pixel_array.dtype
-    assert not np.array_equal(result.pixel_array, original.pixel_array)
-    for keyword in ("PatientID", "StudyInstanceUID", "PixelSpacing", "ImageOrientationPatient",
-                    "ImagePositionPatient", "Rows", "Columns"):
-        assert result.get(keyword) == original.get(keyword), keyword
-    assert result.SOPInstanceUID != original.SOPInstanceUID
-    assert result.SeriesInstanceUID != original.SeriesInstanceUID
-    assert "translated to B" in result.SeriesDescription
+    args = ["--run-dir", str(run_dir), "--public", str(public), "--source-site", "A",
+            "--target-site", "B", "--out", str(out), str(site)]
+    assert client_main(["translate", *args]) == 0  # medgen-client translate
+    assert digests(site) == before
+    back, datasets = read_series_hu(out / "images" / "patient1")
+    assert back.shape == hu.shape and np.isfinite(back).all()
+    assert -1000 <= back.min() and back.max() <= 2000  # the window's inverse: HU in range
+    assert not np.allclose(back, hu)  # it did translate (an untrained model is no identity)
+    assert all(ds.RescaleType == "HU" and ds.Modality == "CT" for ds in datasets)
+    original = pydicom.dcmread(sorted((site / "images" / "patient1").glob("*.dcm"))[0])
+    assert datasets[0].SeriesInstanceUID != original.SeriesInstanceUID
+    assert datasets[0].SOPInstanceUID != original.SOPInstanceUID
+    # never overwrites, never writes inside its input
+    assert main(args) == 2
+    assert "never overwrites" in capsys.readouterr().err
+    assert main([*args[:-2], str(site / "out"), str(site)]) == 2
+    assert not (site / "out").exists()
+    assert digests(site) == before
+
+
+def test_ct_nifti_site_round_trips_int16_hu(tmp_path):
+    site = tmp_path / "site"
+    hu = np.rint(np.random.default_rng(0).uniform(-900, 1500, (24, 24, 2)))
+    write_physical_nifti(site / "images" / "p1.nii.gz", hu, (0.8, 0.8, 3.0), "HU")
+    (site / "dataset.toml").write_text(CT_TOML)
+    out = tmp_path / "out"
+    translate_site(site, out, identity, size=24, target="C")
+    back, spacing = read_physical_nifti(out / "images" / "p1.nii.gz")
+    assert nib.load(str(out / "images" / "p1.nii.gz")).get_data_dtype() == np.int16
+    assert np.array_equal(back, hu) and spacing == pytest.approx((0.8, 0.8, 3.0))
+
+
+def test_mr_site_comes_back_in_its_own_scale_with_constant_slices_untouched(tmp_path):
+    site = tmp_path / "site"
+    rng = np.random.default_rng(1)
+    volume = rng.uniform(100, 900, (20, 20, 3))
+    volume[..., 2] = 7.0  # a constant slice: passed through
+    write_physical_nifti(site / "images" / "p1.nii.gz", volume, (1.0, 1.0, 1.0), "arbitrary")
+    (site / "dataset.toml").write_text(MR_TOML)
+    out = tmp_path / "out"
+    translate_site(site, out, identity, size=20, target="B")
+    back, _ = read_physical_nifti(out / "images" / "p1.nii.gz")
+    kept = volume[..., :2]
+    lo, hi = np.percentile(kept, [0.5, 99.5])  # the volume's map, not a per-slice one
+    assert np.allclose(back[..., :2], np.clip(kept, lo, hi), atol=1e-3 * (hi - lo))
+    assert np.all(back[..., 2] == 7.0)
 
 
 def test_bad_arguments_are_clear_errors(run, tmp_path, capsys):
     run_dir, public = run
-    assert main([str(tmp_path / "missing.nii.gz"), "--run-dir", str(run_dir), "--public", str(public),
-                 "--source-site", "A", "--target-site", "B", "--out", str(tmp_path / "o")]) == 2
+    assert main(["--run-dir", str(run_dir), "--public", str(public), "--source-site", "A",
+                 "--target-site", "B", "--out", str(tmp_path / "o"), str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not a site of this run"):
         Translator(run_dir, public, "A", "Z")
+    gan = tmp_path / "gan"
+    gan.mkdir()
+    atomic_write_text(gan / "config.toml", RunConfig(recipe="dp-cgan", image_size=SIZE, sites="A,B").to_toml())
+    with pytest.raises(ValueError, match="Translation capability"):
+        Translator(gan, public, "A", "B")
