@@ -6,6 +6,7 @@
     medgen data check DIR         what medgen can use in a folder, read-only (client/data_check.py)
     medgen data public-bank ...   a public label bank in the federation's schema (data/public_bank.py)
     medgen pretrain-segmenter ... the bridge's S on public label maps only (models/segmenter_pretrain.py)
+    medgen report RUN [RUN ...]   a run's HTML report, or runs side by side (evaluation/report_cli.py)
 
 Each subcommand is owned by its package; this file only dispatches, so `--help` of each
 subcommand is the owner's own.
@@ -23,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("medgen.data.data_check", "`medgen data check DIR`: usable vs skipped files, read-only"),
     "pretrain-segmenter": ("medgen.models.segmenter_pretrain",
                            "train bridge-translate's segmenter S on public label maps only (options.seg-init)"),
+    "report": ("medgen.evaluation.report_cli", "re-write a run's report.html; two or more runs: side by side"),
 }
 
 

@@ -85,8 +85,13 @@ QUANTITIES = {q.key: q for q in (
     Quantity("density", "density: real k-NN balls per generated sample / k (fidelity)", "", False),
     Quantity("coverage", "coverage: real samples with a generated neighbour (diversity)", "", False),
 )}
-HEADLINE: tuple[str, ...] = ("swd", "psd", "tissue_w1", "kid_rand", "coverage")
+HEADLINE: tuple[str, ...] = ("tissue_bands",)
 """Set from bench/results/metric_sanity.json; tests/evaluation/test_metric_sanity.py checks it."""
+REQUIRED_SAMPLES = 128
+"""Images per site (each of generated and reference) at which every headline metric told
+a mildly blurred copy (sigma 0.5 px) and every suite degradation from the floor at every
+site of both federations (bench/results/metric_sanity.json, "sample_size"). Below it a
+result "at floor" is inconclusive, and the report says so."""
 
 
 def quantity(key: str) -> Quantity:

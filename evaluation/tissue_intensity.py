@@ -9,8 +9,10 @@ of two *bands*:
     fine        the finest Laplacian-pyramid band (laplacian_swd.py): noise, edge
                 sharpness, fine texture; a blurred or flattened tissue loses it
 
-The distance between two sets is scipy's Wasserstein-1 (``scipy.stats.wasserstein_distance``)
-per band, class and quadrant. The labels of a generated image are the map it was
+The distance between two sets is the Wasserstein-1 distance per band, class and quadrant,
+between histograms on one set of bins: the integral of |CDF_a - CDF_b|, computed for every
+cell at once (``histogram_w1``); scipy's ``wasserstein_distance`` on the bin centres is its
+oracle in the tests, and is 30 times slower called per cell inside a bootstrap. The labels of a generated image are the map it was
 conditioned on, so a generator that renders other anatomy than it was asked for (mode
 collapse, duplicated outputs) puts the wrong tissue under a label and is seen here.
 
@@ -43,7 +45,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import wasserstein_distance
 
 from medgen.evaluation.bootstrap import Statistic
 from medgen.evaluation.laplacian_swd import laplacian_pyramid
@@ -119,6 +120,15 @@ def _band_sd(pooled: np.ndarray, centres: np.ndarray) -> float:
     return float(np.sqrt(weights @ (centres - mean) ** 2 / weights.sum())) or 1.0
 
 
+def histogram_w1(a: np.ndarray, b: np.ndarray, bin_width: float) -> np.ndarray:
+    """W1 between histograms [..., BINS] on the same uniform bins; NaN where either is empty."""
+    total_a, total_b = a.sum(axis=-1, keepdims=True), b.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cdf_gap = np.cumsum(a / total_a - b / total_b, axis=-1)
+    w1 = np.abs(cdf_gap[..., :-1]).sum(axis=-1) * bin_width
+    return np.where((total_a[..., 0] > 0) & (total_b[..., 0] > 0), w1, np.nan)
+
+
 def tissue_statistic(a: TissueHistograms, b: TissueHistograms, units: TissueUnits) -> Statistic:
     """The module docstring's quantities; a cell empty in either (resampled) set is left out."""
     if a.class_names != b.class_names:
@@ -127,20 +137,18 @@ def tissue_statistic(a: TissueHistograms, b: TissueHistograms, units: TissueUnit
     flat_a, flat_b = a.counts.reshape(len(a.counts), -1), b.counts.reshape(len(b.counts), -1)
     reference_sd = [_band_sd(b.counts[:, k], CENTRES[k]) for k in range(len(BAND_RANGES))]
 
+    widths = [(high - low) / BINS for low, high in BAND_RANGES]
+
     def statistic(index_a: np.ndarray, index_b: np.ndarray) -> dict[str, float]:
         pooled_a = (np.bincount(index_a, minlength=len(flat_a)) @ flat_a).reshape(shape)
         pooled_b = (np.bincount(index_b, minlength=len(flat_b)) @ flat_b).reshape(shape)
+        w1 = np.stack([histogram_w1(pooled_a[k], pooled_b[k], widths[k]) for k in range(len(widths))])
         out: dict[str, float] = {}
-        band_means = []
-        for k in range(len(BAND_RANGES)):
-            every = []
-            for c, name in enumerate(a.class_names):
-                cell = [float(wasserstein_distance(CENTRES[k], CENTRES[k], pooled_a[k, c, q], pooled_b[k, c, q]))
-                        for q in range(shape[2]) if pooled_a[k, c, q].sum() > 0 and pooled_b[k, c, q].sum() > 0]
-                if k == 0:
-                    out[f"tissue_w1_{name}"] = units.per_normalised * float(np.mean(cell)) if cell else float("nan")
-                every += cell
-            band_means.append(float(np.mean(every)) if every else float("nan"))
+        for c, name in enumerate(a.class_names):
+            cells = w1[0, c][np.isfinite(w1[0, c])]
+            out[f"tissue_w1_{name}"] = units.per_normalised * float(cells.mean()) if len(cells) else float("nan")
+        band_means = [float(np.nanmean(w1[k])) if np.isfinite(w1[k]).any() else float("nan")
+                      for k in range(len(widths))]
         out["tissue_w1"] = units.per_normalised * band_means[0]
         out["tissue_texture"] = band_means[1] / reference_sd[1]
         out["tissue_bands"] = float(np.mean([m / sd for m, sd in zip(band_means, reference_sd)]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -93,18 +94,29 @@ def test_full_report_has_every_section_data_uri_images_and_numbers(tmp_path):
     assert path == run / "report.html"
     html = path.read_text()
     parsed = parse(path)
-    assert parsed.sections == ["summary", "config", "samples", "training", "privacy", "evaluation",
-                               "excluded", "evaluator"]
-    assert len(parsed.imgs) == 3 and all(src.startswith("data:image/png;base64,") for src in parsed.imgs)
+    assert parsed.sections == ["summary", "samples", "evaluation", "tissue", "training", "privacy",
+                               "excluded", "trained-encoder", "evaluator", "config"]
+    assert len(parsed.imgs) >= 3 and all(src.startswith("data:image/png;base64,") for src in parsed.imgs)
     assert parsed.scripts == 0 and EVIL not in html and "&lt;script&gt;" in html
-    assert "Opacus rdp" in html and "patient" in html and "1e-06" in html
+    assert "Opacus RDP accountant" in html and "patient" in html and "1e-06" in html
     assert "ab" * 32 in html and "0.97" in html       # evaluator hashes, classifier's own accuracy
     assert "FD_medgenenc-v1" in html and "FID" not in html.replace("FD_", "")
-    assert html.count("<svg") >= 5                    # epsilon, losses, aggregate, FD, KID, site acc
+    assert "not a headline metric" in html            # the old FD is labelled for what it is
+    assert html.count("<svg") >= 5                    # loss_d, epsilon, FD, KID, site acc
     assert 'stroke-dasharray' in html                 # the floor line
     assert "123459" in html                           # the seed of round 3 is printed
     assert "1 line(s) of metrics.jsonl were unreadable" in html
+    assert "privacy.json as written" in html          # the raw ledger only as a collapsed appendix
     assert not list(run.glob("*.tmp"))
+
+
+def test_training_charts_hold_one_quantity_each_and_counts_never_share_an_axis_with_losses(tmp_path):
+    run = make_run_dir(tmp_path)
+    html = write_report(run).read_text()
+    titles = re.findall(r'aria-label="([^"]+)"', html)
+    assert "aggregate metrics" not in html
+    assert any(t.startswith("loss_d per site") for t in titles)
+    assert not any("num_examples" in t and "loss" in t for t in titles)
 
 
 @pytest.mark.parametrize("pieces", [(), ("config.toml",), ("metrics.jsonl",)])
