@@ -8,8 +8,9 @@ evaluation/degradations.py scored against the same reference half; a metric *see
 degradation when the score is outside the floor's interval (evaluation/metric_sanity.py).
 Then, separately:
 
-- sample size: the same floor-vs-blur test at several sample counts, for the suite's blur
-  (sigma 1 px) and a mild blur (sigma 0.5 px): how many images a site needs;
+- sample size: the whole suite again at several sample counts, plus a mild blur (sigma
+  0.5 px): for each metric, the smallest count at which it saw every degradation at every
+  site ("required_samples"), which is how many images per site an evaluation needs;
 - memorisation: near-copies of a site's TRAINING images versus real held-out images,
   scored by nearest-neighbour distances (evaluation/memorisation.py).
 
@@ -34,7 +35,7 @@ from bench.common import RESULTS, machine
 from medgen.atomic import atomic_write_json
 from medgen.data.manifest import load_manifest
 from medgen.data.site_data import load_site
-from medgen.evaluation.degradations import blur
+from medgen.evaluation.degradations import DEGRADATIONS, blur
 from medgen.evaluation.evaluator import EVALUATOR_SEED
 from medgen.evaluation.heldout_split import load_split, split_by_subject
 from medgen.evaluation.memorisation import memorisation
@@ -45,7 +46,7 @@ from medgen.evaluation.set_metrics import (QUANTITIES, TrainedEncoderFeatures, q
                                            standard_metrics)
 from medgen.evaluation.tissue_intensity import TissueUnits
 
-SWEEP = (16, 32, 64, 128)
+SWEEP = (32, 64, 128, 256)
 MILD_BLUR_PX = 0.5
 NEAR_COPY_NOISE = 0.02
 
@@ -75,16 +76,36 @@ def trained_encoder(root: Path, sites: tuple[str, ...], size: int, classes: int,
 
 
 def sample_size_sweep(site: str, halves, metrics, counts, bootstrap: int) -> dict[str, Any]:
-    """Per sample count: does each metric see the suite's blur and a mild blur?"""
-    blurs = {"blur_1px": blur, "blur_0.5px": lambda i, lab, rng: blur(i, lab, rng, sigma=MILD_BLUR_PX)}
+    """Per sample count: which metrics see each degradation (the suite's and a mild blur)."""
+    degradations = {**DEGRADATIONS, "blur_0.5px": lambda i, lab, rng: blur(i, lab, rng, sigma=MILD_BLUR_PX)}
     out = {}
     for n in counts:
-        result = site_sanity(site, {site: halves[site]}, metrics,
+        if n > min(len(halves[site].cond_images), len(halves[site].ref_images)):
+            continue
+        result = site_sanity(site, halves, metrics,
                              SanitySettings(samples=n, bootstrap=bootstrap, degraded_bootstrap=1),
-                             degradations=blurs)
-        out[str(result["samples"])] = {name: {k: v["seen"] for k, v in entry["scores"].items()
-                                              if k in CANDIDATES}
-                                       for name, entry in result["degradations"].items()}
+                             degradations=degradations)
+        out[str(n)] = {name: {k: v["seen"] for k, v in entry["scores"].items() if k in CANDIDATES}
+                       for name, entry in result["degradations"].items()}
+    return out
+
+
+def required_samples(federations: dict[str, Any], only: str | None = None) -> dict[str, int | None]:
+    """Per metric: the smallest swept count at which it saw every degradation (or only
+    the one named) at every site of every federation; None if no swept count did."""
+    out: dict[str, int | None] = {}
+    for key in CANDIDATES:
+        passing = None
+        counts = sorted({int(n) for f in federations.values() for s in f["sites"].values()
+                         for n in s.get("sample_size", {})})
+        for n in counts:
+            seen = [entry.get(key) for f in federations.values() for s in f["sites"].values()
+                    for name, entry in s.get("sample_size", {}).get(str(n), {}).items()
+                    if only is None or name == only]
+            if seen and all(v is True for v in seen):
+                passing = n
+                break
+        out[key] = passing
     return out
 
 
@@ -139,12 +160,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", action="append", required=True, type=Path,
                         help="a built federation (repeatable): brain or head-ct")
-    parser.add_argument("--samples", type=int, default=SanitySettings.samples,
+    parser.add_argument("--samples", type=int, default=256,
                         help="images per half (default %(default)s)")
     parser.add_argument("--bootstrap", type=int, default=SanitySettings.bootstrap)
     parser.add_argument("--degraded-bootstrap", type=int, default=SanitySettings.degraded_bootstrap)
     parser.add_argument("--sweep", type=lambda t: tuple(int(x) for x in t.split(",") if x), default=SWEEP,
-                        help="sample counts for the blur sweep, '' to skip (default 16,32,64,128)")
+                        help="sample counts for the sample-size sweep, '' to skip (default 32,64,128,256)")
     parser.add_argument("--sweep-bootstrap", type=int, default=100)
     parser.add_argument("--cache-dir", default=None, help="tensor cache (default DATA_ROOT/cache)")
     parser.add_argument("--out", type=Path, default=RESULTS / "metric_sanity.json",
@@ -162,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "metric_sanity", "machine": machine(), "unix_time": time.time(),
         "command": "python -m bench.metric_sanity " + " ".join(f"--data-root {r}" for r in args.data_root),
         "headline": [k for k, v in status.items() if v["headline"]],
-        "status": status,
+        "status": status, "required_samples": required_samples(federations),
+        "required_samples_mild_blur": required_samples(federations, only="blur_0.5px"),
         "quantities": {k: {"title": quantity(k).title, "unit": quantity(k).unit,
                            "higher_is_worse": quantity(k).higher_is_worse} for k in CANDIDATES},
         "federations": federations, "all_quantities": sorted(QUANTITIES)})

@@ -70,7 +70,7 @@ QUANTITIES = {q.key: q for q in (
     Quantity("swd_px", "SWD at one pyramid level (finest = noise and edges, coarsest = contrast)",
              "ref. patch s.d.", True),
     Quantity("psd", "radially averaged power spectrum distance (RMS over frequencies)", "dB", True),
-    Quantity("tissue_w1", "per-tissue intensity Wasserstein-1, mean over classes and quadrants",
+    Quantity("tissue_w1", "per-tissue intensity Wasserstein-1, mean over classes and image regions",
              "", True),
     Quantity("tissue_texture", "per-tissue fine-texture (finest Laplacian band) Wasserstein-1",
              "ref. s.d.", True),

@@ -9,31 +9,34 @@ of two *bands*:
     fine        the finest Laplacian-pyramid band (laplacian_swd.py): noise, edge
                 sharpness, fine texture; a blurred or flattened tissue loses it
 
-The distance between two sets is the Wasserstein-1 distance per band, class and quadrant,
+The distance between two sets is the Wasserstein-1 distance per band, class and region,
 between histograms on one set of bins: the integral of |CDF_a - CDF_b|, computed for every
 cell at once (``histogram_w1``); scipy's ``wasserstein_distance`` on the bin centres is its
 oracle in the tests, and is 30 times slower called per cell inside a bootstrap. The labels of a generated image are the map it was
 conditioned on, so a generator that renders other anatomy than it was asked for (mode
 collapse, duplicated outputs) puts the wrong tissue under a label and is seen here.
 
-Quadrants. Pixels are pooled per class *and per quadrant of the image* (``REGIONS`` = 2
-x 2). Pooled over the whole image, a shading (one side brighter, the other darker) looks
-like a slightly wider spread; per quadrant it is a shift.
+Regions. Pixels are pooled per class *and per region of the image* (``REGIONS`` x
+``REGIONS`` = 3 x 3 tiles). Pooled over the whole image, a shading (one side brighter, the
+other darker) looks like a slightly wider spread; per region it is a shift. Measured on
+brain site B (whose own scans carry random bias fields of up to +-25 %), a systematic
++-20 % field left the floor's interval at 3 x 3 and 128 images per half, but not at
+2 x 2 (bench/metric_sanity.py).
 
 Reported quantities:
 
-    tissue_w1          intensity W1, mean over (class, quadrant), in physical units: with a
+    tissue_w1          intensity W1, mean over (class, region), in physical units: with a
                        fixed window (CT) a normalised difference d is d (hi - lo) / 2 HU
                        (``TissueUnits.from_window``); MR has no physical unit and is
                        normalised per volume, so MR stays in normalised units ("norm.")
-    tissue_w1_<class>  the same for one class (mean over quadrants)
+    tissue_w1_<class>  the same for one class (mean over regions)
     tissue_texture     fine-band W1 / the reference's fine-band s.d., mean over cells
     tissue_bands       mean of the two bands' W1, each divided by the reference's s.d. of
                        that band: one dimensionless number that sees contrast, shading,
                        noise and texture (intensity alone misses added noise at noisy
                        sites: a tissue's intensity spread is mostly anatomy, not noise)
 
-Per image, each (band, class, quadrant) is binned into ``BINS`` fixed bins (intensity over
+Per image, each (band, class, region) is binned into ``BINS`` fixed bins (intensity over
 [-1, 1]: 12 HU of a 3000 HU window; fine band over [-0.5, 0.5], clipped), so a bootstrap
 replicate's pooled histogram is a weighted sum of per-image histograms; W1 is computed
 on the bin centres (binning moves it by at most half a bin).
@@ -50,7 +53,7 @@ from medgen.evaluation.bootstrap import Statistic
 from medgen.evaluation.laplacian_swd import laplacian_pyramid
 
 BINS = 512
-REGIONS = 2                        # quadrants per side
+REGIONS = 3                        # regions per side (3 x 3 tiles)
 BAND_RANGES = ((-1.0, 1.0), (-0.5, 0.5))   # intensity, finest Laplacian band
 BAND_NAMES = ("intensity", "fine")
 
@@ -81,7 +84,7 @@ class TissueUnits:
 
 @dataclass(frozen=True)
 class TissueHistograms:
-    """counts[n, band, class, quadrant, bin] for each image n."""
+    """counts[n, band, class, region, bin] for each image n."""
 
     counts: np.ndarray
     class_names: tuple[str, ...]
@@ -93,7 +96,7 @@ def _bin(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 def tissue_histograms(images: torch.Tensor, labels: torch.Tensor,
                       class_names: tuple[str, ...]) -> TissueHistograms:
-    """Histograms per image, band, class and quadrant (images [N,1,H,W], labels [N,H,W])."""
+    """Histograms per image, band, class and region (images [N,1,H,W], labels [N,H,W])."""
     if labels.shape != (images.shape[0], *images.shape[-2:]):
         raise ValueError(f"labels {tuple(labels.shape)} do not match images {tuple(images.shape)}")
     clamped = images.detach().to("cpu", torch.float64).clamp(-1, 1)
@@ -110,7 +113,8 @@ def tissue_histograms(images: torch.Tensor, labels: torch.Tensor,
     per_band = [np.bincount((cell * BINS + _bin(band, *limits)).ravel(), minlength=cells * BINS)
                 .reshape(n, len(class_names), REGIONS ** 2, BINS)
                 for band, limits in zip(bands, BAND_RANGES)]
-    return TissueHistograms(np.stack(per_band, axis=1).astype(np.float64), tuple(class_names))
+    # float32 holds pixel counts exactly up to 2**24 (4096 images of 64 x 64) at half the memory
+    return TissueHistograms(np.stack(per_band, axis=1).astype(np.float32), tuple(class_names))
 
 
 def _band_sd(pooled: np.ndarray, centres: np.ndarray) -> float:
