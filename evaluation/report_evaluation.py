@@ -12,9 +12,9 @@ from html import escape
 from typing import Any
 
 from medgen.evaluation.html_parts import empty, fmt, note, table, verdict_cell
+from medgen.evaluation.quantities import quantity
 from medgen.evaluation.report_summary import headline_keys, interval_text, worse_than_floor
 from medgen.evaluation.run_files import RunFiles, number
-from medgen.evaluation.set_metrics import quantity
 from medgen.evaluation.svg_charts import PALETTE, Chart, Series, render_chart
 
 PANEL_ORDER = ("tissue_bands", "swd", "psd", "tissue_w1", "tissue_texture", "kid_rand",

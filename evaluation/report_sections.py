@@ -10,9 +10,9 @@ import json
 from html import escape
 from typing import Any
 
+from medgen.evaluation.grid_zoom import zoom_from_grid
 from medgen.evaluation.html_parts import Raw, empty, file_bytes, fmt, img, note, table
 from medgen.evaluation.run_files import RunFiles, number, site_metrics
-from medgen.evaluation.sample_grid import zoom_from_grid
 from medgen.evaluation.svg_charts import PALETTE, Chart, Series, render_chart
 
 MAX_GRIDS = 3            # the last grids in full; earlier rounds are in samples/

@@ -19,8 +19,8 @@ from html import escape
 from typing import Any
 
 from medgen.evaluation.html_parts import Raw, fmt, table, verdict_cell
+from medgen.evaluation.quantities import HEADLINE, REQUIRED_SAMPLES, quantity
 from medgen.evaluation.run_files import RunFiles, number, site_metrics
-from medgen.evaluation.set_metrics import HEADLINE, REQUIRED_SAMPLES, quantity
 
 
 def headline_keys(run: RunFiles) -> list[str]:

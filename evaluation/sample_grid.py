@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from medgen.atomic import atomic_write_bytes
+from medgen.evaluation.grid_zoom import GAP, MARGIN
 
 # one colour per label value (class 0, the background, black); a schema with more classes
 # than colours reuses the last ones (the legend row is for orientation, not measurement)
@@ -27,8 +28,6 @@ LABEL_COLOURS = np.array([[0, 0, 0], [60, 120, 230], [150, 150, 150], [245, 245,
                           [220, 90, 60], [250, 200, 80], [90, 190, 110], [170, 90, 200],
                           [80, 200, 210], [200, 120, 160]], dtype=np.uint8)
 MIN_CELL = 64
-GAP = 2
-MARGIN = 40
 
 
 def _gray(image: torch.Tensor) -> np.ndarray:
@@ -71,39 +70,3 @@ def render_grid(label_maps: torch.Tensor, rows: list[tuple[str, torch.Tensor, to
     canvas.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
 
-
-ZOOM_FRACTION = 0.5   # the central half of each side: the brain's interior at any size
-ZOOM_SCALE = 4
-
-
-def zoom_from_grid(grid_png: bytes, num_sites: int, fraction: float = ZOOM_FRACTION,
-                   scale: int = ZOOM_SCALE) -> bytes:
-    """Per site row of a ``render_grid`` PNG: the real scan's central crop beside the first
-    generated image's (the same anatomy), enlarged ``scale`` times; PNG bytes.
-
-    The layout is recovered from the grid's size: (num_sites + 1) rows of square cells.
-    """
-    grid = Image.open(io.BytesIO(grid_png)).convert("RGB")
-    cell = grid.height // (num_sites + 1) - GAP
-    if cell < 4 or MARGIN + 2 * (cell + GAP) > grid.width:
-        raise ValueError(f"a {grid.width}x{grid.height} grid does not hold {num_sites} site rows")
-    side = max(2, int(cell * fraction))
-    offset = (cell - side) // 2
-    tile = side * scale
-    label_h = 14
-    canvas = Image.new("RGB", (2 * tile + 3 * GAP + MARGIN, num_sites * (tile + GAP) + label_h), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    draw.text((MARGIN + 2, 1), "real (centre)", fill=(0, 0, 0), font=font)
-    draw.text((MARGIN + tile + GAP + 2, 1), "generated (centre)", fill=(0, 0, 0), font=font)
-    for r in range(num_sites):
-        top = (r + 1) * (cell + GAP) + offset
-        for c in range(2):
-            left = MARGIN + c * (cell + GAP) + offset
-            crop = grid.crop((left, top, left + side, top + side)).resize((tile, tile), Image.NEAREST)
-            canvas.paste(crop, (MARGIN + c * (tile + GAP), label_h + r * (tile + GAP)))
-        name = grid.crop((0, top - offset + cell // 2 - 2, MARGIN - 2, top - offset + cell // 2 + 12))
-        canvas.paste(name, (0, label_h + r * (tile + GAP) + tile // 2))
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    return buffer.getvalue()

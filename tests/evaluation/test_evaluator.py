@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -152,3 +153,21 @@ def test_too_few_eval_samples_is_refused(heldout_root, tmp_path):
 
     with pytest.raises(ConfigError, match="eval-samples"):
         Evaluator.prepare(CONFIG.replace(eval_samples=1), heldout_root / "heldout", tmp_path, settings=FAST)
+
+
+def test_metric_panel_scores_every_site_beside_its_floor(prepared, dummy_model, tmp_path):
+    ev, _ = prepared
+    right = ev.evaluate(RenderingRecipe(), dummy_model, server_round=1)
+    wrong = ev.evaluate(RenderingRecipe(wrong_site=True), dummy_model, server_round=1)
+    for site in ("A", "B"):
+        for key in ("tissue_bands", "swd", "psd", "kid_rand", "coverage"):
+            for suffix in ("", "_lo", "_hi", "_floor", "_floor_lo", "_floor_hi"):
+                assert f"{key}{suffix}/{site}" in right
+        assert right[f"panel_n/{site}"] == 8.0
+        assert right[f"tissue_bands_floor/{site}"] == wrong[f"tissue_bands_floor/{site}"]  # one floor
+        assert wrong[f"tissue_bands/{site}"] > wrong[f"tissue_bands_floor_hi/{site}"] > right[f"tissue_bands/{site}"]
+        assert wrong[f"headline_worse/{site}"] >= 1
+    ev.write_sample_grid(RenderingRecipe(wrong_site=True), dummy_model, 1, tmp_path / "round_001.png")
+    histograms = json.loads((tmp_path / "round_001.tissue.json").read_text())
+    assert set(histograms) == {"A", "B"} and set(histograms["A"]["real"]) == {"background", "csf", "gm", "wm"}
+    assert ev.info()["panel"]["headline"] == ["tissue_bands"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +17,8 @@ from medgen.evaluation.density_coverage import NEAREST_K, fidelity_diversity_sta
 from medgen.evaluation.feature_metrics import kid, kid_resampled, polynomial_kernel
 from medgen.evaluation.laplacian_swd import SortedProjections, laplacian_pyramid, pyramid_up
 from medgen.evaluation.power_spectrum import radial_log_spectra, spectrum_statistic
-from medgen.evaluation.random_features import RandomConvFeatures
+from medgen.evaluation.quantities import RANDOM_FEATURES
+from medgen.evaluation.random_features import VERSION, RandomConvFeatures
 from medgen.evaluation.set_metrics import ImageSet, ReferenceScorer, floor_verdict, standard_metrics
 from medgen.evaluation.tissue_intensity import (BINS, CENTRES, TissueUnits, histogram_w1, tissue_histograms,
                                                 tissue_statistic)
@@ -165,3 +169,10 @@ def test_scorer_floor_and_verdicts_on_phantoms():
     assert floor_verdict(blurred["psd"].value, floor["psd"], True) == "worse than floor"
     assert floor_verdict(floor["swd"].value, floor["swd"], True) == "at floor"
     assert "tissue_w1" not in scorer.score(ImageSet(cand), bootstrap=2)   # no labels: no tissue metrics
+
+
+def test_the_report_reads_quantities_without_loading_torch_and_names_the_network_version():
+    assert RANDOM_FEATURES == VERSION
+    probe = "import sys, medgen.evaluation.report_cli; print('torch' in sys.modules, 'monai' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
