@@ -21,8 +21,8 @@ ZOOM_SCALE = 4
 
 def zoom_from_grid(grid_png: bytes, num_sites: int, fraction: float = ZOOM_FRACTION,
                    scale: int = ZOOM_SCALE) -> bytes:
-    """Per site row of a ``render_grid`` PNG: the real scan's central crop beside the first
-    generated image's (the same anatomy), enlarged ``scale`` times; PNG bytes.
+    """For every site row of a sample grid PNG: the real scan's central crop beside the first
+    generated image's (the same anatomy), enlarged ``scale`` times; sites left to right.
 
     The layout is recovered from the grid's size: (num_sites + 1) rows of square cells.
     """
@@ -32,21 +32,21 @@ def zoom_from_grid(grid_png: bytes, num_sites: int, fraction: float = ZOOM_FRACT
         raise ValueError(f"a {grid.width}x{grid.height} grid does not hold {num_sites} site rows")
     side = max(2, int(cell * fraction))
     offset = (cell - side) // 2
-    tile = side * scale
-    label_h = 14
-    canvas = Image.new("RGB", (2 * tile + 3 * GAP + MARGIN, num_sites * (tile + GAP) + label_h), (255, 255, 255))
+    tile, label_h, pair_gap = side * scale, 16, 12
+    pair_w = 2 * tile + GAP
+    canvas = Image.new("RGB", (num_sites * (pair_w + pair_gap), tile + label_h), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    draw.text((MARGIN + 2, 1), "real (centre)", fill=(0, 0, 0), font=font)
-    draw.text((MARGIN + tile + GAP + 2, 1), "generated (centre)", fill=(0, 0, 0), font=font)
     for r in range(num_sites):
         top = (r + 1) * (cell + GAP) + offset
+        x0 = r * (pair_w + pair_gap)
+        name = grid.crop((0, top - offset + cell // 2 - 1, MARGIN - 2, top - offset + cell // 2 + 11))
+        canvas.paste(name, (x0, 2))
+        draw.text((x0 + MARGIN, 3), "real | generated", fill=(0, 0, 0), font=font)
         for c in range(2):
             left = MARGIN + c * (cell + GAP) + offset
             crop = grid.crop((left, top, left + side, top + side)).resize((tile, tile), Image.NEAREST)
-            canvas.paste(crop, (MARGIN + c * (tile + GAP), label_h + r * (tile + GAP)))
-        name = grid.crop((0, top - offset + cell // 2 - 2, MARGIN - 2, top - offset + cell // 2 + 12))
-        canvas.paste(name, (0, label_h + r * (tile + GAP) + tile // 2))
+            canvas.paste(crop, (x0 + c * (tile + GAP), label_h))
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return buffer.getvalue()

@@ -32,7 +32,7 @@ def samples_section(run: RunFiles) -> str:
     body = ('<p>Top row: the conditioning label maps (held-out test anatomy). Each site row: that '
             "site's REAL held-out scan of the first map's anatomy, then generated images of every map. "
             "Below each grid: the centre of the real scan beside the centre of the generated image of "
-            "the same anatomy, enlarged 4x, where blur, noise and texture show.</p>")
+            "the same anatomy, per site, enlarged 4x: where blur, noise and texture show.</p>")
     for i, grid in enumerate(run.samples[-MAX_GRIDS:][::-1]):
         block = _grid_block(grid, len(run.sites))
         body += block if i == 0 else f"<details><summary>{escape(grid.stem.replace('_', ' '))}</summary>{block}</details>"
@@ -47,7 +47,7 @@ def _grid_block(grid, num_sites: int) -> str:
         return empty(f"{grid.name} could not be read.")
     body = f'<h3>{escape(grid.stem.replace("_", " "))}</h3><div class="grid">{img(data, grid.name)}</div>'
     try:
-        return body + f'<div class="zoom">{img(zoom_from_grid(data, num_sites), "zoomed centre crops", zoom=2)}</div>'
+        return body + f'<div class="zoom">{img(zoom_from_grid(data, num_sites), "zoomed centre crops")}</div>'
     except (ValueError, OSError) as err:
         return body + note(f"no zoomed crop: {err}")
 
@@ -100,6 +100,8 @@ def privacy_section(run: RunFiles, accountant_line: str) -> str:
         if not entry:
             entry = {"epsilon": next((v for r in reversed(run.train)
                                       if (v := number(site_metrics(r, site).get("epsilon"))) is not None), None)}
+        if isinstance(entry.get("epsilon"), float):
+            entry["epsilon"] = f"{entry['epsilon']:.4g}"   # 9.996, not 10: the budget is the point
         rows.append([site, *[entry.get(key, "-") if entry.get(key) is not None else "-" for key, _ in columns]])
     body += "<h3>Privacy ledger per site</h3>" + table(["site", *[title for _, title in columns]], rows)
     body += note("epsilon spent: the largest a site reported for this run (privacy.json, from the sites' "

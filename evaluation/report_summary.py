@@ -108,7 +108,7 @@ def summary_block(run: RunFiles) -> str:
     privacy_rows = []
     for site in sites:
         epsilon, delta, rounds = site_epsilon(run, site)
-        privacy_rows.append([site, epsilon if epsilon is not None else "n/a",
+        privacy_rows.append([site, f"{epsilon:.4g}" if epsilon is not None else "n/a",
                              delta if delta is not None else "n/a", rounds])
     keys = headline_keys(run)
     metrics = run.last_eval
