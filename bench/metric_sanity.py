@@ -155,6 +155,17 @@ def run_federation(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     return facts
 
 
+def rounded(obj: Any) -> Any:
+    """Floats to 5 significant digits (the bootstrap decides the third; the file stays small)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.5g}")
+    if isinstance(obj, dict):
+        return {k: rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rounded(v) for v in obj]
+    return obj
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.metric_sanity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -187,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "required_samples_mild_blur": required_samples(federations, only="blur_0.5px"),
         "quantities": {k: {"title": quantity(k).title, "unit": quantity(k).unit,
                            "higher_is_worse": quantity(k).higher_is_worse} for k in CANDIDATES},
-        "federations": federations, "all_quantities": sorted(QUANTITIES)})
+        "federations": rounded(federations), "all_quantities": sorted(QUANTITIES)})
     for key, entry in status.items():
         print(f"{key:15s} {'HEADLINE' if entry['headline'] else 'diagnostic'}  "
               f"missed {len(entry['missed'])}/{entry['checks']}: {', '.join(entry['missed'][:6])}")
