@@ -18,6 +18,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
+from medgen.config import RunConfig
 from medgen.evaluation.html_parts import Raw, fmt, table, verdict_cell
 from medgen.evaluation.quantities import HEADLINE, REQUIRED_SAMPLES, quantity
 from medgen.evaluation.run_files import RunFiles, number, site_metrics
@@ -98,7 +99,7 @@ def _trained(run: RunFiles) -> str:
              f"round {escape(fmt(final))} of {escape(fmt(c.get('num-rounds', '?')))} "
              f"({escape(fmt(c.get('local-steps', '?')))} local steps, batch {escape(fmt(c.get('batch-size', '?')))})",
              f"{escape(fmt(c.get('image-size', '?')))} px images, classes: "
-             f"{escape(str(c.get('label-names', 'background,csf,gm,wm')))}",
+             f"{escape(str(c.get('label-names', RunConfig.label_names)))}",
              f"status: <b>{escape(str(status))}</b>"]
     return "<ul>" + "".join(f"<li>{p}</li>" for p in parts) + "</ul>"
 
