@@ -3,8 +3,9 @@
 What lives here (issue 14): the dataset manifest (``dataset.toml``: modality, intensity
 units and normalisation, label schema, geometry policy, 2D or 3D), the label schema, the
 modality-aware intensity maps with their exact inverse, writing images back in physical
-units (NIfTI, DICOM), and the public label bank builder. The readers, DICOM series,
-cache and site dataset move here from client/ in a later step.
+units (NIfTI, DICOM), the public label bank (builder and loader), and the site data
+layer: the one site-folder walk, readers, DICOM series, cache, site dataset, held-out
+data and ``data check``.
 
 Importing this package is light (numpy only); nibabel and pydicom load where used.
 """

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from medgen.atomic import atomic_write_json
+from medgen.data.staging import staged_folder
 from medgen.sim.anatomy import FOV_MM, load_anatomy
 from medgen.sim.config import GENERATOR_VERSION, SimConfig, deformation_seed, scan_seed
 from medgen.sim.physics import render_clean, render_scan, scanner_units
@@ -106,17 +106,11 @@ def build_federation(config: SimConfig, out_dir: str | Path, overwrite: bool = F
         raise FederationExistsError(f"{out} exists, is not empty and has no {MANIFEST}; "
                                     "refusing to write into it (choose an empty or new folder)")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         data = _render_all(config, staging, workers, progress or (lambda message: None))
         _write_dicom_sites(config, staging)
         data["content_hash"] = content_hash(staging)
         atomic_write_json(staging / MANIFEST, data)
-        _swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return Manifest.load(out)
 
 
@@ -271,13 +265,3 @@ def content_hash(root: Path) -> str:
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
 
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished build over ``out`` (moving an old build aside first)."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, trash / "old")
-    os.replace(staging, out)
-    shutil.rmtree(trash, ignore_errors=True)

@@ -2,7 +2,39 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
+
 import pytest
+
+from medgen.server.processes import environment, scan
+
+
+def processes_of_run(run_dir: Path) -> list[int]:
+    """PIDs started for a simulated run: every process the harness spawns inherits
+    FLWR_HOME=<run dir>/flower/home (server/simulate.py)."""
+    marker = f"FLWR_HOME={Path(run_dir) / 'flower' / 'home'}"
+    return [pid for pid in scan() if pid != os.getpid() and marker in environment(pid)]
+
+
+@pytest.fixture
+def flower_processes():
+    """``processes_of_run`` for tests that assert a run left nothing behind."""
+    return processes_of_run
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run directory for ``medgen-server simulate``; whatever the run started and left
+    running is killed by PID afterwards (a safety net: the harness stops its own)."""
+    out = tmp_path / "run"
+    yield out
+    for pid in processes_of_run(out):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture

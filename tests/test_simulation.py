@@ -5,9 +5,6 @@ process behind."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-from pathlib import Path
 
 import pytest
 
@@ -16,33 +13,8 @@ from medgen.server.cli import main
 from medgen.server.run_log import read_metrics
 
 
-def _processes_with_env(marker: str) -> list[int]:
-    """PIDs whose environment holds ``marker`` (every process the harness spawns inherits
-    FLWR_HOME=<run dir>/flower/home)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-@pytest.fixture
-def run_dir(tmp_path):
-    out = tmp_path / "run"
-    yield out
-    for pid in _processes_with_env(f"FLWR_HOME={out / 'flower' / 'home'}"):  # safety net
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.slow
-def test_simulate_two_sites_two_rounds(tiny_federation, run_dir, capsys):
+def test_simulate_two_sites_two_rounds(tiny_federation, run_dir, flower_processes, capsys):
     code = main(["simulate", "--data-root", str(tiny_federation), "--out", str(run_dir),
                  "--set", "num-rounds=2", "--set", "local-steps=2", "--set", "batch-size=2",
                  "--set", "image-size=32", "--set", "accountant=rdp", "--set", "eval-every=2",
@@ -50,7 +22,7 @@ def test_simulate_two_sites_two_rounds(tiny_federation, run_dir, capsys):
                  "--set", "options.disc-width=4", "--timeout", "600"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert _processes_with_env(f"FLWR_HOME={run_dir / 'flower' / 'home'}") == []  # all stopped
+    assert flower_processes(run_dir) == []  # all stopped
 
     checkpoint = load_checkpoint(run_dir)
     assert checkpoint.server_round == 2

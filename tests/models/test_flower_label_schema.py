@@ -5,9 +5,7 @@ recipe code), and site-gan trains on a federation whose site B has no label maps
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -19,29 +17,6 @@ from medgen.server.run_log import read_metrics
 TINY = ["--set", "num-rounds=2", "--set", "local-steps=2", "--set", "batch-size=2",
         "--set", "image-size=32", "--set", "accountant=rdp", "--set", "eval-every=0",
         "--set", "options.gen-width=4", "--set", "options.disc-width=4", "--timeout", "900"]
-
-
-def _processes_with_env(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-@pytest.fixture
-def run_dir(tmp_path):
-    out = tmp_path / "run"
-    yield out
-    for pid in _processes_with_env(f"FLWR_HOME={out / 'flower' / 'home'}"):  # safety net
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _two_trained_rounds(run_dir: Path, sites: set[str]) -> list[dict]:

@@ -121,33 +121,6 @@ def test_unrecordable_reply_is_replaced_by_an_error(tmp_path, flower_task_identi
 
 
 # -- a full simulated run on Flower's engine -------------------------------------------------
-def _processes_with_env(marker: str) -> list[int]:
-    import os
-    from pathlib import Path
-
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-@pytest.fixture
-def run_dir(tmp_path):
-    import os
-    import signal
-
-    out = tmp_path / "run"
-    yield out
-    for pid in _processes_with_env(f"FLWR_HOME={out / 'flower' / 'home'}"):  # safety net
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def simulate(data_root, run_dir, *extra: str) -> int:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -32,31 +30,8 @@ def _tree_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _processes_with_env(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-@pytest.fixture
-def run_dir(tmp_path):
-    out = tmp_path / "run"
-    yield out
-    for pid in _processes_with_env(f"FLWR_HOME={out / 'flower' / 'home'}"):  # safety net
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.slow
-def test_a_dicom_site_trains_like_a_nifti_site(tmp_path, run_dir, capsys):
+def test_a_dicom_site_trains_like_a_nifti_site(tmp_path, run_dir, flower_processes, capsys):
     from medgen.sim.config import SimConfig
     from medgen.sim.federation import build_federation
 
@@ -76,7 +51,7 @@ def test_a_dicom_site_trains_like_a_nifti_site(tmp_path, run_dir, capsys):
                  "--timeout", "600"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert _processes_with_env(f"FLWR_HOME={run_dir / 'flower' / 'home'}") == []
+    assert flower_processes(run_dir) == []
 
     # B took part in every round, with one example per patient and an epsilon within target
     train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import stat
 from pathlib import Path
 
@@ -47,29 +46,6 @@ def tree_state(root: Path) -> dict[str, tuple]:
             else:
                 state[rel] = ("dir",)
     return state
-
-
-def _processes_with_env(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-@pytest.fixture
-def run_dir(tmp_path):
-    out = tmp_path / "run"
-    yield out
-    for pid in _processes_with_env(f"FLWR_HOME={out / 'flower' / 'home'}"):  # safety net
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.mark.slow
