@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests/deploy/test_e2e.py
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.run_all  # --list, --only NAME ...
 
 clean-demo:
 	rm -rf $(RUN)

@@ -1,0 +1,82 @@
+"""Run the benches one after the other, each as its own process: ``make bench``.
+
+    python -m bench.run_all [--list] [--only NAME ...] [--work runs/bench]
+
+Each bench writes its own JSON to bench/results/ (bench/common.py ``write_result``); this
+runner only sequences them and reports which failed, so one broken bench does not hide the
+rest. The order is cheapest first. Benches that need a built federation get one under
+``--work`` (built once by ``medgen sim build`` and reused). The translation bench is not in
+the list: it is a multi-step, multi-seed protocol (pretrain-seg, train, evaluate, adapt,
+summarise; hours on 2 cores) documented in docs/recipes/translation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+#: (name, arguments after ``python -m bench.<name>``, rough minutes on the 2-core CI machine)
+BENCHES: tuple[tuple[str, tuple[str, ...], int], ...] = (
+    ("dicom_ingest", (), 1),
+    ("hostile_folder", (), 1),
+    ("dp_step", ("--image-size", "64", "128"), 3),
+    ("diffusion", ("--repeats", "3"), 5),
+    ("byzantine", ("--work", "{work}/byzantine"), 15),
+    ("federated_vs_central", (), 10),
+    ("deployment_overhead", (), 10),
+    ("metric_sanity", ("--data-root", "{work}/brain", "--data-root", "{work}/head-ct"), 30),
+    ("dicom_site_simulation", ("--work", "{work}/dicom-site"), 30),
+    ("compare_gan_diffusion", ("--work", "{work}/gan_vs_diffusion"), 90),
+)
+
+#: federations the benches above read, built once: directory -> ``medgen sim build`` arguments
+#: (512 held-out test subjects: the metric sanity table needs 256 per half, docs/evaluation.md)
+FEDERATIONS: dict[str, tuple[str, ...]] = {
+    "brain": ("--heldout-test", "512"),
+    "head-ct": ("--federation", "head-ct", "--heldout-test", "512"),
+}
+
+
+def _build_federations(work: Path, needed: set[str]) -> None:
+    for name, extra in FEDERATIONS.items():
+        root = work / name
+        if name in needed and not (root / "manifest.json").exists():
+            subprocess.run([sys.executable, "-m", "medgen.sim.cli", "build", "--out", str(root), *extra],
+                           check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--list", action="store_true", help="print the benches and exit")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these benches")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench"), help="work directory")
+    args = parser.parse_args(argv)
+    known = {name for name, _, _ in BENCHES}
+    if args.only and not set(args.only) <= known:
+        parser.error(f"unknown bench(es) {sorted(set(args.only) - known)}; known: {sorted(known)}")
+    chosen = [b for b in BENCHES if args.only is None or b[0] in args.only]
+    if args.list:
+        for name, extra, minutes in chosen:
+            print(f"{name:24s} ~{minutes:3d} min  python -m bench.{name} {' '.join(extra)}")
+        return 0
+    args.work.mkdir(parents=True, exist_ok=True)
+    needed = {Path(a).name for _, extra, _ in chosen for a in extra if a.startswith("{work}/")}
+    _build_federations(args.work, needed & set(FEDERATIONS))
+    failed = []
+    for name, extra, _ in chosen:
+        command = [sys.executable, "-m", f"bench.{name}", *(a.format(work=args.work) for a in extra)]
+        start = time.monotonic()
+        code = subprocess.run(command).returncode
+        print(f"bench.{name}: exit {code} after {time.monotonic() - start:.0f} s", flush=True)
+        if code:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
