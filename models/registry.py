@@ -13,6 +13,7 @@ RECIPES: dict[str, str] = {
     "cddpm": "medgen.models.cddpm:ConditionalDDPM",
     "bridge-translate": "medgen.models.bridge_translate:BridgeTranslator",
     "site-gan": "medgen.models.site_gan:SiteConditionalGAN",  # needs no label maps
+    "restore-diffusion": "medgen.models.restore_diffusion:RestoreDiffusion",  # needs no label maps
 }
 
 
