@@ -14,6 +14,7 @@ which is what medgen assumed before manifests existed.
     [intensity]  units = "HU"           "HU" (CT, required) or "arbitrary"
                  normalisation = "window"         CT: one fixed window [lo, hi] in HU
                  window = [-1000, 2000]
+                 display_window = [-150, 250]   optional: how reports show images
                  # normalisation = "percentile"   MR: per volume robust range
                  # percentiles = [0.5, 99.5]
     [labels]     names = ["background", "csf", "gm", "wm"]
@@ -39,12 +40,16 @@ MODALITIES = ("MR", "CT", "PT", "NM", "CR", "DX", "MG", "US", "XA", "OT")
 UNITS = ("HU", "arbitrary")
 DEFAULT_CT_WINDOW = (-1000.0, 2000.0)
 """Air (-1000 HU) to dense cortical bone: every tissue of a head CT keeps its HU."""
+DEFAULT_CT_DISPLAY_WINDOW = (-150.0, 250.0)
+"""How reports show CT: the soft-tissue window (level 50, width 400 HU): air black, fat
+dark grey, CSF below grey and white matter, scalp grey, bone white. The 3000 HU training
+window would show every soft tissue as one flat grey."""
 DEFAULT_PERCENTILES = (0.5, 99.5)
 BRAIN_CLASSES = ("background", "csf", "gm", "wm")
 """The simulated brain federation's classes: only the default manifest names them."""
 KNOWN_KEYS = {
     "dataset": {"modality", "dims", "name"},
-    "intensity": {"units", "normalisation", "window", "percentiles"},
+    "intensity": {"units", "normalisation", "window", "percentiles", "display_window"},
     "labels": {"names", "values", "none"},
     "geometry": {"spacing", "orientation"},
 }
@@ -58,11 +63,24 @@ class IntensityPolicy:
     normalisation: str = "percentile"  # "window" (fixed, e.g. CT) or "percentile" (per volume)
     window: tuple[float, float] | None = None
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES
+    display_window: tuple[float, float] | None = None   # as written; see ``display``
+
+    @property
+    def display(self) -> tuple[float, float] | None:
+        """The fixed window images are shown through in physical units, or None (show the
+        whole normalised range: per-volume MR has no fixed physical scale to window)."""
+        if self.normalisation != "window":
+            return None
+        if self.display_window is not None:
+            return self.display_window
+        return DEFAULT_CT_DISPLAY_WINDOW if self.units == "HU" else self.window
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"units": self.units, "normalisation": self.normalisation}
         if self.normalisation == "window":
             out["window"] = list(self.window or ())
+            if self.display_window is not None:
+                out["display_window"] = list(self.display_window)
         else:
             out["percentiles"] = list(self.percentiles)
         return out
@@ -196,7 +214,15 @@ def _intensity(table: Mapping[str, Any], modality: str, where: str) -> Intensity
     if normalisation == "window":
         window = _pair(table.get("window", DEFAULT_CT_WINDOW if units == "HU" else None),
                        where, "window", "[lo, hi] in the data's units, e.g. [-1000, 2000]")
-        return IntensityPolicy(units=units, normalisation="window", window=window)
+        display = table.get("display_window")
+        if display is not None:
+            display = _pair(display, where, "display_window", "[lo, hi] in the data's units, "
+                            "e.g. [-150, 250] (level 50, width 400 HU)")
+        return IntensityPolicy(units=units, normalisation="window", window=window,
+                               display_window=display)
+    if "display_window" in table:
+        _fail(where, "intensity", "display_window", "is only meaningful with normalisation = "
+              "\"window\" (a fixed physical scale); remove it")
     percentiles = _pair(table.get("percentiles", DEFAULT_PERCENTILES), where, "percentiles",
                         "[low, high] percentiles, e.g. [0.5, 99.5]")
     if not 0.0 <= percentiles[0] < percentiles[1] <= 100.0:
@@ -242,15 +268,17 @@ def _geometry(table: Mapping[str, Any], where: str) -> GeometryPolicy:
 def _check_same_window(root: tuple[Path, dict], site: tuple[Path, dict]) -> None:
     """A site of the root's modality may not move the root's fixed window."""
     (root_path, root_tables), (site_path, site_tables) = root, site
-    if "intensity" not in site_tables or "intensity" not in root_tables:
-        return
+    if "intensity" not in site_tables:
+        return  # the root's table (or its defaults) applies unchanged
     root_m = DatasetManifest.from_tables(root_tables, (str(root_path),))
     site_m = DatasetManifest.from_tables({**root_tables, **site_tables}, (str(site_path),))
     if (root_m.modality == site_m.modality and root_m.intensity.normalisation == "window"
-            and site_m.intensity.window != root_m.intensity.window):
+            and (site_m.intensity.window, site_m.intensity.display)
+            != (root_m.intensity.window, root_m.intensity.display)):
         raise ManifestError(
-            f"{site_path} [intensity] window = {list(site_m.intensity.window or ())} differs "
-            f"from {root_path} window = {list(root_m.intensity.window or ())}: a fixed "
+            f"{site_path} [intensity] window = {list(site_m.intensity.window or ())} (display "
+            f"{list(site_m.intensity.display or ())}) differs from {root_path} window = "
+            f"{list(root_m.intensity.window or ())} (display {list(root_m.intensity.display or ())}): a fixed "
             f"{root_m.modality} window must be identical at every site; remove it from the "
             "site file or make it equal")
 

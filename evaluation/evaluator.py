@@ -50,7 +50,7 @@ from medgen.evaluation.heldout_split import SplitSite, load_split, split_by_subj
 from medgen.evaluation.metric_panel import MetricPanel
 from medgen.evaluation.networks import (FeatureNet, SiteClassifier, TrainSettings,
                                         train_feature_net, train_site_classifier)
-from medgen.evaluation.sample_grid import render_grid
+from medgen.evaluation.sample_grid import GrayDisplay, render_grid
 from medgen.evaluation.tissue_intensity import TissueUnits
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class Evaluator:
     cache_path: Path
     panel: MetricPanel = field(repr=False)
     extractor_name: str = f"FD_{EXTRACTOR_VERSION}"
+    displays: dict[str, GrayDisplay] = field(default_factory=dict)   # grid grey levels per site
 
     # -- preparation --------------------------------------------------------------------
     @classmethod
@@ -122,12 +123,14 @@ class Evaluator:
             kid_floor[s] = kid(cond_feats, ref[s])
             real_acc[s] = float((classifier.predict(test[s].images) == k).float().mean())
         units = {s: _tissue_units(heldout_root, s) for s in sites}
+        displays = {s: _display(heldout_root, s, units[s]) for s in sites}
         panel = MetricPanel.prepare(split, num_eval, config.class_names, units)
         return cls(config=config, sites=sites, extractor=extractor, classifier=classifier,
                    extractor_sha256=state_dict_sha256(extractor),
                    classifier_sha256=state_dict_sha256(classifier), floor=floor,
                    kid_floor=kid_floor, classifier_real_acc=real_acc, split=split,
-                   ref_features=ref, num_eval=num_eval, cache_path=cache_path, panel=panel)
+                   ref_features=ref, num_eval=num_eval, cache_path=cache_path, panel=panel,
+                   displays=displays)
 
     # -- scoring ------------------------------------------------------------------------
     def sampling_seed(self, server_round: int, site_index: int, purpose: str = "eval") -> int:
@@ -180,7 +183,8 @@ class Evaluator:
 
     def write_sample_grid(self, recipe: Any, model: torch.nn.Module, server_round: int,
                           path: Path) -> None:
-        """PNG: a header row of label maps, then one row per site (its paired real scan first).
+        """PNG: a header row of label maps, then one row per site (its paired real scan first),
+        each site in its own grey mapping (a CT site through the manifest's fixed display window).
 
         Beside it, ``<name>.tissue.json``: the per-tissue intensity histograms (real
         reference vs generated) of the last ``evaluate``, for the report's histogram charts.
@@ -194,7 +198,7 @@ class Evaluator:
         for k, site in enumerate(self.sites):
             images, _ = self.generate(recipe, model, maps, k, self.sampling_seed(server_round, k, "grid"))
             rows.append((site, self.split[site].cond_images[0, 0], images[:, 0]))
-        render_grid(maps, rows, Path(path))
+        render_grid(maps, rows, Path(path), self.displays)
 
     # -- provenance -----------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -207,7 +211,8 @@ class Evaluator:
                 "num_ref": {s: len(v) for s, v in self.ref_features.items()},
                 "kid_bootstrap": KID_BOOTSTRAP, "cache_file": self.cache_path.name,
                 "conditioning": "label maps of half of the heldout/test subjects; reference: "
-                                "real images of the other half", "panel": self.panel.info()}
+                                "real images of the other half", "panel": self.panel.info(),
+                "display": {s: d.to_dict() for s, d in self.displays.items()}}
 
     def write_info(self, path: Path) -> None:
         atomic_write_json(path, self.info())
@@ -219,6 +224,12 @@ def _tissue_units(heldout_root: Path, site: str) -> TissueUnits:
     if policy.normalisation == "window" and policy.window:
         return TissueUnits.from_window(*policy.window, name=policy.units)
     return TissueUnits()
+
+
+def _display(heldout_root: Path, site: str, units: TissueUnits) -> GrayDisplay:
+    """The manifest's fixed display window for a fixed-window site (CT); else the whole range."""
+    policy = load_manifest(heldout_root / "test" / site, root=heldout_root.parent).intensity
+    return GrayDisplay(units=units, window=policy.display)
 
 
 def _cache_key(settings: TrainSettings, image_size: int, sites: tuple[str, ...], data_sha256: str,

@@ -19,10 +19,11 @@ from pathlib import Path
 from medgen.atomic import atomic_write_text
 from medgen.evaluation.html_parts import empty, note, page, section
 from medgen.evaluation.report_evaluation import (evaluator_section, old_metrics_section,
-                                                 panel_section, tissue_section)
+                                                 panel_section)
 from medgen.evaluation.report_sections import (config_section, excluded_section, privacy_section,
                                                samples_section, training_section)
 from medgen.evaluation.report_summary import accountant_line, summary_block
+from medgen.evaluation.report_tissue import tissue_section
 from medgen.evaluation.run_files import RunFiles, read_run
 
 

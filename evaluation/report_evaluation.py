@@ -1,4 +1,5 @@
-"""Report sections about quality: the metric panel, tissue histograms, the older metrics.
+"""Report sections about quality: the metric panel and the older metrics
+(per-tissue histograms: report_tissue.py).
 
 Headline metrics (those that passed the sanity suite) come first, each in its own chart:
 the generated set per site (solid), its floor's interval (shaded) and floor (dashed). The
@@ -79,30 +80,6 @@ def panel_section(run: RunFiles) -> str:
                  "shown because each sees some failures well, but the sanity suite found at least one "
                  "degradation of real images each one misses (docs/evaluation.md).")
     return body
-
-
-def tissue_section(run: RunFiles) -> str:
-    if not run.tissue:
-        return empty("No per-tissue histograms in this run (samples/round_XXX.tissue.json).")
-    sites = [s for s in run.sites if isinstance(run.tissue.get(s), dict)]
-    if not sites:
-        return empty("The per-tissue histogram file holds no site of this run.")
-    first = run.tissue[sites[0]]
-    classes = list(first.get("real", {}))
-    charts = []
-    for name in classes:
-        series = []
-        for i, site in enumerate(sites):
-            entry, colour = run.tissue[site], PALETTE[i % len(PALETTE)]
-            centres = entry.get("centres", [])
-            for kind, dashed in (("generated", False), ("real", True)):
-                values = entry.get(kind, {}).get(name, [])
-                series.append(Series(f"{site} {kind}", list(zip(centres, values)), dashed=dashed, colour=colour))
-        charts.append(render_chart(Chart(f"{name}: intensity distribution", "fraction of pixels",
-                                         x_label=f"intensity ({first.get('units', 'norm.')})",
-                                         series=series, log_y=False, markers=False)))
-    return (f"<p>Round {run.tissue_round}: pixels of each label class, generated (solid) vs real "
-            "held-out reference (dashed), per site.</p>" + f'<div class="charts">{"".join(charts)}</div>')
 
 
 def old_metrics_section(run: RunFiles) -> str:

@@ -33,12 +33,31 @@ def samples_section(run: RunFiles) -> str:
             "site's REAL held-out scan of the first map's anatomy, then generated images of every map. "
             "Below each grid: the centre of the real scan beside the centre of the generated image of "
             "the same anatomy, per site, enlarged 4x: where blur, noise and texture show.</p>")
+    body += _display_caption(run)
     for i, grid in enumerate(run.samples[-MAX_GRIDS:][::-1]):
         block = _grid_block(grid, len(run.sites))
         body += block if i == 0 else f"<details><summary>{escape(grid.stem.replace('_', ' '))}</summary>{block}</details>"
     if len(run.samples) > MAX_GRIDS:
         body += note(f"{len(run.samples) - MAX_GRIDS} earlier grid(s) are in {run.path / 'samples'}.")
     return body
+
+
+def _display_caption(run: RunFiles) -> str:
+    """How grey levels map to intensity, per site, when any site has a fixed display window
+    (CT in HU); nothing for runs whose sites all show their normalised range (MR)."""
+    display = (run.evaluator or {}).get("display") if isinstance(run.evaluator, dict) else None
+    if not isinstance(display, dict) or not any(isinstance(d, dict) and d.get("window")
+                                                for d in display.values()):
+        return ""
+    groups: dict[str, list[str]] = {}
+    for site in run.sites:
+        entry = display.get(site)
+        if isinstance(entry, dict) and entry.get("caption"):
+            groups.setdefault(str(entry["caption"]), []).append(site)
+    lines = "".join(f"<li>{escape(', '.join(sites))}: {escape(caption)}</li>"
+                    for caption, sites in groups.items())
+    return ("<p>Grey levels: real and generated images of a site share one mapping, from the "
+            f"dataset manifest; generated images are inverse-mapped to physical units first.</p><ul>{lines}</ul>")
 
 
 def _grid_block(grid, num_sites: int) -> str:

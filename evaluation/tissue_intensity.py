@@ -56,6 +56,8 @@ BINS = 512
 REGIONS = 3                        # regions per side (3 x 3 tiles)
 BAND_RANGES = ((-1.0, 1.0), (-0.5, 0.5))   # intensity, finest Laplacian band
 BAND_NAMES = ("intensity", "fine")
+NORMALISED = "norm."
+COARSE_BINS = 64      # report histograms in normalised units (the brain report's resolution)
 
 
 def _centres(low: float, high: float) -> np.ndarray:
@@ -70,13 +72,18 @@ CENTRES = tuple(_centres(*r) for r in BAND_RANGES)
 class TissueUnits:
     """How a normalised intensity difference becomes a reported one."""
 
-    name: str = "norm."       # "HU" for a CT window; "norm." for per-volume normalised MR
+    name: str = NORMALISED    # "HU" for a CT window; "norm." for per-volume normalised MR
     per_normalised: float = 1.0
     offset: float = 0.0       # physical value of normalised 0 (for histogram axes)
 
     @classmethod
     def from_window(cls, low: float, high: float, name: str = "HU") -> "TissueUnits":
         return cls(name=name, per_normalised=(high - low) / 2, offset=(high + low) / 2)
+
+    @property
+    def physical(self) -> bool:
+        """True for a fixed physical scale (a CT window): distances and axes in its unit."""
+        return self.name != NORMALISED
 
     def to_physical(self, normalised: np.ndarray) -> np.ndarray:
         return np.asarray(normalised) * self.per_normalised + self.offset
@@ -162,9 +169,14 @@ def tissue_statistic(a: TissueHistograms, b: TissueHistograms, units: TissueUnit
 
 
 def pooled_histograms(histograms: TissueHistograms, units: TissueUnits,
-                      bins: int = 64) -> dict[str, object]:
-    """Per class, the set's intensity density on ``bins`` coarse bins, in physical units
-    (what the report draws: generated vs real, one chart per class)."""
+                      bins: int | None = None) -> dict[str, object]:
+    """Per class, the set's intensity density on ``bins`` bins, in physical units (what the
+    report draws: generated vs real, one chart per class, and per-tissue means).
+
+    Default bins: all ``BINS`` on a physical scale (a 3000 HU window in 64 bins would put
+    CSF, grey and white matter, 0 to 45 HU, into one or two 47 HU bins; 512 bins are 5.9
+    HU wide); ``COARSE_BINS`` in normalised units."""
+    bins = bins or (BINS if units.physical else COARSE_BINS)
     group = BINS // bins
     intensity = histograms.counts[:, 0].sum(axis=(0, 2))          # [class, BINS]
     pooled = intensity.reshape(len(histograms.class_names), bins, group).sum(-1)

@@ -20,7 +20,7 @@ from medgen.config import RunConfig
 from medgen.evaluation.degradations import blur
 from medgen.evaluation.heldout_split import SplitSite
 from medgen.evaluation.metric_panel import MetricPanel
-from medgen.evaluation.sample_grid import render_grid
+from medgen.evaluation.sample_grid import GrayDisplay, render_grid
 from medgen.evaluation.tissue_intensity import TissueUnits
 
 SITES = ("A", "B")
@@ -40,7 +40,12 @@ def synthetic_split(n: int, seed: int = 0) -> dict[str, SplitSite]:
     return out
 
 
-def make_run(root: Path, n: int = 16, evil: bool = True) -> Path:
+def make_run(root: Path, n: int = 16, evil: bool = True,
+             units: dict[str, TissueUnits] | None = None,
+             displays: dict[str, GrayDisplay] | None = None) -> Path:
+    """``units``/``displays`` per site: the default is the brain's (normalised MR)."""
+    units = units or {s: TissueUnits() for s in SITES}
+    displays = displays or {s: GrayDisplay(units[s]) for s in SITES}
     run = root / "run"
     (run / "samples").mkdir(parents=True)
     config = RunConfig(sites=",".join(SITES), accountant="rdp", delta=1e-5, image_size=SIZE,
@@ -48,7 +53,7 @@ def make_run(root: Path, n: int = 16, evil: bool = True) -> Path:
     (run / "config.toml").write_text(config.to_toml())
     split = synthetic_split(n)
     panel = MetricPanel.prepare(split, {s: n for s in SITES}, config.class_names,
-                                {s: TissueUnits() for s in SITES})
+                                units)
     lines = []
     for r, sigma in BLUR_BY_ROUND.items():
         if r > 0:
@@ -70,7 +75,7 @@ def make_run(root: Path, n: int = 16, evil: bool = True) -> Path:
             rows.append((site, half.cond_images[0, 0], generated[:6, 0]))
         lines.append({"round": r, "kind": "eval", "metrics": metrics})
         grid = run / "samples" / f"round_{r:03d}.png"
-        render_grid(split[SITES[0]].cond_labels[:6], rows, grid)
+        render_grid(split[SITES[0]].cond_labels[:6], rows, grid, displays)
         grid.with_suffix(".tissue.json").write_text(json.dumps(panel.last_histograms))
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
     plan = {"accountant": "rdp", "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": 0.96,
@@ -84,6 +89,7 @@ def make_run(root: Path, n: int = 16, evil: bool = True) -> Path:
                          for k, s in enumerate(SITES)}}))
     (run / "evaluator.json").write_text(json.dumps({
         "extractor_name": "FD_medgenenc-v1", "extractor_sha256": "ab" * 32, "classifier_sha256": "cd" * 32,
-        "classifier_real_acc": {"A": 1.0, "B": 0.97}, "panel": panel.info()}))
+        "classifier_real_acc": {"A": 1.0, "B": 0.97}, "panel": panel.info(),
+        "display": {s: d.to_dict() for s, d in displays.items()}}))
     (run / "DONE").write_text(json.dumps({"status": "ok", "final_round": 3, "num_rounds": 3}))
     return run
