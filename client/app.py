@@ -26,18 +26,21 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
+from medgen.client.eval_split import patient_subset, split_patients, training_part
 from medgen.client.local_state import (LocalState, ReplyStore, StoredReply, load_local_state,
                                        request_id, save_local_state)
 from medgen.client.node import NodeSetup, resolve_node
-from medgen.data.site_data import PatientDataset, load_public_bank, load_site
-from medgen.config import RunConfig
+from medgen.data.site_data import PatientDataset, SiteData, load_public_bank, load_site
+from medgen.config import ConfigError, RunConfig
+from medgen.evaluation import federated_eval
 from medgen.deploy.allowlist import NOT_ALLOWED, AllowListError, NotAllowed, enforce_node_allow_list
 from medgen.models.capabilities import SiteDataRefused
 from medgen.models.recipe import RoundContext
 from medgen.models.registry import build_recipe
 from medgen.privacy.accounting import sample_rate_for
 from medgen.privacy.client_dp import client_clipping_mod
-from medgen.privacy.ledger import BudgetExceeded
+from medgen.privacy.eval_release import planned_eval_releases, release_for_evaluation
+from medgen.privacy.ledger import BudgetExceeded, PrivacyLedger
 from medgen.privacy.message_audit import OUTBOX_FILE, record_outbox
 from medgen.privacy.round import PrivacyRound, PrivacySchedule
 from medgen.privacy.secagg import secure_aggregation_mod
@@ -47,6 +50,8 @@ log = logging.getLogger(__name__)
 BUDGET_EXCEEDED = 4001  # Flower's own error codes stop at 8; ours are recognisable
 TRAINING_FAILED = 4002
 SITE_DATA_REFUSED = 4003  # the recipe cannot train on this site's data (e.g. no label maps)
+EVALUATION_FAILED = 4004
+EVAL_REPLIES = "eval_replies"  # beside replies/: an evaluation never evicts a training reply
 
 app = ClientApp()
 
@@ -116,15 +121,14 @@ def train_round(config: RunConfig, node: NodeSetup, content: RecordDict) -> Reco
     local = load_local_state(node.local_state_path, run_key)
     model.load_state_dict({**model.state_dict(), **local.weights, **shared})
 
-    data = load_site(node.data_dir, config.image_size, cache_dir=node.cache_dir)
-    recipe.check_site(data)  # plan time: a recipe that needs label maps refuses before the ledger
+    site_data = load_site(node.data_dir, config.image_size, cache_dir=node.cache_dir)
+    recipe.check_site(site_data)  # plan time: a recipe that needs label maps refuses before the ledger
+    # the federated-evaluation patients never train (client/eval_split.py): the dataset,
+    # num-examples and the sample rate below count training patients only
+    data = training_part(site_data, node.site, config.federated_eval_fraction)
     public = load_public_bank(node.public_dir, config.image_size)
     cap = node.target_epsilon(config)  # the run's target, tightened by the site's own cap
-    schedule = PrivacySchedule(target_epsilon=cap, delta=config.delta,
-                               accountant=config.accountant,
-                               sample_rate=sample_rate_for(data.num_patients, config.batch_size),
-                               total_steps=config.num_rounds * config.local_steps,
-                               max_grad_norm=config.max_grad_norm, releases=recipe.one_off_releases())
+    schedule = _schedule(config, recipe, data, cap)
     seed = _round_seed(config, node, server_round)  # the one seed of every draw this round
     privacy = PrivacyRound.at(node.ledger_path, node.site, schedule, run_id=request,
                               server_round=server_round, steps=config.local_steps, cap_epsilon=cap,
@@ -148,6 +152,96 @@ def train_round(config: RunConfig, node: NodeSetup, content: RecordDict) -> Reco
              "patient)", node.site, server_round, privacy.steps_taken, privacy.epsilon,
              privacy.plan.delta, privacy.plan.accountant)
     return _reply(reply)
+
+
+def _schedule(config: RunConfig, recipe, train_data: SiteData, cap: float) -> PrivacySchedule:
+    """The site's whole schedule: DP-SGD on the training patients, the recipe's one-off
+    releases and every planned federated-evaluation release (privacy/eval_release.py)."""
+    own = recipe.one_off_releases()
+    return PrivacySchedule(target_epsilon=cap, delta=config.delta, accountant=config.accountant,
+                           sample_rate=sample_rate_for(train_data.num_patients, config.batch_size),
+                           total_steps=config.num_rounds * config.local_steps,
+                           max_grad_norm=config.max_grad_norm,
+                           releases=own + planned_eval_releases(config, own))
+
+
+# the evaluate handler: outbox audit only (the clipping and SecAgg+ mods are for train)
+@app.evaluate(mods=[outbox_mod])
+def evaluate(msg: Message, context: Context) -> Message:
+    site = "unknown"
+    try:
+        config = RunConfig.from_run_config(context.run_config)
+        node = resolve_node(config, context.node_config)
+        site = node.site
+        enforce_node_allow_list(context.node_config, config, msg.content.config_records.get("config"))
+        if node.simulated:
+            torch.set_num_threads(1)
+        return Message(evaluate_round(config, node, msg.content), reply_to=msg)
+    except (NotAllowed, AllowListError) as err:
+        log.warning("site %s: %s", site, err)
+        reason = str(err) if isinstance(err, NotAllowed) else \
+            "refused: this hospital's allow-list file is unreadable (see the node log)"
+        return Message(Error(NOT_ALLOWED, f"site {site}: {reason}"), reply_to=msg)
+    except SiteDataRefused as err:
+        log.warning("site %s: %s", site, err)
+        return Message(Error(SITE_DATA_REFUSED, f"site {site}: refused before any privacy budget "
+                             f"was spent: {err}"), reply_to=msg)
+    except BudgetExceeded as err:
+        log.warning("%s", err)
+        return Message(Error(BUDGET_EXCEEDED, f"site {site}: refused to evaluate, its privacy "
+                             "budget would be exceeded (see the node log)"), reply_to=msg)
+    except Exception as err:  # noqa: BLE001 - every failure becomes a clean error reply
+        log.error("site %s: evaluation failed:\n%s", site, traceback.format_exc())
+        return Message(Error(EVALUATION_FAILED, f"site {site}: evaluation failed with "
+                             f"{type(err).__name__} (details in the node log)"), reply_to=msg)
+
+
+def evaluate_round(config: RunConfig, node: NodeSetup, content: RecordDict) -> RecordDict:
+    """Score the incoming global generator on this site's evaluation patients; ONE DP
+    release (evaluation/federated_eval.py, privacy/eval_release.py); scalars back."""
+    if config.federated_eval_fraction == 0:
+        raise ConfigError("run-config field 'federated-eval-fraction' is 0: this run reserved no "
+                          "evaluation patients, so the site cannot evaluate")
+    incoming = content["arrays"]
+    settings = content["config"]
+    run_key, server_round = str(settings["run-key"]), int(settings["absolute-round"])
+    request = request_id(run_key, server_round, incoming)
+    replies = ReplyStore(node.state_dir / EVAL_REPLIES)
+    stored = replies.load(request)
+    if stored is not None:  # the same evaluation again: its scalars, at no new cost
+        return RecordDict({"metrics": MetricRecord(dict(stored.metrics))})
+
+    recipe = build_recipe(config)
+    model = recipe.build()
+    shared = incoming.to_torch_state_dict()
+    expected = set(recipe.shared_keys(model))
+    if set(shared) != expected:
+        raise ValueError(f"incoming weights do not match recipe {config.recipe!r}: "
+                         f"{len(set(shared) ^ expected)} keys differ")
+    model.load_state_dict({**model.state_dict(), **shared})  # the GLOBAL generator only
+    model.to(_device(config))
+    site_data = load_site(node.data_dir, config.image_size, cache_dir=node.cache_dir)
+    recipe.check_site(site_data)
+    split = split_patients(node.site, site_data.num_patients, config.federated_eval_fraction)
+    cap = node.target_epsilon(config)
+    schedule = _schedule(config, recipe, patient_subset(site_data, split.train), cap)
+    seed = _round_seed(config, node, server_round) ^ 0x5EED_E7A1  # not the training round's draws
+    vectors = federated_eval.patient_vectors(
+        recipe, model, patient_subset(site_data, split.half_a), patient_subset(site_data, split.half_b),
+        node.site_index, config.num_classes, seed)
+    noise = torch.Generator().manual_seed(seed) if node.simulated else None
+    release = release_for_evaluation(PrivacyLedger.open(node.ledger_path, site=node.site), schedule,
+                                     vectors, clip_norm=federated_eval.CLIP_NORM,
+                                     noise_multiplier=config.federated_eval_noise, request=request,
+                                     server_round=server_round, cap_epsilon=cap, generator=noise)
+    metrics: dict[str, float | int] = {
+        **federated_eval.scalars(release.values, config.num_classes, config.federated_eval_noise, seed),
+        "epsilon": float(release.epsilon), "delta": float(release.delta),
+        "site-index": int(node.site_index)}
+    replies.save(request, StoredReply({}, metrics))
+    log.info("site %s: round %d evaluated on %d held-out patients, epsilon now %.3f (%s accountant)",
+             node.site, server_round, len(split.evaluation), release.epsilon, release.accountant)
+    return RecordDict({"metrics": MetricRecord(metrics)})
 
 
 def _reply(reply: StoredReply) -> RecordDict:

@@ -58,6 +58,13 @@ class RunConfig:
     # evaluation on the coordinator's held-out data (never on a site's training data)
     eval_every: int = 1
     eval_samples: int = 64
+    # federated evaluation at the sites (docs/evaluation.md, "Federated evaluation"): the
+    # fraction of each site's patients reserved for it (never trained on; 0 = off), the
+    # noise multiplier of its one Gaussian release per evaluation, and how often (every N
+    # rounds; 0 = the final round only). Its releases are planned into the site's budget.
+    federated_eval_fraction: float = 0.0
+    federated_eval_noise: float = 2.0
+    federated_eval_every: int = 0
     # security (docs/security.md): SecAgg+ (server never sees one site's update),
     # robust aggregation (privacy/robust.py), optional client-level DP (unit: the site)
     secure_aggregation: bool = False
@@ -85,6 +92,15 @@ class RunConfig:
     def class_names(self) -> tuple[str, ...]:
         """The label schema's class names; label value i is ``class_names[i]``."""
         return tuple(name.strip() for name in self.label_names.split(",") if name.strip())
+
+    @property
+    def federated_eval_rounds(self) -> tuple[int, ...]:
+        """The absolute rounds after which sites evaluate (empty when the fraction is 0)."""
+        if self.federated_eval_fraction == 0:
+            return ()
+        every = self.federated_eval_every
+        return tuple(r for r in range(1, self.num_rounds + 1)
+                     if r == self.num_rounds or (every and r % every == 0))
 
     @property
     def num_classes(self) -> int:
@@ -198,6 +214,14 @@ def _validate(config: "RunConfig") -> None:
     _require(c.eval_every == 0 or c.eval_samples >= 2, "eval-samples",
              f"must be >= 2 when eval-every > 0 (a feature distance needs at least 2 generated "
              f"images per site), got {c.eval_samples}; or set eval-every = 0")
+    _require(_finite(c.federated_eval_fraction) and 0.0 <= c.federated_eval_fraction <= 0.5,
+             "federated-eval-fraction", "must be in [0, 0.5] (0 disables federated evaluation; "
+             f"the rest of a site's patients train), got {c.federated_eval_fraction!r}")
+    _require(_finite(c.federated_eval_noise) and c.federated_eval_noise >= 0.5,
+             "federated-eval-noise", "must be a finite noise multiplier >= 0.5 (one Gaussian "
+             f"release per evaluation), got {c.federated_eval_noise!r}")
+    _require(c.federated_eval_every >= 0, "federated-eval-every",
+             f"must be >= 0 (0: the final round only), got {c.federated_eval_every}")
     _require(c.secagg_max_dropped >= 0, "secagg-max-dropped", "must be >= 0")
     if c.secure_aggregation:
         _require(len(sites) >= 3, "sites", "must name at least 3 sites with secure-aggregation = "

@@ -49,6 +49,8 @@ from medgen.server.outcome import checkpoint_round, kept_previous, untrained_rou
 from medgen.server.run_lock import read_holder
 from medgen.server.run_log import RunDir, read_metrics
 from medgen.server.aggregation import AggregationPipeline
+from medgen.server.federated_eval import KIND as FEDERATED_EVAL
+from medgen.server.federated_eval import FederatedEvaluation
 from medgen.server.secure_rounds import SecureAggregationRounds
 from medgen.server.strategy import ValidatingFedAvg
 
@@ -130,13 +132,18 @@ def _train(grid: Grid, config: RunConfig, run_dir: RunDir) -> int:
     # binding survives a restart of this run (kept beside the checkpoint), not a new run
     pipeline = AggregationPipeline.for_run(config, specs_of(initial), recipe.site_indexed_keys, run_dir,
                                            resume=checkpoint is not None)
+    # the sites' own DP-released scores of each due round (server/federated_eval.py)
+    federated_eval = FederatedEvaluation(config, pipeline.validator, pipeline.binding, run_dir.path) \
+        if config.federated_eval_rounds else None
     if config.secure_aggregation:  # SecAgg+ (privacy/secagg.py): the server sees only the sum
-        SecureAggregationRounds(SecAggSettings.from_config(config), pipeline, round_offset=start
+        SecureAggregationRounds(SecAggSettings.from_config(config), pipeline, round_offset=start,
+                                federated_eval=federated_eval
                                 ).run(grid, initial, remaining, dict(train_config), on_round_end=round_end)
         return config.num_rounds
-    strategy = ValidatingFedAvg(pipeline, round_offset=start)
+    strategy = ValidatingFedAvg(pipeline, round_offset=start, federated_eval=federated_eval)
     strategy.start(grid, initial, num_rounds=remaining, timeout=config.round_timeout,
-                   train_config=train_config, evaluate_fn=round_end)
+                   train_config=train_config, evaluate_config=ConfigRecord(dict(train_config)),
+                   evaluate_fn=round_end)
     return config.num_rounds
 
 
@@ -249,6 +256,16 @@ def privacy_from_metrics(run_dir: RunDir, config: RunConfig) -> dict[str, Any]:
             entry["last_round"] = max(entry["last_round"], int(record["round"]))
             entry["excluded_rounds" if excluded else "rounds"] += 1
             entry["spent_while_excluded"] = entry["spent_while_excluded"] or excluded
+    for record in records:  # a site's evaluation releases are spent budget too
+        if record.get("kind") != FEDERATED_EVAL:
+            continue
+        for site, metrics in record.get("per_site", {}).items():
+            entry = sites.setdefault(site, {"epsilon": None, "delta": None, "last_round": 0, "rounds": 0,
+                                            "excluded_rounds": 0, "spent_while_excluded": False})
+            eps = metrics.get("epsilon")
+            if eps is not None and (entry["epsilon"] is None or eps >= entry["epsilon"]):
+                entry["epsilon"], entry["delta"] = eps, metrics.get("delta")
+            entry["federated_eval_releases"] = entry.get("federated_eval_releases", 0) + 1
     out = {"unit": "patient", "accountant": config.accountant, "delta": config.delta,
            "target_epsilon": config.target_epsilon, "reported_by_sites": sites,
            "max_epsilon": max((s["epsilon"] or 0.0 for s in sites.values()), default=0.0)}

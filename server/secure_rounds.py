@@ -42,6 +42,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from medgen.privacy.secagg import ARRAY_KEYS, SITE_ROWS, SecAggSettings
 from medgen.privacy.site_update import RejectedReply, cast_like
 from medgen.server.aggregation import AggregationPipeline, RoundResult
+from medgen.server.federated_eval import FederatedEvaluation
 from medgen.server.validation import WEIGHT_KEY, SiteReply
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,10 @@ class SecureAggregationRounds:
     round_offset: int = 0
     wait_for_nodes: float = 300.0
     outcomes: list[RoundResult] = field(default_factory=list)
+    #: the sites' DP-released scores (server/federated_eval.py): sent as plain EVALUATE
+    #: messages after a due round that trained; the scalars are already DP-released, so
+    #: masking them would add nothing
+    federated_eval: FederatedEvaluation | None = None
 
     def run(self, grid: Grid, initial: ArrayRecord, num_rounds: int, train_config: dict[str, Any],
             on_round_end: Callable[[int, ArrayRecord], Any] | None = None,
@@ -178,9 +183,21 @@ class SecureAggregationRounds:
                 strategy.absolute_round, [], [], "secure aggregation halted: too few sites answered to "
                 "unmask the sum")
             self.outcomes.append(result)
+            self._evaluate(grid, strategy, result, train_config)
             if on_round_end is not None:
                 on_round_end(server_round, ArrayRecord({k: Array(v) for k, v in strategy.current.items()}))
         return ArrayRecord({k: Array(v) for k, v in strategy.current.items()})
+
+    def _evaluate(self, grid: Grid, strategy: _SumToGlobal, result: RoundResult,
+                  train_config: dict[str, Any]) -> None:
+        absolute = strategy.absolute_round
+        if self.federated_eval is None or not self.federated_eval.due(absolute) or not result.accepted:
+            return
+        arrays = ArrayRecord({k: Array(v) for k, v in strategy.current.items()})
+        base = {k: v for k, v in train_config.items() if k in ("run-key", "medgen-version")}
+        replies = grid.send_and_receive(self.federated_eval.messages(grid.get_node_ids(), absolute, arrays, base),
+                                        timeout=self.settings.timeout)
+        self.federated_eval.collect(absolute, replies)
 
     def _wait_for_nodes(self, grid: Grid) -> None:
         deadline = time.monotonic() + self.wait_for_nodes

@@ -28,6 +28,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from medgen.privacy.site_update import (AcceptedReply, ArraySpec, RejectedReply, specs_of,  # noqa: F401
                                         weighted_average)
 from medgen.server.aggregation import AggregationPipeline, aggregate_site_metrics  # noqa: F401
+from medgen.server.federated_eval import FederatedEvaluation
 from medgen.server.validation import SITE_KEY, WEIGHT_KEY, ReplyValidator, SiteReply  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,15 @@ class ValidatingFedAvg(FedAvg):
     every ``start``; clients, checkpoints and the run log see absolute rounds.
     """
 
-    def __init__(self, pipeline: AggregationPipeline, round_offset: int = 0) -> None:
-        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=pipeline.min_sites,
-                         min_available_nodes=pipeline.min_sites)
+    def __init__(self, pipeline: AggregationPipeline, round_offset: int = 0,
+                 federated_eval: FederatedEvaluation | None = None) -> None:
+        # fraction_evaluate > 0 only tells Flower's summary that evaluation exists; which
+        # rounds evaluate and which nodes are asked is ``federated_eval``'s decision
+        super().__init__(fraction_train=1.0, fraction_evaluate=1.0 if federated_eval else 0.0,
+                         min_train_nodes=pipeline.min_sites, min_available_nodes=pipeline.min_sites)
         self.pipeline = pipeline
         self.round_offset = round_offset
+        self.federated_eval = federated_eval
         self.current: dict[str, np.ndarray] | None = None  # this round's global weights
         self.last = None                                     # the last RoundResult
 
@@ -97,3 +102,21 @@ class ValidatingFedAvg(FedAvg):
             return None, None
         return (ArrayRecord({k: Array(v) for k, v in self.last.arrays.items()}),
                 MetricRecord(dict(self.last.metrics)))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Federated evaluation (server/federated_eval.py) after a round that trained and
+        is due; every node online now is asked, each answers for its own site."""
+        absolute = self.absolute(server_round)
+        if self.federated_eval is None or not self.federated_eval.due(absolute) or \
+                self.last is None or not self.last.accepted:
+            return []
+        node_ids = list(grid.get_node_ids())
+        log.info("round %d: federated evaluation at %d site(s)", absolute, len(node_ids))
+        return self.federated_eval.messages(node_ids, absolute, arrays, dict(config))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        if self.federated_eval is None or not replies:
+            return None
+        return self.federated_eval.collect(self.absolute(server_round), replies)
