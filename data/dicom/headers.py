@@ -1,6 +1,7 @@
 """Read the header of one DICOM file into a small, non-identifying record.
 
-Only what grouping, sorting and decoding need is kept: geometry, pixel format, modality.
+Only what grouping, sorting, decoding and telling acquisitions from other objects need is
+kept: geometry, pixel format, modality, ImageType and the SOP class.
 Identifiers are reduced at once: the SeriesInstanceUID and PatientID are kept only as
 hashes salted with a per-scan random salt (``scan_folder`` draws it), so they group files in
 memory but mean nothing outside this process and are never printed (``repr=False``).
@@ -57,6 +58,7 @@ class DicomHeader:
     burned_in_annotation: str  # "yes", "no" or "unknown" (medgen.privacy.deid's rule)
     instance_number: int | None
     has_pixels: bool
+    image_type: tuple[str, ...] = ()   # ImageType values, upper case (LOCALIZER: a scout)
     referenced_series_key: str | None = field(default=None, repr=False)  # SEG -> image series
 
     @property
@@ -124,6 +126,14 @@ def _float_or_none(value: Any) -> float | None:
         return None
 
 
+def _image_type(value: Any) -> tuple[str, ...]:
+    """ImageType as upper-case strings: multi-valued (ORIGINAL\\PRIMARY\\LOCALIZER), single, or absent."""
+    if value is None or value == "":
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(str(v).strip().upper() for v in items if str(v).strip())
+
+
 def frame_infos(ds: Dataset) -> tuple[FrameInfo, ...]:
     """Geometry per frame, reading Enhanced functional groups when present."""
     try:
@@ -177,5 +187,6 @@ def read_header(path, relpath: str, salt: bytes) -> DicomHeader:
         burned_in_annotation=burned_in_annotation_status(ds),
         instance_number=instance_number,
         has_pixels=bool(rows and columns),
+        image_type=_image_type(ds.get("ImageType")),
         referenced_series_key=ref_series,
     )

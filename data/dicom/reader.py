@@ -39,12 +39,14 @@ class DicomReadOptions:
     window: (center, width) in physical units, e.g. (40, 80) for a CT brain window.
     file_voi: apply the file's own VOI LUT/window instead.
     in_plane_spacing_mm: resample every slice to square pixels of this size (None: keep).
+    axial_only: leave out series whose slices are sagittal or coronal (acquisition.py).
     """
 
     allow_burned_in: bool = False
     window: tuple[float, float] | None = None
     file_voi: bool = False
     in_plane_spacing_mm: float | None = None
+    axial_only: bool = True
 
 
 @dataclass
@@ -70,7 +72,8 @@ def read_folder(root: Path, options: DicomReadOptions, salt: bytes,
     problems.extend(Problem(rel, "not a DICOM file (no DICM preamble); ignored")
                     for rel in scan.other_files)
     volumes: list[SeriesVolume] = []
-    all_series = group_series(scan, allow_burned_in=options.allow_burned_in)
+    all_series = group_series(scan, allow_burned_in=options.allow_burned_in,
+                              axial_only=options.axial_only)
     segs = [h for s in all_series if s.is_seg for h in s.headers]
     pixel_options = PixelOptions(window=options.window, file_voi=options.file_voi)
     image_keys = {s.key for s in all_series if not s.is_seg}
@@ -114,7 +117,7 @@ class DicomSeriesReader:
         """Name plus options: a site cache keyed on it misses when the options change."""
         o = self.options
         return (f"dicom:burned={o.allow_burned_in}:window={o.window}:voi={o.file_voi}:"
-                f"spacing={o.in_plane_spacing_mm}")
+                f"spacing={o.in_plane_spacing_mm}:axial={o.axial_only}")
 
     def claims(self, path: Path) -> bool:
         path = Path(path)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from medgen.data.dicom.acquisition import acquisition_problems
 from medgen.data.dicom.headers import DicomHeader
 from medgen.data.dicom.scan import Problem, ScanResult
 
@@ -75,8 +76,10 @@ class Series:
         return (self.rows, self.columns, len(self.slices))
 
 
-def group_series(scan: ScanResult, allow_burned_in: bool = False) -> list[Series]:
-    """Group the scanned headers by series and order/check each one."""
+def group_series(scan: ScanResult, allow_burned_in: bool = False,
+                 axial_only: bool = True) -> list[Series]:
+    """Group the scanned headers by series and order/check each one; localizers, secondary
+    captures and (``axial_only``) non-axial series get their reason (acquisition.py)."""
     groups: dict[str, list[DicomHeader]] = defaultdict(list)
     for header in scan.headers:
         groups[header.series_key].append(header)
@@ -91,6 +94,7 @@ def group_series(scan: ScanResult, allow_burned_in: bool = False) -> list[Series
         _check_pixels(series, allow_burned_in)
         if not series.is_seg:
             _order_slices(series)
+            series.problems[:0] = acquisition_problems(series, axial_only)  # the first reason
         out.append(series)
     out.sort(key=lambda s: (s.folder, s.files[0]))
     return out
