@@ -63,7 +63,7 @@ class RunConfig:
     # noise multiplier of its one Gaussian release per evaluation, and how often (every N
     # rounds; 0 = the final round only). Its releases are planned into the site's budget.
     federated_eval_fraction: float = 0.0
-    federated_eval_noise: float = 2.0
+    federated_eval_noise: float = 4.0
     federated_eval_every: int = 0
     # security (docs/security.md): SecAgg+ (server never sees one site's update),
     # robust aggregation (privacy/robust.py), optional client-level DP (unit: the site)

@@ -9,7 +9,9 @@ when a test fails.
 One federation serves all tests (start-up dominates: a fresh Python+torch process per
 message, FLOWER.md): the negative tests first (plaintext, unregistered key), then one
 training run that exercises dropout, the allow-list, the epsilon cap, a server restart
-with resume, and a rejoin.
+with resume, and a rejoin, and ends with federated evaluation: each site scores the final
+global generator on its own reserved patients and returns DP-released scalars, each release
+in its ledger (docs/evaluation.md, "Federated evaluation").
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ accountant = "rdp"
 target-epsilon = 8.0
 eval-every = 0
 round-timeout = 900.0
+federated-eval-fraction = 0.5
+federated-eval-noise = 6.0
 
 [options]
 gen-width = 4
@@ -141,7 +145,7 @@ def federation(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("deploy")
     data = root / "data"
-    build_federation(SimConfig(seed=0, sites=",".join(SITES), subjects_per_site=4, public_size=4,
+    build_federation(SimConfig(seed=0, sites=",".join(SITES), subjects_per_site=8, public_size=4,
                                heldout_fit=2, heldout_test=2, image_size=32), data)
     pki, keys = root / "pki", root / "keys"
     # docs/deployment.md, coordinator step 1 and hospital step 1
@@ -267,19 +271,45 @@ def test_run_survives_dropout_refusal_and_server_restart(federation):
         "round 2/3" not in resumed_log, resumed_log
 
     # per-site ledgers: charged once per round trained, never twice for a round
-    charged = {site: [e["server_round"] for e in fed.ledger(site).get("rounds", []) if e["steps"] > 0]
-               for site in SITES}
+    def training(entries: list[dict]) -> list[dict]:
+        return [e for e in entries if not e["run_id"].startswith("eval:")]
+
+    charged = {site: [e["server_round"] for e in training(fed.ledger(site).get("rounds", []))
+                      if e["steps"] > 0] for site in SITES}
     assert charged["A"] == [1, 2, 3], charged
     assert charged["B"] == [1, 3], charged
     assert charged["C"] == [] and not (fed.root / "hospitals" / "C" / "privacy_ledger.json").exists()
     assert fed.ledger("B")["plan"]["target_epsilon"] == pytest.approx(B_CAP)   # the site's cap wins
     assert fed.ledger("A")["plan"]["target_epsilon"] == pytest.approx(8.0)
     # A answered round 3 before the restart; after it, the identical request was replayed
-    assert fed.ledger("A")["rounds"] == ledger_a_before_restart["rounds"]
+    assert training(fed.ledger("A")["rounds"]) == ledger_a_before_restart["rounds"]
     assert [e for e in ledger_a_before_restart["rounds"] if e["server_round"] == 3][0]["committed_at"] \
         < restarted_at
     for site, rounds in charged.items():
         for r in records:
             if site in r["per_site"]:
                 assert r["per_site"][site]["epsilon"] == pytest.approx(
-                    [e for e in fed.ledger(site)["rounds"] if e["server_round"] == r["round"]][-1]["epsilon"])
+                    [e for e in training(fed.ledger(site)["rounds"]) if e["server_round"] == r["round"]][-1]["epsilon"])
+
+    # federated evaluation after the final round: A and B score the global generator on their
+    # own reserved patients; C refuses at the hospital (allow-list), as for training
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    evaluations = [r for r in lines if r.get("kind") == "federated-eval"]
+    assert [r["round"] for r in evaluations] == [3], evaluations
+    scores = evaluations[0]["per_site"]
+    assert sorted(scores) == ["A", "B"], evaluations
+    assert "allow-list" in " ".join(e["reason"] for e in evaluations[0]["excluded"])
+    assert json.loads((run_dir / "federated_eval.json").read_text())["3"]["per_site"] == scores
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    for site in ("A", "B"):
+        ledger = fed.ledger(site)
+        releases = [e for e in ledger["rounds"] if e["run_id"].startswith("eval:")]
+        assert len(releases) == 1 and releases[0]["server_round"] == 3 and releases[0]["steps"] == 1
+        assert ledger["history"][-1] == [6.0, 1.0, 1]        # the Gaussian release, accounted
+        assert [6.0, 1.0, 1] in ledger["plan"]["releases"]   # ... and planned into the budget
+        assert scores[site]["epsilon"] == pytest.approx(releases[0]["epsilon"])
+        assert scores[site]["epsilon"] <= ledger["plan"]["target_epsilon"] + 1e-6
+        assert privacy["reported_by_sites"][site]["epsilon"] == pytest.approx(scores[site]["epsilon"])
+        for key in ("fed-tissue-bands", "fed-tissue-bands-floor", "fed-tissue-bands-sd"):
+            assert scores[site][key] > 0, scores[site]
+    print("federated evaluation, round 3:", json.dumps(scores, sort_keys=True))
