@@ -51,6 +51,10 @@ from medgen.data.public_bank_loader import load_public_bank
 from medgen.data.readers import Reader, SkippedFile, default_readers
 from medgen.data.site_folder import LINK_REASON, SiteFolder
 from medgen.data.site_records import SiteDataError, SiteReading, SiteRecord
+from medgen.models.capabilities import CONSUMES
+
+SERVED_DIMS = {"slices": 2, "volumes": 3}
+"""What a recipe consumes (``Recipe.consumes``) -> what ``load_site`` serves (``dims``)."""
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +127,8 @@ def site_manifest(site_dir: str | Path, root: str | Path | None = None) -> Datas
 def load_site(site_dir: str | Path, image_size: int, cache_dir: str | Path | None = None,
               readers: Sequence[Reader] | None = None, need_labels: bool = True, *,
               root: str | Path | None = None, manifest: DatasetManifest | None = None,
-              dims: int | None = None, depth: int | None = None) -> SiteData:
+              dims: int | None = None, depth: int | None = None,
+              consumes: str | None = None) -> SiteData:
     """Read, validate and preprocess a site directory (docs/data-layout.md); see module doc.
 
     ``cache_dir``: reuse tensors made from byte-identical inputs and parameters.
@@ -133,9 +138,17 @@ def load_site(site_dir: str | Path, image_size: int, cache_dir: str | Path | Non
     folder above ``sites/`` when the site sits there); ``manifest``: use this one instead.
     ``dims``: 2 serves axial slices, 3 one volume per record ([1, D, size, size], D =
     ``depth``, default ``image_size``, resampled through-plane); default: the manifest's.
+    ``consumes``: what the recipe that trains on it declares ("slices" or "volumes",
+    ``Recipe.consumes``), which decides ``dims`` (a volume site serves a slice recipe its
+    axial slices; a record of one slice cannot be a volume and is skipped with its reason).
     """
     site_dir = Path(site_dir)
     manifest = manifest if manifest is not None else site_manifest(site_dir, root)
+    if consumes is not None:
+        if consumes not in CONSUMES or (dims is not None and dims != SERVED_DIMS[consumes]):
+            raise ValueError(f"consumes = {consumes!r} with dims = {dims}: consumes is one of "
+                             f"{CONSUMES} and decides dims ({SERVED_DIMS})")
+        dims = SERVED_DIMS[consumes]
     dims = int(dims if dims is not None else manifest.dims)
     if dims not in (2, 3):
         raise ValueError(f"dims = {dims}: serve 2 (slices) or 3 (volumes)")
@@ -163,7 +176,7 @@ def load_site(site_dir: str | Path, image_size: int, cache_dir: str | Path | Non
         _warn_if_unlabelled(site_dir, site)
         return site
     reading = SiteReading(folder, readers, need_labels=need_labels, manifest=manifest)
-    records = [_tensors(record, image_size, depth) for record in reading.records()]
+    records = [_tensors(record, image_size, depth) for record in _servable(reading, depth)]
     if not records:
         reasons = "\n  ".join(s.reason for s in reading.skipped) or "images/ holds no files"
         raise SiteDataError(f"{site_dir}: no usable images; reasons:\n  {reasons}")
@@ -177,6 +190,23 @@ def load_site(site_dir: str | Path, image_size: int, cache_dir: str | Path | Non
                         "skipped": [[reading.skips.relative(s.path), s.reason]
                                     for s in site.skipped]})
     return site
+
+
+def _servable(reading: SiteReading, depth: int | None) -> list[SiteRecord]:
+    """The records that can be served: as volumes (``depth`` set) only those of >= 2 slices;
+    a 2D image stretched through-plane would be a fake volume, so it is skipped by name."""
+    records = reading.records()
+    if depth is None:
+        return records
+    kept = []
+    for record in records:
+        if int(record.volume.array.shape[-1]) >= 2:
+            kept.append(record)
+        else:
+            reading.skips.add(reading.folder.root / record.source,
+                              "a single 2D slice: volumes are served (dims = 3, a recipe that "
+                              "consumes volumes), and a volume needs at least 2 slices")
+    return kept
 
 
 def _tensors(record: SiteRecord, size: int, depth: int | None) -> _Tensors:

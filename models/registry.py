@@ -14,6 +14,7 @@ RECIPES: dict[str, str] = {
     "bridge-translate": "medgen.models.bridge_translate:BridgeTranslator",
     "site-gan": "medgen.models.site_gan:SiteConditionalGAN",  # needs no label maps
     "restore-diffusion": "medgen.models.restore_diffusion:RestoreDiffusion",  # needs no label maps
+    "volume-gan": "medgen.models.volume_gan:VolumeConsistentGAN",  # 3D volumes, no label maps
 }
 
 
