@@ -24,12 +24,15 @@ OUT_DIR is written as a site folder of its own, built in a staging folder and re
 place at the end (never half-written, never overwritten; it must not exist):
 - OUT/dataset.toml: the manifest the input was read with;
 - OUT/images/<subject>.nii.gz for a NIfTI/PNG record: HU as int16 with identity scaling,
-  other units float32 (data/nifti_io.py), voxel spacing kept;
+  other units float32 (data/nifti_io.py); a NIfTI input's geometry is kept whole (its
+  affine, qform and sform with their codes, voxel sizes and units; no free-text field
+  such as descrip, which may name a patient), a PNG's pixel spacing is unknown (1 mm);
 - OUT/images/<subject>/slice_NNNN.dcm for a DICOM series: one new series
   (data/dicom_writer.py) whose Rescale Slope/Intercept make pydicom's modality LUT return
   the physical values (HU, RescaleType HU, the manifest's window as display window),
   ImageType DERIVED\\SECONDARY, "translated to <site>" in the Series Description, no
-  patient identifier copied.
+  patient identifier copied; the source series' ImageOrientationPatient and each slice's
+  ImagePositionPatient are kept, so the translation overlays the original in a viewer.
 Input files are only read. Geometry: slices are padded to a square in physical extent and
 resized to the run's image size exactly as in training, then brought back to the input's
 rows x columns.
@@ -38,24 +41,28 @@ rows x columns.
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
+import io
 import sys
 from pathlib import Path
 from typing import Callable
 
+import nibabel
 import numpy as np
+import pydicom
 import torch
 import torch.nn.functional as F
 
 from medgen.config import RunConfig
 from medgen.data.dicom_writer import write_physical_dicom
 from medgen.data.manifest import DatasetManifest
-from medgen.data.nifti_io import write_physical_nifti
+from medgen.data.nifti_io import hu_to_int16, write_physical_nifti
 from medgen.data.preprocess import normalise, square_resize
 from medgen.data.public_bank_loader import load_public_bank
 from medgen.data.readers import default_readers
 from medgen.data.site_data import site_manifest
-from medgen.data.site_folder import SiteFolder
+from medgen.data.site_folder import SiteFolder, open_regular
 from medgen.data.site_records import SiteReading, SiteRecord
 from medgen.data.staging import staged_folder
 from medgen.models.capabilities import Translation, declares
@@ -172,16 +179,70 @@ def translate_site(site_dir: Path, out: Path, fn: ImageFn, size: int, target: st
             name = record.key.replace("#", "_")
             if record.volume.meta.get("format") == "dicom":
                 seed = int(hashlib.sha256(f"{target}/{record.source}".encode()).hexdigest()[:12], 16)
-                write_physical_dicom(staging / "images" / name, physical, spacing,
-                                     modality=manifest.modality, units=units, seed=seed,
-                                     window=window, description=f"medgen (translated to {target})")
+                files = write_physical_dicom(staging / "images" / name, physical, spacing,
+                                             modality=manifest.modality, units=units, seed=seed,
+                                             window=window, description=f"medgen (translated to {target})")
+                _keep_dicom_geometry(files, record.volume.meta)
                 written.append(out / "images" / name)
             else:
                 path = staging / "images" / f"{name}.nii.gz"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                write_physical_nifti(path, _squeeze(physical), spacing, units)
+                if record.volume.meta.get("format") == "nifti":
+                    _write_nifti_like(path, _squeeze(physical), units, record.volume.source)
+                else:
+                    write_physical_nifti(path, _squeeze(physical), spacing, units)
                 written.append(out / "images" / path.name)
     return written
+
+
+def _nifti_header(source: Path) -> nibabel.Nifti1Header:
+    """The source file's header (NIfTI-1 or -2), read like the site reader reads: no link
+    followed, nothing written."""
+    with open_regular(source) as handle:
+        data = handle.read()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    for kind in (nibabel.Nifti1Header, nibabel.Nifti2Header):
+        try:
+            return kind.from_fileobj(io.BytesIO(data))
+        except Exception:  # noqa: BLE001 - not this NIfTI version: try the next
+            continue
+    raise TranslateError(f"{source}: its NIfTI header cannot be read again to copy its geometry")
+
+
+def _write_nifti_like(path: Path, physical: np.ndarray, units: str, source: Path) -> None:
+    """``physical`` as NIfTI with the source's geometry (affine, qform/sform and codes, voxel
+    sizes, units); values as write_physical_nifti stores them, gzip without a timestamp."""
+    header = _nifti_header(Path(source))
+    values = hu_to_int16(physical) if units == "HU" else np.asarray(physical, np.float32)
+    if values.shape != tuple(header.get_data_shape()):
+        raise TranslateError(f"{source}: translated shape {values.shape} differs from the "
+                             f"file's {tuple(header.get_data_shape())}")
+    image = nibabel.Nifti1Image(values, None)
+    out = image.header
+    out.set_qform(header.get_qform(), code=int(header["qform_code"]))
+    out.set_sform(header.get_sform(), code=int(header["sform_code"]))
+    out.set_zooms(header.get_zooms()[:values.ndim])
+    out.set_xyzt_units(*header.get_xyzt_units())
+    out["descrip"] = f"medgen {units}".encode("ascii")
+    if values.dtype.kind in "iu":
+        out.set_slope_inter(1.0, 0.0)
+    image.update_header()
+    path.write_bytes(gzip.compress(image.to_bytes(), compresslevel=6, mtime=0))
+
+
+def _keep_dicom_geometry(files: list[Path], meta: dict) -> None:
+    """Give the written series the source's orientation and per-slice positions."""
+    orientation, positions = meta.get("orientation"), meta.get("positions")
+    if orientation is None or positions is None or len(positions) != len(files):
+        return  # no geometry in the source (a lone image): the writer's axial default stays
+    normal = np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:]))
+    for path, position in zip(files, positions):
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [float(v) for v in orientation]
+        ds.ImagePositionPatient = [float(v) for v in position]
+        ds.SliceLocation = float(np.dot(normal, position))
+        ds.save_as(path, enforce_file_format=True)
 
 
 def _squeeze(physical: np.ndarray) -> np.ndarray:

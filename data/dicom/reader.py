@@ -179,6 +179,10 @@ class DicomSeriesReader:
         }
         if labels is not None:
             meta["labels"] = labels
+        if series.orientation is not None and all(r.position is not None for r in series.slices):
+            # patient geometry, per slice in array order: a written-back series keeps it
+            meta["orientation"] = series.orientation
+            meta["positions"] = [r.position for r in series.slices]
         return Volume(np.ascontiguousarray(array, dtype=np.float32), spacing, source, meta)
 
 

@@ -33,6 +33,7 @@ class SliceRef:
     relpath: str
     frame: int
     offset_mm: float | None  # position along the slice normal (None without geometry)
+    position: tuple[float, float, float] | None = None  # ImagePositionPatient (mm)
 
 
 @dataclass
@@ -171,7 +172,8 @@ def _order_slices(series: Series) -> None:
     normal = _normal(series.orientation)
     offsets = np.array([float(np.dot(normal, f.position)) for _, _, f in frames])
     order = np.argsort(offsets, kind="stable")
-    series.slices = [SliceRef(frames[k][0].relpath, frames[k][1], float(offsets[k])) for k in order]
+    series.slices = [SliceRef(frames[k][0].relpath, frames[k][1], float(offsets[k]),
+                              tuple(float(v) for v in frames[k][2].position)) for k in order]
     steps = np.diff(offsets[order])
     slice_spacing = _check_steps(series, steps)
     if pixel is not None and slice_spacing is not None:

@@ -219,3 +219,67 @@ def test_bad_arguments_are_clear_errors(run, tmp_path, capsys):
     atomic_write_text(gan / "config.toml", RunConfig(recipe="dp-cgan", image_size=SIZE, sites="A,B").to_toml())
     with pytest.raises(ValueError, match="Translation capability"):
         Translator(gan, public, "A", "B")
+
+
+def test_translated_nifti_keeps_the_source_affine_and_header_geometry(tmp_path):
+    """An oblique, shifted, anisotropic CT volume with distinct qform and sform: the output
+    holds the same affine, codes, voxel sizes and units; no free-text field is copied."""
+    site = tmp_path / "site"
+    hu = np.rint(np.random.default_rng(2).uniform(-900, 1500, (20, 18, 3)))
+    c, s = np.cos(0.2), np.sin(0.2)
+    rotation = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+    sform = np.eye(4)
+    sform[:3, :3] = rotation @ np.diag([0.8, 0.8, 2.5])   # square pixels: identity is exact
+    sform[:3, 3] = [-81.5, 40.25, 12.0]
+    qform = np.diag([-0.8, 0.8, 2.5, 1.0])
+    qform[:3, 3] = [10.0, -20.0, 30.0]
+    source = nib.Nifti1Image(hu.astype(np.int16), sform)
+    source.set_qform(qform, code=1)
+    source.set_sform(sform, code=2)
+    source.header.set_xyzt_units("mm", "sec")
+    source.header["descrip"] = b"Doe^Jane 1970-01-01"
+    (site / "images").mkdir(parents=True)
+    nib.save(source, site / "images" / "p1.nii.gz")
+    (site / "dataset.toml").write_text(CT_TOML)
+    out = tmp_path / "out"
+    translate_site(site, out, identity, size=20, target="C")
+    back = nib.load(str(out / "images" / "p1.nii.gz"))
+    header, original = back.header, nib.load(str(site / "images" / "p1.nii.gz")).header
+    np.testing.assert_allclose(back.affine, sform, atol=1e-5)
+    np.testing.assert_allclose(header.get_sform(), sform, atol=1e-5)
+    np.testing.assert_allclose(header.get_qform(), original.get_qform(), atol=1e-5)
+    assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 2)
+    assert header.get_zooms() == pytest.approx(original.get_zooms())
+    assert header.get_xyzt_units() == ("mm", "sec")
+    assert b"Doe" not in header["descrip"].tobytes()
+    assert back.get_data_dtype() == np.int16 and np.array_equal(back.get_fdata(), hu)
+    again = load_site(out, 20)   # medgen reads its own output back
+    assert again.manifest.modality == "CT"
+
+
+def test_translated_dicom_keeps_the_source_orientation_and_slice_positions(ct_dicom_site, tmp_path):
+    site, hu = ct_dicom_site
+    c, s = np.cos(0.25), np.sin(0.25)
+    orientation = [1.0, 0.0, 0.0, 0.0, c, s]    # gantry tilt about x
+    normal = np.cross(orientation[:3], orientation[3:])
+    origin = np.array([-120.0, -95.5, 310.0])
+    files = sorted((site / "images" / "patient1").glob("*.dcm"))
+    positions = {}
+    for path in files:
+        ds = pydicom.dcmread(path)
+        k = int(ds.InstanceNumber) - 1
+        ds.ImageOrientationPatient = orientation
+        ds.ImagePositionPatient = (origin + 5.0 * k * normal).tolist()
+        positions[k] = ds.ImagePositionPatient
+        ds.save_as(path)
+    out = tmp_path / "out"
+    translate_site(site, out, identity, size=hu.shape[0], target="B")
+    written = [pydicom.dcmread(p) for p in sorted((out / "images" / "patient1").glob("*.dcm"))]
+    assert len(written) == len(files)
+    for k, ds in enumerate(written):   # slice_0001 is the first slice along the normal
+        np.testing.assert_allclose([float(v) for v in ds.ImageOrientationPatient], orientation, atol=1e-6)
+        np.testing.assert_allclose([float(v) for v in ds.ImagePositionPatient],
+                                   [float(v) for v in positions[k]], atol=1e-4)
+        assert float(ds.SliceLocation) == pytest.approx(float(np.dot(normal, positions[k])), abs=1e-4)
+    assert [float(v) for v in written[0].PixelSpacing] == pytest.approx([float(v) for v in
+                                                                         pydicom.dcmread(files[0]).PixelSpacing])
