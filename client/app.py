@@ -1,4 +1,4 @@
-"""The ClientApp: one round of local DP training at one site.
+"""The ClientApp: one round of local DP training at one site, and federated evaluation.
 
 Per train message: resolve the node (client/node.py) -> replayed request? send the stored
 reply (client/local_state.py) -> load the site's data (cached tensors) and the public
@@ -12,6 +12,12 @@ scalars (num-examples, epsilon, delta, site-index, steps, the recipe's public-in
 metrics). Nothing else: no strings, no paths, no patient ids, no images. Errors go back
 as a Flower Error whose reason is a fixed, path-free sentence (full detail stays in the
 node's log), because exception texts may name local files.
+
+Per evaluate message (``evaluate_round``): the same node, allow-list and replay checks; the
+site's reserved evaluation patients (client/eval_split.py, excluded from every training
+round) score the incoming global generator; ONE planned, budget-checked Gaussian release
+(privacy/eval_release.py, evaluation/federated_eval.py) -> a reply of ONE MetricRecord of
+scalars (the DP-released scores, epsilon, delta, site-index).
 """
 
 from __future__ import annotations
