@@ -8,6 +8,7 @@ the ends of the stack (16 px, 8 slices), a site = its intensity level + noise.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -22,6 +23,11 @@ from medgen.privacy.dp_sgd import PrivateTraining
 from medgen.privacy.dp_step import DPModule
 from medgen.privacy.guards import per_sample_grads_reference
 from medgen.privacy.ledger import PrivacyPlan
+from medgen.server.checkpoint import load_checkpoint
+from medgen.server.cli import main
+from medgen.server.run_log import read_metrics
+from medgen.sim.head_config import HeadSimConfig
+from medgen.sim.head_federation import build_head_federation
 
 SIZE, DEPTH = 16, 8
 
@@ -171,3 +177,28 @@ def test_sampling_volumes_and_slices_per_site():
     slices = recipe.sample(model, torch.zeros(5, SIZE, SIZE, dtype=torch.long), 0,
                            torch.Generator().manual_seed(0))
     assert slices.shape == (5, 1, SIZE, SIZE)
+
+
+@pytest.mark.slow
+def test_two_rounds_through_flower_on_a_3d_federation(tmp_path, run_dir, capsys):
+    """The head federation built as volumes (dims = 3 in its dataset.toml: 16^3 per
+    patient): each node loads volumes, volume-gan trains on them with DP, the server
+    aggregates G only. (The brain federation stores one 2D slice per subject: no volumes.)"""
+    root = build_head_federation(HeadSimConfig(seed=0, sites="A,B", subjects_per_site=4, public_size=2,
+                                               heldout_fit=0, heldout_test=2, image_size=16, dims=3),
+                                 tmp_path / "data").root
+    settings = ["recipe=volume-gan", "num-rounds=2", "local-steps=2", "batch-size=2", "image-size=16",
+                "accountant=rdp", "eval-every=0", "options.gen-width=4", "options.disc-width=4",
+                "options.code-dim=16"]
+    code = main(["simulate", "--data-root", str(root), "--out", str(run_dir), "--timeout", "600",
+                 *[a for s in settings for a in ("--set", s)]])
+    assert code == 0, capsys.readouterr().out
+    assert load_checkpoint(run_dir).server_round == 2
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["round"] for r in train] == [1, 2]
+    for record in train:
+        assert set(record["per_site"]) == {"A", "B"} and record["excluded"] == []
+        assert all(site["disc_steps"] == 2 for site in record["per_site"].values())
+    assert train[0]["aggregate"]["epsilon"] < train[1]["aggregate"]["epsilon"] <= 10.0 + 1e-6
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    assert privacy["node_ledgers"]["A"]["steps"] == 4  # 2 rounds x 2 steps, no one-off release
