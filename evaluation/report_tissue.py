@@ -55,6 +55,12 @@ def _crop(entries: list[dict[str, Any]], name: str) -> slice:
     return slice(max(0, first - CROP_MARGIN_BINS), min(len(pooled), last + CROP_MARGIN_BINS + 1))
 
 
+def _schema_order(run: RunFiles, classes: list[str]) -> list[str]:
+    """The run's label schema order (the JSON file's keys are sorted), when it names them all."""
+    schema = [c.strip() for c in str(run.config.get("label-names", "")).split(",") if c.strip()]
+    return schema if sorted(schema) == sorted(classes) else classes
+
+
 def _unit_groups(run: RunFiles, sites: list[str]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for site in sites:
@@ -101,7 +107,7 @@ def tissue_section(run: RunFiles) -> str:
     sites = [s for s in run.sites if isinstance(run.tissue.get(s), dict)]
     if not sites:
         return empty("The per-tissue histogram file holds no site of this run.")
-    classes = list(run.tissue[sites[0]].get("real", {}))
+    classes = _schema_order(run, list(run.tissue[sites[0]].get("real", {})))
     groups = _unit_groups(run, sites)
     body = (f"<p>Round {run.tissue_round}: pixels of each label class, generated (solid) vs real "
             "held-out reference (dashed), per site.</p>")
