@@ -15,6 +15,7 @@ RECIPES: dict[str, str] = {
     "site-gan": "medgen.models.site_gan:SiteConditionalGAN",  # needs no label maps
     "restore-diffusion": "medgen.models.restore_diffusion:RestoreDiffusion",  # needs no label maps
     "volume-gan": "medgen.models.volume_gan:VolumeConsistentGAN",  # 3D volumes, no label maps
+    "spcycle-gan": "medgen.models.spcycle_gan:SPCycleGAN",  # site-to-site translation, G and D private
 }
 
 
