@@ -112,10 +112,14 @@ def test_records_of_another_modality_are_left_out(head2d, tmp_path):
     load_manifest(head2d / "sites" / "A", root=head2d).with_labels(None).write(site)
     report = check_folder(site)
     assert report.usable == 1 and report.counts() == {"CT": {"usable": 1, "slices": 1}}
-    assert any("modality CR contradicts the manifest's CT" in r.status for r in report.skipped)
+    # data/dicom_writer.py stores a CR as a secondary capture (it has no CR SOP class), and
+    # a secondary capture is left out whatever its modality (tests/data/dicom/test_mixed_export.py
+    # covers "modality CR contradicts the manifest's CT" with a CR image SOP class)
+    assert [r.item for r in report.skipped] == ["images/scout"]
+    assert "(CR): secondary capture" in report.skipped[0].status
     data = load_site(site, SIZE2D)
     assert data.num_patients == 1 and data.manifest.modality == "CT"
-    assert any("modality CR" in s.reason for s in data.skipped)
+    assert any("images/scout" in s.reason and "secondary capture" in s.reason for s in data.skipped)
 
 
 def test_3d_volumes_served_per_patient(head3d):
