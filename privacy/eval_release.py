@@ -30,11 +30,10 @@ import torch
 
 from medgen.config import ConfigError, RunConfig
 from medgen.privacy.accounting import epsilon_of, extend_history
-from medgen.privacy.ledger import EPSILON_TOLERANCE, BudgetExceeded, PrivacyLedger, RoundSpend
+from medgen.privacy.ledger import EPSILON_TOLERANCE, EVAL_PREFIX, BudgetExceeded, PrivacyLedger, RoundSpend
 from medgen.privacy.releases import check_release_arguments, gaussian_sum
 from medgen.privacy.round import PrivacySchedule
 
-EVAL_PREFIX = "eval:"
 
 
 def planned_eval_releases(config: RunConfig,

@@ -43,6 +43,15 @@ LEDGER_FORMAT = 1
 EPSILON_TOLERANCE = 1e-9
 
 
+#: run-id prefix of a federated evaluation's ledger entry (privacy/eval_release.py)
+EVAL_PREFIX = "eval:"
+
+
+def is_evaluation(entry: dict[str, Any]) -> bool:
+    """Whether a ledger round entry records a federated evaluation's release."""
+    return str(entry["run_id"]).startswith(EVAL_PREFIX)
+
+
 class LedgerError(ValueError):
     """The ledger file is unreadable, malformed, or belongs to another site."""
 
@@ -257,7 +266,10 @@ class PrivacyLedger:
             "delta": plan.delta if plan else None,
             "accountant": plan.accountant if plan else None,
             "unit": plan.unit if plan else "patient",
-            "rounds_trained": sum(1 for e in self.rounds if e["steps"] > 0),
+            # a federated evaluation commits its release as an entry of its own
+            # (privacy/eval_release.py): spent, but not a trained round
+            "rounds_trained": sum(1 for e in self.rounds if e["steps"] > 0 and not is_evaluation(e)),
+            "evaluations": sum(1 for e in self.rounds if is_evaluation(e)),
             "steps": self.steps,
         }
 

@@ -12,6 +12,8 @@ written the reply is replaced by an error: an unrecorded message does not leave.
 ``check_outbox`` then proves, message by message, that only the expected traffic left:
 - a plain train reply: one ArrayRecord holding exactly the expected weight arrays (keys,
   shapes, dtypes) and one MetricRecord of finite scalar numbers, no ConfigRecord;
+- an evaluate reply (federated evaluation, evaluation/federated_eval.py): one MetricRecord
+  of finite scalar numbers and nothing else (no array, no config);
 - a SecAgg+ reply (privacy/secagg.py): Flower's protocol record (keys, public keys,
   encrypted shares, node ids, and the masked weight vector, whose arrays must have the
   expected weights' shapes), the legacy result records with scalar metrics, and the one
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
@@ -159,6 +161,9 @@ def _check_one(record, expected, image_size):
             yield "error.reason", f"error reason looks like it names a path or file: {reason!r}"
         return
     arrays, metrics, configs = record["arrays"], record["metrics"], record["configs"]
+    if record.get("message_type") == MessageType.EVALUATE:
+        yield from _check_evaluate_reply(arrays, metrics, configs)
+        return
     secure = RECORD_KEY_CONFIGS in configs
     allowed = (LEGACY_RECORDS | {RECORD_KEY_CONFIGS}) if secure else PLAIN_RECORDS
     for name in [*arrays, *metrics, *configs]:
@@ -176,6 +181,17 @@ def _check_one(record, expected, image_size):
     for name, values in configs.items():
         for key, value in values.items():
             yield from _check_config(name, key, value, expected, image_size)
+
+
+def _check_evaluate_reply(arrays, metrics, configs):
+    # federated evaluation releases DP scalars only: any array or string would be new traffic
+    for name in [*arrays, *configs]:
+        yield name, f"an evaluate reply carries a {'n array' if name in arrays else ' config'} record {name!r}"
+    if set(metrics) != {"metrics"}:
+        yield "metrics", f"an evaluate reply must hold exactly one MetricRecord 'metrics', got {sorted(metrics)}"
+    for name, values in metrics.items():
+        for key, value in values.items():
+            yield from _check_scalar(f"{name}.{key}", value)
 
 
 def _check_arrays(name, arrays, expected, image_size):

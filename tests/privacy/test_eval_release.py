@@ -63,6 +63,8 @@ def test_eval_releases_compose_in_the_ledger_like_an_opacus_accountant(tmp_path,
     assert reopened.history == oracle.history
     assert reopened.spent_epsilon() == pytest.approx(oracle.get_epsilon(delta=1e-5), rel=1e-6)
     assert [e["run_id"] for e in reopened.rounds] == ["train-1", "eval:e1", "train-2", "eval:e2"]
+    summary = reopened.summary()  # what leaves: evaluations are spent, not trained rounds
+    assert summary["rounds_trained"] == 2 and summary["evaluations"] == 2
     # the plan reserved both evaluations: the whole schedule meets the target
     assert reopened.spent_epsilon() <= 8.0 + 1e-6
 

@@ -32,9 +32,9 @@ def context(tmp_path) -> Context:
                    state=RecordDict(), run_config=config.to_run_config())
 
 
-def request() -> Message:
+def request(message_type: str = "train") -> Message:
     return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in WEIGHTS.items()})}),
-                   dst_node_id=7, message_type="train")
+                   dst_node_id=7, message_type=message_type)
 
 
 def plain_reply(msg, arrays=None, metrics=None, extra=None) -> Message:
@@ -46,8 +46,8 @@ def plain_reply(msg, arrays=None, metrics=None, extra=None) -> Message:
     return Message(content, reply_to=msg)
 
 
-def send(tmp_path, make_reply) -> tuple[Message, list]:
-    msg = request()
+def send(tmp_path, make_reply, message_type: str = "train") -> tuple[Message, list]:
+    msg = request(message_type)
     reply = outbox_mod(msg, context(tmp_path), lambda m, c: make_reply(m))
     return reply, read_outbox(tmp_path / "state" / "B" / OUTBOX_FILE)
 
@@ -158,3 +158,25 @@ def test_message_audit_over_a_full_simulated_run(tiny_federation, run_dir, capsy
         for record in records:
             assert set(record["arrays"]["arrays"]) == set(expected)
             assert record["configs"] == {} and set(record["metrics"]) == {"metrics"}
+
+
+def evaluate_reply(msg, arrays=None, extra=None) -> Message:
+    content = RecordDict({"metrics": MetricRecord({"fed-tissue-bands": 0.3, "epsilon": 2.0, "site-index": 1})})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    for name, record in (extra or {}).items():
+        content[name] = record
+    return Message(content, reply_to=msg)
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    ({"arrays": WEIGHTS}, "array record"),                     # weights have no business here
+    ({"extra": {"config": ConfigRecord({"n": "3"})}}, "config record"),
+    ({"extra": {"more": MetricRecord({"x": 1.0})}}, "exactly one MetricRecord"),
+])
+def test_an_evaluate_reply_may_carry_scalars_only(tmp_path, flower_task_identity, bad, fragment):
+    _, records = send(tmp_path, evaluate_reply, message_type="evaluate")
+    assert records[0]["message_type"] == "evaluate" and check_outbox(records, EXPECTED, SIZE) == []
+    _, records = send(tmp_path, lambda m: evaluate_reply(m, **bad), message_type="evaluate")
+    violations = check_outbox(records[1:], EXPECTED, SIZE)
+    assert violations and any(fragment in v.reason for v in violations), [str(v) for v in violations]
