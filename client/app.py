@@ -14,7 +14,7 @@ as a Flower Error whose reason is a fixed, path-free sentence (full detail stays
 node's log), because exception texts may name local files.
 
 Per evaluate message (``evaluate_round``): the same node, allow-list and replay checks; the
-site's reserved evaluation patients (client/eval_split.py, excluded from every training
+site's reserved evaluation patients (data/eval_split.py, excluded from every training
 round) score the incoming global generator; ONE planned, budget-checked Gaussian release
 (privacy/eval_release.py, evaluation/federated_eval.py) -> a reply of ONE MetricRecord of
 scalars (the DP-released scores, epsilon, delta, site-index).
@@ -32,7 +32,7 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from medgen.client.eval_split import patient_subset, split_patients, training_part
+from medgen.data.eval_split import patient_subset, split_patients, training_part
 from medgen.client.local_state import (LocalState, ReplyStore, StoredReply, load_local_state,
                                        request_id, save_local_state)
 from medgen.client.node import NodeSetup, resolve_node
@@ -129,7 +129,7 @@ def train_round(config: RunConfig, node: NodeSetup, content: RecordDict) -> Reco
 
     site_data = load_site(node.data_dir, config.image_size, cache_dir=node.cache_dir)
     recipe.check_site(site_data)  # plan time: a recipe that needs label maps refuses before the ledger
-    # the federated-evaluation patients never train (client/eval_split.py): the dataset,
+    # the federated-evaluation patients never train (data/eval_split.py): the dataset,
     # num-examples and the sample rate below count training patients only
     data = training_part(site_data, node.site, config.federated_eval_fraction)
     public = load_public_bank(node.public_dir, config.image_size)

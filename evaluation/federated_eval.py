@@ -1,7 +1,7 @@
 """Federated evaluation at a site: the headline metric (tissue_bands) against the site's own
 held-out patients, released under DP, so only noisy scalars leave the hospital.
 
-The site's evaluation patients (client/eval_split.py: reserved by a keyed hash, never
+The site's evaluation patients (data/eval_split.py: reserved by a keyed hash, never
 trained on) form two halves. Half A's label maps condition the public global generator;
 half B's real images are the reference. Per patient, a histogram on ``FED_BINS`` bins of
 each (band, class) cell (the two bands of evaluation/tissue_intensity.py: intensity and the
@@ -29,7 +29,7 @@ Privacy argument (the unit is the patient, as in training):
 4. Everything reported (``scalars``: tissue_bands of gen_A vs real_B, its floor real_A vs
    real_B, and their spread under fresh noise of the same sigma) is computed from the noisy
    sum and the public sigma only: post-processing, no further cost.
-5. Evaluation patients never enter training (client/eval_split.py), so a distance to them
+5. Evaluation patients never enter training (data/eval_split.py), so a distance to them
    cannot reward memorisation; and nothing but the scalars, epsilon, delta and the site
    index leaves the node (no counts: the noisy masses already estimate them).
 

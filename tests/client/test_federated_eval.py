@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 import medgen.client.app as client_app
-from medgen.client.eval_split import split_patients, training_part
+from medgen.data.eval_split import split_patients, training_part
 from medgen.config import RunConfig
 from medgen.data.site_data import load_site
 from medgen.models.registry import build_recipe
