@@ -122,8 +122,9 @@ class Evaluator:
             floor[s] = frechet_distance(cond_feats, ref[s])
             kid_floor[s] = kid(cond_feats, ref[s])
             real_acc[s] = float((classifier.predict(test[s].images) == k).float().mean())
-        units = {s: _tissue_units(heldout_root, s) for s in sites}
-        displays = {s: _display(heldout_root, s, units[s]) for s in sites}
+        intensity = {s: site_intensity(heldout_root, s) for s in sites}
+        units = {s: u for s, (u, _) in intensity.items()}
+        displays = {s: d for s, (_, d) in intensity.items()}
         panel = MetricPanel.prepare(split, num_eval, config.class_names, units)
         return cls(config=config, sites=sites, extractor=extractor, classifier=classifier,
                    extractor_sha256=state_dict_sha256(extractor),
@@ -218,18 +219,15 @@ class Evaluator:
         atomic_write_json(path, self.info())
 
 
-def _tissue_units(heldout_root: Path, site: str) -> TissueUnits:
-    """HU (or the manifest's unit) for a fixed-window site; normalised units otherwise."""
+def site_intensity(heldout_root: Path, site: str) -> tuple[TissueUnits, GrayDisplay]:
+    """From the site's manifest: the units tissue distances are reported in (HU, or the
+    manifest's unit, for a fixed-window site; normalised otherwise) and how its images are
+    shown (the fixed display window, or the whole normalised range)."""
     policy = load_manifest(heldout_root / "test" / site, root=heldout_root.parent).intensity
     if policy.normalisation == "window" and policy.window:
-        return TissueUnits.from_window(*policy.window, name=policy.units)
-    return TissueUnits()
-
-
-def _display(heldout_root: Path, site: str, units: TissueUnits) -> GrayDisplay:
-    """The manifest's fixed display window for a fixed-window site (CT); else the whole range."""
-    policy = load_manifest(heldout_root / "test" / site, root=heldout_root.parent).intensity
-    return GrayDisplay(units=units, window=policy.display)
+        units = TissueUnits.from_window(*policy.window, name=policy.units)
+        return units, GrayDisplay(units=units, window=policy.display)
+    return TissueUnits(), GrayDisplay()
 
 
 def _cache_key(settings: TrainSettings, image_size: int, sites: tuple[str, ...], data_sha256: str,

@@ -12,7 +12,7 @@ from fabricated_run import SITES, make_run, synthetic_split
 
 from medgen.data.errors import ManifestError
 from medgen.data.manifest import DEFAULT_CT_DISPLAY_WINDOW, DatasetManifest, load_manifest
-from medgen.evaluation.evaluator import _display
+from medgen.evaluation.evaluator import site_intensity
 from medgen.evaluation.report import render_report
 from medgen.evaluation.report_tissue import _crop, tissue_means
 from medgen.evaluation.sample_grid import FULL_RANGE, GrayDisplay
@@ -69,8 +69,10 @@ def test_evaluator_takes_each_sites_display_from_its_manifest(tmp_path):
         (heldout / "test" / site).mkdir(parents=True)
         (heldout / "test" / site / "dataset.toml").write_text(f'[dataset]\nmodality = "{modality}"\n')
     (tmp_path / "dataset.toml").write_text('[dataset]\nmodality = "CT"\n')
-    assert _display(heldout, "A", HU).window == DEFAULT_CT_DISPLAY_WINDOW
-    assert _display(heldout, "M", TissueUnits()).window is None
+    units, display = site_intensity(heldout, "A")
+    assert units == HU and display == GrayDisplay(HU, DEFAULT_CT_DISPLAY_WINDOW)
+    units, display = site_intensity(heldout, "M")
+    assert units == TissueUnits() and display.window is None
 
 
 @pytest.fixture(scope="module")
