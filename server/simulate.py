@@ -138,7 +138,8 @@ def prepare_federation(config: RunConfig, data_root: Path, *, num_sites: int | N
 def _build_head(config: RunConfig, data_root: Path, num_sites: int | None, subjects_per_site: int,
                 dicom_sites: str | tuple[str, ...] = "", **sim_options) -> RunConfig:
     """The head CT/MR federation: ``num_sites`` takes the first N of A, B, C, D, M; without
-    it the run config's sites are used if they are head sites, else all five."""
+    it the run config's sites are used if they were set (not the brain default A-D, which
+    would silently drop the MR site M) and are head sites, else all five."""
     if dicom_sites:
         raise SimConfigError("--dicom-sites is for the brain federation; the head-ct federation "
                              "writes NIfTI sites in HU (see docs/simulated-federation.md)")
@@ -149,7 +150,8 @@ def _build_head(config: RunConfig, data_root: Path, num_sites: int | None, subje
                                  f"({','.join(default)}), asked for {num_sites}")
         sites = ",".join(default[:num_sites])
     else:
-        sites = config.sites if set(config.site_names) <= set(default) else ",".join(default)
+        chosen = config.sites != RunConfig().sites and set(config.site_names) <= set(default)
+        sites = config.sites if chosen else ",".join(default)
     head = HeadSimConfig(seed=config.seed, sites=sites, subjects_per_site=subjects_per_site,
                          image_size=config.image_size, **sim_options)
     manifest = build_head_federation(head, data_root)

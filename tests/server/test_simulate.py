@@ -13,6 +13,7 @@ from flwr.cli.build import build_fab_from_disk
 from flwr.common.config import validate_config
 
 from medgen.config import RunConfig
+from medgen.server import simulate
 from medgen.server.checkpoint import new_checkpoint, save_checkpoint
 from medgen.server.cli import main
 from medgen.server.previous_run import set_aside
@@ -132,3 +133,22 @@ def test_simulate_command_line_numbers_are_refused_by_name(argv, needle, capsys)
 def test_delete_previous_needs_fresh(tmp_path, capsys):
     assert main(["simulate", "--out", str(tmp_path / "run"), "--delete-previous"]) == 2
     assert "--delete-previous only goes with --fresh" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, num_sites, expected", [
+    ({}, None, ("A", "B", "C", "D", "M")),               # the default: the MR site M included
+    ({"sites": "A,M"}, None, ("A", "M")),                 # sites asked for by name
+    ({}, 4, ("A", "B", "C", "D")),                        # --sites 4: the CT sites only
+])
+def test_head_ct_builds_the_sites_asked_for_and_by_default_all_five(tmp_path, monkeypatch,
+                                                                    overrides, num_sites, expected):
+    built = []
+
+    class Built:
+        def __init__(self, head):
+            built.append(head)
+            self.site_names = head.site_names
+
+    monkeypatch.setattr(simulate, "build_head_federation", lambda head, root: Built(head))
+    config = simulate._build_head(RunConfig.from_run_config(overrides), tmp_path, num_sites, 8)
+    assert tuple(built[0].site_names) == expected and config.site_names == expected
