@@ -111,23 +111,27 @@ def baselines(degradation: Degradation, size: int) -> dict[str, Restorer]:
 
 # -- one site, one seed ---------------------------------------------------------------
 def evaluate_site(degradation: Degradation, clean: torch.Tensor, restorers: Mapping[str, Restorer],
-                  seed: int, units_per_step: float | None = None) -> dict[str, dict[str, float]]:
-    """Every restorer (classical baselines first, then ``restorers``) on the measurements of
-    ``clean`` [N,1,S,S] degraded with ``seed``: {method: scores}. Inpainting scores the hole
-    only would flatter no one: the body is scored whole, as for the other tasks."""
+                  seed: int, units_per_step: float | None = None,
+                  skip: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
+    """Every restorer (classical baselines first, except those named in ``skip``, then
+    ``restorers``) on the measurements of ``clean`` [N,1,S,S] degraded with ``seed``:
+    {method: scores}. The body is scored whole for every task (inpainting too)."""
     degraded = degradation.apply(clean, torch.Generator().manual_seed(seed))
     body = body_mask(clean)
-    methods = {**baselines(degradation, clean.shape[-1]), **restorers}
+    classical = {k: v for k, v in baselines(degradation, clean.shape[-1]).items() if k not in skip}
+    methods = {**classical, **restorers}
     return {name: scores(fn(degraded), clean, body, units_per_step) for name, fn in methods.items()}
 
 
 def mean_over_seeds(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Per method and metric: the mean over seeds and its standard deviation (``<metric>_sd``)."""
+    """Per method and metric: the mean over the seeds that ran it and its standard deviation
+    (``<metric>_sd``); ``seeds`` says how many."""
     out: dict[str, dict[str, float]] = {}
-    for method in runs[0]:
-        row: dict[str, float] = {"seeds": len(runs), "n": runs[0][method]["n"]}
-        for metric in (k for k in runs[0][method] if k != "n"):
-            values = [r[method][metric] for r in runs]
+    for method in dict.fromkeys(m for r in runs for m in r):  # every method, first-seen order
+        ran = [r[method] for r in runs if method in r]
+        row: dict[str, float] = {"seeds": len(ran), "n": ran[0]["n"]}
+        for metric in (k for k in ran[0] if k != "n"):
+            values = [r[metric] for r in ran]
             row[metric], row[f"{metric}_sd"] = float(np.mean(values)), float(np.std(values))
         out[method] = row
     return out

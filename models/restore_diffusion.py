@@ -122,8 +122,6 @@ class RestoreDiffusion(Recipe):
         if config.image_size % (2 ** depth):
             raise ConfigError(f"image-size {config.image_size} is not divisible by 2^{depth} "
                               f"(options.channels has {depth + 1} levels)")
-        if o.task in ("sr2", "sr4") and config.image_size % int(o.task[2:]):
-            raise ConfigError(f"image-size {config.image_size} is not divisible by the {o.task} factor")
         self.abar = alphas_cumprod(o.train_timesteps, o.schedule, o.prediction)
 
     def degradation(self, intensity: Any = None) -> Degradation:
