@@ -18,6 +18,7 @@ from pathlib import Path
 
 from medgen.atomic import atomic_write_text
 from medgen.evaluation.html_parts import empty, note, page, section
+from medgen.evaluation.report_federated import federated_eval_section
 from medgen.evaluation.report_evaluation import (evaluator_section, old_metrics_section,
                                                  panel_section)
 from medgen.evaluation.report_sections import (config_section, excluded_section, privacy_section,
@@ -74,6 +75,9 @@ def render_report(run_dir: Path) -> str:
                                               "augmentation (utility-augmented.json)")):
         if name in run.extras:
             extras.append(section(name, title, _nested(run.extras[name])))
+    if "federated_eval" in run.extras:
+        extras.append(section("federated-eval", "Federated evaluation at the sites (federated_eval.json)",
+                              federated_eval_section(run.extras["federated_eval"])))
     if "translation" in run.extras:
         extras.append(section("translation", "Translation against ground truth (translation.json)",
                               _translation_section(run.extras["translation"])))

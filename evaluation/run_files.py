@@ -139,7 +139,7 @@ def read_run(run_dir: Path) -> RunFiles:
             tissue_round = int(ROUND_FILE.search(grid.name).group(1))
             break
     extras = {name: read_json(run_dir / f"{name}.json", notes)
-              for name in ("utility", "utility-augmented", "translation") if (run_dir / f"{name}.json").exists()}
+              for name in ("utility", "utility-augmented", "translation", "federated_eval") if (run_dir / f"{name}.json").exists()}
     return RunFiles(path=run_dir, config=read_config(run_dir / "config.toml", notes), train=train,
                     evals=evals, privacy=read_json(run_dir / "privacy.json", notes),
                     evaluator=read_json(run_dir / "evaluator.json", notes),

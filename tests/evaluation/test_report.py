@@ -137,3 +137,22 @@ def test_report_renders_with_missing_pieces(tmp_path, pieces):
 def test_missing_run_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         write_report(tmp_path / "nope")
+
+
+def test_federated_evaluation_is_a_table_with_a_verdict_per_site(tmp_path):
+    run = make_run_dir(tmp_path)
+    scalars = {"fed-noise-multiplier": 4.0, "fed-tissue-bands-sd": 0.01, "fed-tissue-bands-floor-sd": 0.01}
+    (run / "federated_eval.json").write_text(json.dumps({"3": {
+        "per_site": {"A": {**scalars, "fed-tissue-bands": 0.40, "fed-tissue-bands-floor": 0.05},   # worse
+                     "B": {**scalars, "fed-tissue-bands": 0.06, "fed-tissue-bands-floor": 0.05},   # at floor
+                     "C": {**scalars, "fed-tissue-bands-sd": 0.3, "fed-tissue-bands": 0.5,
+                           "fed-tissue-bands-floor": 0.05}},                                         # too noisy
+        "excluded": [{"site": "D", "reason": "refused by the hospital's allow-list"}]}}))
+    html = write_report(run).read_text()
+    parsed = parse(run / "report.html")
+    assert "federated-eval" in parsed.sections and not parsed.errors
+    part = html[html.index('id="federated-eval"'):]
+    part = part[:part.index("</section>")]
+    assert part.count("worse than its real patients") == 1 and part.count("within the noise of its floor") == 1
+    assert part.count("not distinguishable") == 1 and "refused by the hospital" in part
+    assert "0.4 ± 0.01" in part
