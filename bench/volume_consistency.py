@@ -1,6 +1,6 @@
 """Through-plane consistency of volume-gan against its 2D-only baseline, at equal epsilon.
 
-    python -m bench.volume_consistency [--rounds 3] [--local-steps 12] [--subjects 20]
+    python -m bench.volume_consistency [--rounds 4] [--local-steps 25] [--subjects 20]
                                        [--image-size 32] [--depth 16] [--data-root DIR]
 
 Both variants train through the product's rounds (server/inprocess.py: every site's real
@@ -117,8 +117,8 @@ def real_volumes(folder: Path, size: int, depth: int, root: Path) -> torch.Tenso
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=25)
     parser.add_argument("--subjects", type=int, default=20, help="patients (volumes) per site")
     parser.add_argument("--heldout", type=int, default=10, help="held-out test volumes per site")
     parser.add_argument("--image-size", type=int, default=32)
