@@ -32,16 +32,17 @@ from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from medgen.data.eval_split import patient_subset, split_patients, training_part
 from medgen.client.local_state import (LocalState, ReplyStore, StoredReply, load_local_state,
                                        request_id, save_local_state)
 from medgen.client.node import NodeSetup, resolve_node
-from medgen.data.site_data import PatientDataset, SiteData, load_public_bank, load_site
 from medgen.config import ConfigError, RunConfig
-from medgen.evaluation import federated_eval
+from medgen.data.eval_split import patient_subset, split_patients, training_part
+from medgen.data.site_data import PatientDataset, SiteData, load_public_bank, load_site
+from medgen.data.site_records import SiteDataError
 from medgen.deploy.allowlist import NOT_ALLOWED, AllowListError, NotAllowed, enforce_node_allow_list
 from medgen.models.capabilities import SiteDataRefused
-from medgen.models.recipe import RoundContext
+from medgen.evaluation import federated_eval
+from medgen.models.recipe import Recipe, RoundContext
 from medgen.models.registry import build_recipe
 from medgen.privacy.accounting import sample_rate_for
 from medgen.privacy.client_dp import client_clipping_mod
@@ -127,7 +128,7 @@ def train_round(config: RunConfig, node: NodeSetup, content: RecordDict) -> Reco
     local = load_local_state(node.local_state_path, run_key)
     model.load_state_dict({**model.state_dict(), **local.weights, **shared})
 
-    site_data = load_site(node.data_dir, config.image_size, cache_dir=node.cache_dir)
+    site_data = _site_for(recipe, node, config)
     recipe.check_site(site_data)  # plan time: a recipe that needs label maps refuses before the ledger
     # the federated-evaluation patients never train (data/eval_split.py): the dataset,
     # num-examples and the sample rate below count training patients only
@@ -169,6 +170,19 @@ def _schedule(config: RunConfig, recipe, train_data: SiteData, cap: float) -> Pr
                            total_steps=config.num_rounds * config.local_steps,
                            max_grad_norm=config.max_grad_norm,
                            releases=own + planned_eval_releases(config, own))
+
+
+def _site_for(recipe: Recipe, node: NodeSetup, config: RunConfig) -> SiteData:
+    """The site read as the recipe consumes it (slices or volumes, whatever dataset.toml's
+    dims). A site with nothing usable for it is refused before any budget is spent, with a
+    path-free reason (the full one, naming files, stays in the node log)."""
+    try:
+        return load_site(node.data_dir, config.image_size, cache_dir=node.cache_dir,
+                         consumes=recipe.consumes)
+    except SiteDataError as err:
+        log.warning("site %s: %s", node.site, err)
+        raise SiteDataRefused(f"no usable records for recipe {recipe.name!r}, which consumes "
+                              f"{recipe.consumes} (the node log lists each file and why)") from None
 
 
 # the evaluate handler: outbox audit only (the clipping and SecAgg+ mods are for train)
@@ -226,7 +240,7 @@ def evaluate_round(config: RunConfig, node: NodeSetup, content: RecordDict) -> R
                          f"{len(set(shared) ^ expected)} keys differ")
     model.load_state_dict({**model.state_dict(), **shared})  # the GLOBAL generator only
     model.to(_device(config))
-    site_data = load_site(node.data_dir, config.image_size, cache_dir=node.cache_dir)
+    site_data = _site_for(recipe, node, config)
     recipe.check_site(site_data)
     split = split_patients(node.site, site_data.num_patients, config.federated_eval_fraction)
     cap = node.target_epsilon(config)

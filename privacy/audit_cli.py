@@ -100,7 +100,7 @@ def audit_run(run_dir: Path, *, num_generated: int = 256, seed: int = 0,
             raise ConfigError(f"{run_dir}: the stored networks do not fit recipe {config.recipe!r} as "
                               "installed now (did the recipe's defaults change since the run? put "
                               f"its options in config.toml explicitly): {str(err)[:300]}") from None
-        data = load_site(data_root / "sites" / site, config.image_size)
+        data = load_site(data_root / "sites" / site, config.image_size, consumes=recipe.consumes)
         if data.labels is None:
             raise ConfigError(f"{data_root / 'sites' / site}: the audit needs label maps for every image")
         members = Records(data.images, data.labels, data.patient_index)

@@ -249,3 +249,21 @@ def test_site_gan_trains_two_rounds_on_an_unlabelled_site(unlabelled_federation,
     assert 0 < epsilons[0] < epsilons[1] <= 5.0
     ledger = json.loads((Path(config.state_root) / "B" / "privacy_ledger.json").read_text())
     assert ledger  # both rounds committed to the node's ledger
+
+
+def test_a_volume_recipe_on_a_site_of_2d_slices_is_refused_before_any_ledger_change(
+        config, tmp_path, flower_task_identity):
+    """The node serves the site as the recipe consumes it: volume-gan asks for volumes, the
+    tiny federation holds one 2D slice per patient, so nothing is usable; refused with a
+    path-free reason at plan time, nothing written to the ledger."""
+    from pathlib import Path
+
+    from medgen.client.app import SITE_DATA_REFUSED
+
+    volume = config.replace(recipe="volume-gan", options={"gen-width": 4, "disc-width": 4, "depth": 4})
+    reply = app(_message(volume, 1), _context(volume))
+    assert reply.has_error() and reply.error.code == SITE_DATA_REFUSED, reply.error.reason
+    # read as volumes (not served as slices and then refused by check_site): no usable records
+    assert "no usable records for recipe 'volume-gan'" in reply.error.reason
+    assert str(tmp_path) not in reply.error.reason
+    assert not (Path(volume.state_root) / "B" / "privacy_ledger.json").exists()
