@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# The embedded default federation and recipe, evaluated on enough held-out patients for the
+# headline metric to give a verdict (128 per half: docs/evaluation.md, "How many images").
 demo: $(STAMP)
-	$(BIN)/medgen-server simulate --out $(RUN)
+	$(BIN)/medgen-server simulate --out $(RUN) --heldout-size 256 --set eval-samples=128 --set eval-every=5
 
 # Three pytest processes. tests/deploy/test_pki.py runs an in-process gRPC TLS server: in the
 # same process as the tests after it, the pytest process was later cut off (exit 1, no summary;
