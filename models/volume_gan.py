@@ -31,7 +31,6 @@ one of the patient's volumes, ``PatientDataset`` over a site read with ``dims=3`
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +41,7 @@ from torch import nn
 from medgen.config import ConfigError, RunConfig
 from medgen.models.blocks import ProjectionHead, group_count
 from medgen.models.dp_cgan import LOSSES, disc_loss, gen_loss
+from medgen.models.gan_round import train_gan_round
 from medgen.models.options import RecipeOptions, option
 from medgen.models.recipe import Recipe, RoundContext
 from medgen.privacy.dp_step import DPModule, clip_total_norm
@@ -252,29 +252,7 @@ class VolumeConsistentGAN(Recipe):
         return images if images.shape[0] > 0 else images.new_zeros(0, 1, depth, size, size)
 
     def train_local(self, model: nn.Module, ctx: RoundContext) -> dict[str, float]:
-        o, device, site = self.options, ctx.device, ctx.site_index
-        self.check_round(ctx)
-        model.to(device).train()
-        rng = ctx.generator()
-        opt_g = torch.optim.Adam(model.gen.parameters(), lr=o.lr_gen, betas=(o.beta1, o.beta2))
-        opt_d = torch.optim.Adam(model.disc.parameters(), lr=o.lr_disc, betas=(o.beta1, o.beta2))
-        ctx.restore_optimizer(opt_g, "opt_gen")
-        ctx.restore_optimizer(opt_d, "opt_disc")
-        start, loss_fake_sum, loss_g_sum, score_sum = time.perf_counter(), 0.0, 0.0, 0.0
-        d_steps = g_steps = 0
-        with DPModule(ctx.private, model.disc, opt_d, ctx.data, self.config.batch_size) as d:
-            for i, batch in enumerate(d.batches(ctx.steps)):
-                loss_fake_sum += self.disc_step(model, d, self.real_volumes(batch, device), site, rng, device)
-                d_steps += 1
-                if (i + 1) % o.disc_steps_per_gen_step == 0 or (i == ctx.steps - 1 and g_steps == 0):
-                    loss_g, score = self.gen_step(model, d, opt_g, site, rng, device)
-                    loss_g_sum, score_sum, g_steps = loss_g_sum + loss_g, score_sum + score, g_steps + 1
-        ctx.keep_optimizer(opt_g, "opt_gen")
-        ctx.keep_optimizer(opt_d, "opt_disc")
-        ctx.recipe_state["rounds_trained"] = ctx.rounds_done + 1
-        return {"loss_gen": loss_g_sum / g_steps, "disc_fake_score": score_sum / g_steps,
-                "loss_disc_fake": loss_fake_sum / d_steps, "disc_steps": float(d_steps),
-                "gen_steps": float(g_steps), "seconds": time.perf_counter() - start}
+        return train_gan_round(self, model, ctx, self.real_volumes)  # models/gan_round.py
 
     def _fake(self, model: nn.Module, site_index: int, n: int, rng, device) -> tuple[torch.Tensor, torch.Tensor]:
         site = torch.full((n,), site_index, dtype=torch.long, device=device)
