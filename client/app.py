@@ -76,16 +76,22 @@ def _outbox_file(context: Context) -> Path:
 # outbox_mod outermost: it records exactly what leaves the node (privacy/message_audit.py)
 @app.train(mods=[outbox_mod, secure_aggregation_mod, client_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, train_round, "train", TRAINING_FAILED)
+
+
+def _handle(msg: Message, context: Context, work, verb: str, failed_code: int) -> Message:
+    """Run ``work(config, node, content)`` for a message; every failure becomes a clean,
+    path-free error reply (the details, which may name local files, go to the node log)."""
     site = "unknown"
     try:
         config = RunConfig.from_run_config(context.run_config)
         node = resolve_node(config, context.node_config)
         site = node.site
-        # the hospital's allow-list (deploy/allowlist.py): refuse before data, ledger or training
+        # the hospital's allow-list (deploy/allowlist.py): refuse before data, ledger or work
         enforce_node_allow_list(context.node_config, config, msg.content.config_records.get("config"))
         if node.simulated:
             torch.set_num_threads(1)  # 2 cores, 2 clients at once: oversubscribing is costly
-        return Message(train_round(config, node, msg.content), reply_to=msg)
+        return Message(work(config, node, msg.content), reply_to=msg)
     except (NotAllowed, AllowListError) as err:
         log.warning("site %s: %s", site, err)  # AllowListError names the local file: log only
         reason = str(err) if isinstance(err, NotAllowed) else \
@@ -97,11 +103,12 @@ def train(msg: Message, context: Context) -> Message:
                              f"was spent: {err}"), reply_to=msg)
     except BudgetExceeded as err:
         log.warning("%s", err)
-        return Message(Error(BUDGET_EXCEEDED, f"site {site}: refused to train, its privacy "
+        return Message(Error(BUDGET_EXCEEDED, f"site {site}: refused to {verb}, its privacy "
                              "budget would be exceeded (see the node log)"), reply_to=msg)
     except Exception as err:  # noqa: BLE001 - every failure becomes a clean error reply
-        log.error("site %s: training failed:\n%s", site, traceback.format_exc())
-        return Message(Error(TRAINING_FAILED, f"site {site}: training failed with "
+        log.error("site %s: %s failed:\n%s", site, verb, traceback.format_exc())
+        noun = "training" if verb == "train" else "evaluation"
+        return Message(Error(failed_code, f"site {site}: {noun} failed with "
                              f"{type(err).__name__} (details in the node log)"), reply_to=msg)
 
 
@@ -188,32 +195,7 @@ def _site_for(recipe: Recipe, node: NodeSetup, config: RunConfig) -> SiteData:
 # the evaluate handler: outbox audit only (the clipping and SecAgg+ mods are for train)
 @app.evaluate(mods=[outbox_mod])
 def evaluate(msg: Message, context: Context) -> Message:
-    site = "unknown"
-    try:
-        config = RunConfig.from_run_config(context.run_config)
-        node = resolve_node(config, context.node_config)
-        site = node.site
-        enforce_node_allow_list(context.node_config, config, msg.content.config_records.get("config"))
-        if node.simulated:
-            torch.set_num_threads(1)
-        return Message(evaluate_round(config, node, msg.content), reply_to=msg)
-    except (NotAllowed, AllowListError) as err:
-        log.warning("site %s: %s", site, err)
-        reason = str(err) if isinstance(err, NotAllowed) else \
-            "refused: this hospital's allow-list file is unreadable (see the node log)"
-        return Message(Error(NOT_ALLOWED, f"site {site}: {reason}"), reply_to=msg)
-    except SiteDataRefused as err:
-        log.warning("site %s: %s", site, err)
-        return Message(Error(SITE_DATA_REFUSED, f"site {site}: refused before any privacy budget "
-                             f"was spent: {err}"), reply_to=msg)
-    except BudgetExceeded as err:
-        log.warning("%s", err)
-        return Message(Error(BUDGET_EXCEEDED, f"site {site}: refused to evaluate, its privacy "
-                             "budget would be exceeded (see the node log)"), reply_to=msg)
-    except Exception as err:  # noqa: BLE001 - every failure becomes a clean error reply
-        log.error("site %s: evaluation failed:\n%s", site, traceback.format_exc())
-        return Message(Error(EVALUATION_FAILED, f"site {site}: evaluation failed with "
-                             f"{type(err).__name__} (details in the node log)"), reply_to=msg)
+    return _handle(msg, context, evaluate_round, "evaluate", EVALUATION_FAILED)
 
 
 def evaluate_round(config: RunConfig, node: NodeSetup, content: RecordDict) -> RecordDict:
