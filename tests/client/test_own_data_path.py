@@ -16,14 +16,19 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_modality_lut
 
 from medgen.client.app import train_round
 from medgen.client.cli import main as client_main
 from medgen.client.node import resolve_node
 from medgen.config import RunConfig
+from medgen.data.dicom_writer import dicom_rescale, write_series
+from medgen.data.site_data import load_site, site_manifest
 from medgen.models.capabilities import SiteDataRefused
 from medgen.models.registry import build_recipe
 
@@ -146,4 +151,42 @@ def test_unlabelled_site_trains_site_gan_and_dp_cgan_refuses_it_before_the_ledge
     node = node_for(config, site, tmp_path / "state", public)
     metrics = train_round(config, node, request(config))["metrics"]
     assert metrics["num-examples"] == 6 and metrics["steps"] == 2
+    assert 0 < metrics["epsilon"] <= 5.0 and node.ledger_path.is_file()
+
+
+def write_dicom_ct_site(folder: Path) -> np.ndarray:
+    """A site of real CT voxels (pydicom's CT_small, in HU through its own modality LUT) as
+    four DICOM series with honest headers (RescaleSlope/Intercept, Modality CT), the way a
+    PACS export arrives: one series folder per patient, no label maps."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu = np.rint(np.asarray(apply_modality_lut(ds.pixel_array, ds), np.float64))
+    spacing = (*(float(v) for v in ds.PixelSpacing), float(ds.SliceThickness))
+    for p in range(4):  # four patients (the privacy unit is the DICOM PatientID)
+        volume = np.stack([np.roll(hu, 3 * p, axis=0), np.roll(hu, 3 * p, axis=1)], axis=-1)
+        stored, slope, intercept = dicom_rescale(volume, "HU")
+        write_series(stored, spacing, folder / "images" / f"series{p}", modality="CT", slope=slope,
+                     intercept=intercept, seed=p, patient_id=f"PAT-{p}", description="head CT")
+    (folder / "dataset.toml").write_text(readme_toml("an unlabelled CT site"))
+    return hu
+
+
+def test_a_real_ct_dicom_export_checks_trains_and_keeps_its_hounsfield_units(tmp_path, capsys):
+    """Item 8 of the data-model issue: real CT DICOM voxels through data check and a
+    training round at a deployed node; the values the recipe sees are the HU of the files
+    through the manifest's one fixed window."""
+    site = tmp_path / "pacs-export"
+    hu = write_dicom_ct_site(site)
+    report = data_check(site, capsys)
+    assert not report["labelled"] and report["patients"] == 4
+    data = load_site(site, SIZE)
+    lo, hi = site_manifest(site).intensity.window
+    # the window map is fixed, so [-1, 1] maps back to the files' HU: the 4x smaller image
+    # keeps the mean HU of the scan and its air-to-bone range
+    back = (data.images.double() + 1) / 2 * (hi - lo) + lo
+    assert abs(float(back.mean()) - float(hu.mean())) < 15
+    assert float(back.min()) < -800 and float(back.max()) > 500
+    config = config_for("site-gan", label_names=LABEL_NAMES)
+    node = node_for(config, site, tmp_path / "state", write_public_bank(tmp_path / "public"))
+    metrics = train_round(config, node, request(config))["metrics"]
+    assert metrics["num-examples"] == 4 and metrics["steps"] == 2
     assert 0 < metrics["epsilon"] <= 5.0 and node.ledger_path.is_file()
