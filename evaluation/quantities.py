@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 from medgen.evaluation.bootstrap import Interval
 
+#: the intensity unit of a site without physical units (per-volume normalised MR): "norm."
+NORMALISED = "norm."
+
 RANDOM_FEATURES = "randconv-v1"   # random_features.VERSION (checked by a test)
 
 

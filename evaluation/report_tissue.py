@@ -18,7 +18,7 @@ import numpy as np
 from medgen.evaluation.html_parts import empty, fmt, note, table
 from medgen.evaluation.run_files import RunFiles
 from medgen.evaluation.svg_charts import PALETTE, Chart, Series, render_chart
-from medgen.evaluation.tissue_intensity import NORMALISED
+from medgen.evaluation.quantities import NORMALISED  # torch-free: the report loads no network code
 
 CROP_MASS = 0.005        # drop this fraction of the pooled pixels at each end of a cropped axis
 CROP_MARGIN_BINS = 2

@@ -51,12 +51,12 @@ import torch
 
 from medgen.evaluation.bootstrap import Statistic
 from medgen.evaluation.laplacian_swd import laplacian_pyramid
+from medgen.evaluation.quantities import NORMALISED
 
 BINS = 512
 REGIONS = 3                        # regions per side (3 x 3 tiles)
 BAND_RANGES = ((-1.0, 1.0), (-0.5, 0.5))   # intensity, finest Laplacian band
 BAND_NAMES = ("intensity", "fine")
-NORMALISED = "norm."
 COARSE_BINS = 64      # report histograms in normalised units (the brain report's resolution)
 
 
