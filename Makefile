@@ -24,18 +24,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/medgen-server simulate --out $(RUN) --heldout-size 256 --set eval-samples=128 --set eval-every=5
 
-# Three pytest processes. tests/deploy/test_pki.py runs an in-process gRPC TLS server: in the
+# Two pytest processes. tests/deploy/test_pki.py runs an in-process gRPC TLS server: in the
 # same process as the tests after it, the pytest process was later cut off (exit 1, no summary;
-# reproduced with test_pki + tests/evaluation, each green alone). The deployment end-to-end test
-# starts real processes and also runs alone. Root cause still open (see the issue notes).
-# The main suite runs in 3 pytest-xdist workers, whole files per worker (module fixtures such
-# as a small federation or a coordinator run stay in one process): most of its wall time is
-# Flower/Ray start-up and processes waiting on each other, not CPU, so 3 workers on 2 cores
-# overlap that waiting. Every server a test starts binds a free port on 127.0.0.1.
+# reproduced with test_pki + tests/evaluation, each green alone), so it runs on its own (2 s).
+# Root cause still open (see the issue notes). Everything else runs in 3 pytest-xdist workers,
+# whole files per worker (module fixtures such as a small federation or a coordinator run stay
+# in one process): most of the suite's wall time is Flower/Ray start-up and processes waiting
+# on each other (the deployment end-to-end test: 4.7 of its 7.5 min), not CPU, so 3 workers
+# on 2 cores overlap that waiting. Every server a test starts binds a free port on 127.0.0.1.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 3 --dist loadfile --durations=20 --ignore=tests/deploy/test_e2e.py --ignore=tests/deploy/test_pki.py
 	$(BIN)/python -m pytest -q tests/deploy/test_pki.py
-	$(BIN)/python -m pytest -q tests/deploy/test_e2e.py
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile --durations=20 --ignore=tests/deploy/test_pki.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all  # --list, --only NAME ...
