@@ -61,7 +61,10 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    "(CT sites A-D in HU and the MR site M, 7 classes; docs/simulated-federation.md); "
                    "the run's label-names come from its dataset.toml (default: %(default)s)")
     p.add_argument("--sites", type=positive_int, metavar="N", help="number of simulated sites (default: the "
-                   "config's `sites`, A,B,C,D)")
+                   "config's `sites`, A,B,C,D; head-ct: all five)")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=2,
+                   help="head-ct: 2 (one axial slice per patient) or 3 (one volume per patient, for "
+                   "a recipe that consumes volumes, e.g. volume-gan) (default: %(default)s)")
     p.add_argument("--subjects-per-site", type=positive_int, default=DEFAULT_SUBJECTS, metavar="N",
                    help="patients (one image each) per simulated site (default: %(default)s)")
     p.add_argument("--public-size", type=positive_int, default=300, metavar="N",
@@ -124,6 +127,11 @@ def _simulate_owned(args: argparse.Namespace, config: RunConfig, out: Path, data
         elif args.delete_previous:
             print("--fresh --delete-previous: the previous run's results were deleted")
     print(f"federation data: {data_root}")
+    if args.dims != 2 and args.federation != "head-ct":
+        print("medgen-server simulate: --dims 3 builds the head-ct federation as volumes; the brain "
+              "federation is one slice per patient (use --federation head-ct)", file=sys.stderr)
+        return EXIT_CONFIG
+    volumes = {"dims": args.dims} if args.federation == "head-ct" else {}
     try:
         config = prepare_federation(config, data_root, num_sites=args.sites,
                                     subjects_per_site=args.subjects_per_site,
@@ -131,7 +139,7 @@ def _simulate_owned(args: argparse.Namespace, config: RunConfig, out: Path, data
                                     heldout_test=args.heldout_size,
                                     dicom_sites=args.dicom_sites,
                                     reuse_any=args.data_root is not None,
-                                    federation=args.federation)
+                                    federation=args.federation, **volumes)
     except (SimConfigError, FederationExistsError) as err:
         print(f"medgen-server simulate: {err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -152,3 +152,20 @@ def test_head_ct_builds_the_sites_asked_for_and_by_default_all_five(tmp_path, mo
     monkeypatch.setattr(simulate, "build_head_federation", lambda head, root: Built(head))
     config = simulate._build_head(RunConfig.from_run_config(overrides), tmp_path, num_sites, 8)
     assert tuple(built[0].site_names) == expected and config.site_names == expected
+
+
+def test_dims_three_builds_the_head_federation_as_volumes_and_is_refused_for_the_brain(
+        tmp_path, monkeypatch, capsys):
+    built = []
+
+    class Built:
+        def __init__(self, head):
+            built.append(head)
+            self.site_names = head.site_names
+
+    monkeypatch.setattr(simulate, "build_head_federation", lambda head, root: Built(head))
+    simulate._build_head(RunConfig(), tmp_path, None, 8, dims=3)
+    assert built[0].dims == 3
+    assert main(["simulate", "--out", str(tmp_path / "run"), "--dims", "3"]) == 2
+    assert "--federation head-ct" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "federation").exists()  # refused before any build
