@@ -103,6 +103,16 @@ class Recipe(ABC):
             raise SiteDataRefused(f"recipe {self.name!r} consumes {self.consumes}, but this "
                                   f"site's data serves {served}")
 
+    def real_images(self, batch: Any, device: torch.device) -> torch.Tensor:
+        """Images [B,1,S,S] of a dataset batch for a recipe that reads no label map (the label
+        slot, if any, is never read); a batch of another shape is an error naming the fix."""
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        size = self.config.image_size
+        if images.dim() != 4 or images.shape[1:] != (1, size, size):
+            raise ValueError(f"site batch has images {tuple(images.shape[1:])}; expected "
+                             f"(1, {size}, {size}) for image-size {size}: reload the site data")
+        return images.to(device, torch.float32)
+
     @abstractmethod
     def build(self) -> nn.Module:
         """All networks of the recipe in one module, deterministically initialised."""

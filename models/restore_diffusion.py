@@ -138,15 +138,6 @@ class RestoreDiffusion(Recipe):
                                                  self.degradation().condition_channels))
 
     # -- training ---------------------------------------------------------------------
-    def real_images(self, batch: Any, device: torch.device) -> torch.Tensor:
-        """Images [B,1,S,S] of a dataset batch; the label slot, if any, is never read."""
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        size = self.config.image_size
-        if images.dim() != 4 or images.shape[1:] != (1, size, size):
-            raise ValueError(f"site batch has images {tuple(images.shape[1:])}; expected "
-                             f"(1, {size}, {size}) for image-size {size}: reload the site data")
-        return images.to(device, torch.float32)
-
     def train_local(self, model: nn.Module, ctx: RoundContext) -> dict[str, float]:
         o, device = self.options, ctx.device
         self.check_round(ctx)

@@ -28,7 +28,7 @@ dataset item):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -133,15 +133,6 @@ class SiteConditionalGAN(Recipe):
             gen = SiteGenerator(size, self.num_sites, o.gen_width, o.noise_dim, o.site_dim)
             disc = SiteDiscriminator(size, self.num_sites, o.disc_width)
         return SiteGAN(gen, disc)
-
-    def real_images(self, batch: Any, device: torch.device) -> torch.Tensor:
-        """Images [B,1,S,S] of a dataset batch; the label slot, if any, is never read."""
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        size = self.config.image_size
-        if images.dim() != 4 or images.shape[1:] != (1, size, size):
-            raise ValueError(f"site batch has images {tuple(images.shape[1:])}; expected "
-                             f"(1, {size}, {size}) for image-size {size}: reload the site data")
-        return images.to(device, torch.float32)
 
     def train_local(self, model: nn.Module, ctx: RoundContext) -> dict[str, float]:
         return train_gan_round(self, model, ctx, self.real_images)  # models/gan_round.py

@@ -40,10 +40,11 @@ from torch import nn
 
 from medgen.config import ConfigError, RunConfig
 from medgen.models.blocks import ProjectionHead, group_count
-from medgen.models.dp_cgan import LOSSES, disc_loss, gen_loss
+from medgen.models.dp_cgan import disc_loss, gen_loss
 from medgen.models.gan_round import train_gan_round
 from medgen.models.options import RecipeOptions, option
 from medgen.models.recipe import Recipe, RoundContext
+from medgen.models.site_gan import SiteGANOptions
 from medgen.privacy.dp_step import DPModule, clip_total_norm
 
 
@@ -193,22 +194,13 @@ class VolumeGAN(nn.Module):
 
 
 @dataclass(frozen=True)
-class VolumeGANOptions(RecipeOptions):
+class VolumeGANOptions(SiteGANOptions):
+    """site-gan's options (widths, noise, Adam, schedule, loss) plus the volume's own."""
+
     depth: int = option(16, at_least=2)  # slices per volume; real volumes are resampled to it
     volume_disc: bool = True             # false: the 2D-only baseline (no 3D discriminator)
     volume_weight: float = option(1.0, above=0)
-    gen_width: int = option(16, at_least=1)
-    disc_width: int = option(16, at_least=1)
-    noise_dim: int = option(64, at_least=1)
-    site_dim: int = option(8, at_least=1)
     code_dim: int = option(64, at_least=8)
-    lr_gen: float = option(5e-4, above=0)
-    lr_disc: float = option(5e-4, above=0)
-    beta1: float = option(0.5, at_least=0, below=1)
-    beta2: float = option(0.999, at_least=0, below=1)
-    disc_steps_per_gen_step: int = option(2, at_least=1)
-    balance_fake_grad: bool = True  # clip D's fake-term gradient to max-grad-norm, as the real term
-    loss: str = option("nonsat", choices=LOSSES)
 
 
 # -- the recipe ------------------------------------------------------------------------
