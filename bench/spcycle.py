@@ -11,7 +11,7 @@ and shipped to every arm as ``options.seg-init``. Each private arm runs the prod
 in one process (``medgen.server.inprocess.InProcessRunner``: every site's real
 ``train_round`` with its node ledger, Poisson sampling, per-patient clipping, noise
 calibrated for the schedule at ``--epsilon``, and the server's aggregation pipeline). The
-ceiling is ``CycleSteps.central_step`` on pooled images of every site, no DP, the same
+ceiling is ``CycleObjective.central_step`` on pooled images of every site, no DP, the same
 number of steps as one site's schedule times the number of sites. Evaluation is
 evaluation/translation.py (SSIM/PSNR/MAE in the brain box against the target's clean
 rendering; Dice by segmenters trained on each target's real held-out/fit images) beside its
@@ -86,7 +86,8 @@ def train_central(args, data_root: Path, seg_init: Path) -> tuple:
     model.seg.eval()
     for _ in range(args.rounds * args.local_steps * len(sites)):
         pick = torch.randint(0, images.shape[0], (args.batch_size,), generator=rng)
-        recipe.objective.central_step(model, opt, twin, images[pick], labels[pick], source[pick], rng)
+        recipe.objective.central_step(model.cycle, opt, twin, recipe.public_nets(model), images[pick], labels[pick],
+                                      source[pick], rng)
     return recipe, model.eval()
 
 

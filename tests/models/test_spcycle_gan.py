@@ -224,8 +224,9 @@ def test_translation_sampling_and_the_central_ceiling_step():
     before = copy.deepcopy(model.cycle.state_dict())
     pooled = torch.cat([x, site_data(T2, 2).tensors[0][:3]])
     labels = torch.cat([data.tensors[1][:3], site_data(T2, 2).tensors[1][:3]])
-    loss = recipe.objective.central_step(model, recipe.optimizer(model), recipe.disc_twin(model), pooled, labels,
-                                         torch.tensor([0, 0, 0, 1, 1, 1]), torch.Generator().manual_seed(0))
+    loss = recipe.objective.central_step(model.cycle, recipe.optimizer(model), recipe.disc_twin(model), model.seg,
+                                         pooled, labels, torch.tensor([0, 0, 0, 1, 1, 1]),
+                                         torch.Generator().manual_seed(0))
     assert np.isfinite(loss) and not all(torch.equal(v, model.cycle.state_dict()[k]) for k, v in before.items())
 
 
