@@ -62,6 +62,11 @@ class LabelSchema:
         values = data.get("values")
         return cls(names, tuple(values) if values is not None else tuple(range(len(names))))
 
+    def with_class(self, name: str) -> "LabelSchema":
+        """This schema plus class ``name`` last, stored as the next free value (e.g. a
+        simulator's optional lesion class over the brain's four)."""
+        return LabelSchema(self.names + (name,), self.values + (max(self.values) + 1,))
+
     def to_dict(self) -> dict[str, Any]:
         return {"names": list(self.names), "values": list(self.values)}
 

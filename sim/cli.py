@@ -34,6 +34,14 @@ images at 64x64, about 30 CPU-seconds):
 """
 
 
+def _size_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lesion-size '{text}' must be MIN,MAX in mm, e.g. 6,14") from None
+    return lo, hi
+
+
 def _severity(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -90,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "sites/<site>/images/<subject>/ is one DICOM MR series per subject (same "
                        "stored values), labels/ stays NIfTI, and no NIfTI image is left there, "
                        "so that site's client reads DICOM like a PACS export (default: none)")
+    build.add_argument("--lesion-rate", type=float, default=0.0, metavar="FRACTION",
+                       help="brain: fraction of patients (every site, the public bank, held-out) "
+                       "with one lesion, a fifth label class 'lesion' with its own contrast per "
+                       "scanner, declared in the build's dataset.toml (default 0: no lesion class)")
+    build.add_argument("--lesion-size", type=_size_range, default=(6.0, 14.0), metavar="MIN,MAX",
+                       help="brain: lesion diameter range in mm (default 6,14)")
     build.add_argument("--workers", type=int, default=2,
                        help="rendering processes (default 2; the files do not depend on it)")
     build.add_argument("--overwrite", action="store_true",
@@ -100,13 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.federation == "head-ct":
+        if args.lesion_rate:
+            print("error: --lesion-rate: lesions exist for the brain federation only "
+                  "(sim/lesions.py); the head-ct federation has no lesion class", file=sys.stderr)
+            return 2
         return build_head(args)
     try:
         config = SimConfig(seed=args.seed, sites=args.sites or "A,B,C,D", subjects_per_site=args.subjects_per_site,
                            public_size=args.public_size, heldout_fit=args.heldout_fit,
                            heldout_test=args.heldout_test, image_size=args.image_size,
                            severity=args.severity, quantity_skew=args.quantity_skew,
-                           dicom_sites=args.dicom_sites)
+                           dicom_sites=args.dicom_sites, lesion_rate=args.lesion_rate,
+                           lesion_size_mm=args.lesion_size)
         start = time.perf_counter()
         manifest = build_federation(config, args.out, overwrite=args.overwrite,
                                     workers=max(1, args.workers), progress=print)

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from medgen.sim.lesions import LesionSpec
 from medgen.sim.physics import SitePhysics, default_site, site_physics
 
 GENERATOR_VERSION = "medgen.sim/3"
@@ -41,9 +42,18 @@ class SimConfig:
     quantity_skew: float = 0.0  # site k gets round(subjects_per_site * exp(-skew * k))
     # sites written as DICOM series (images/<subject>/) instead of NIfTI, e.g. ("B",)
     dicom_sites: tuple[str, ...] = ()
+    # fraction of patients (sites, public bank, held-out) with a lesion, and its diameter
+    # range in mm (sim/lesions.py); 0 = no lesion class (the build of before lesions)
+    lesion_rate: float = 0.0
+    lesion_size_mm: tuple[float, float] = (6.0, 14.0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dicom_sites", _site_list(self.dicom_sites))
+        object.__setattr__(self, "lesion_size_mm", tuple(float(v) for v in self.lesion_size_mm))
+        try:
+            self.lesion_spec()
+        except ValueError as err:
+            raise SimConfigError(f"SimConfig fields 'lesion_rate'/'lesion_size_mm': {err}") from None
         _require(32 <= self.image_size <= 128, "image_size", "must be between 32 and 128")
         _require(self.subjects_per_site >= 1, "subjects_per_site", "must be >= 1")
         for name in ("public_size", "heldout_fit", "heldout_test"):
@@ -79,6 +89,11 @@ class SimConfig:
             out[name] = site_physics(kind, float(self.severity.get(name, t)), name=name)
         return out
 
+    def lesion_spec(self) -> LesionSpec | None:
+        """The lesion knobs, or None when the build has no lesion class."""
+        spec = LesionSpec(float(self.lesion_rate), tuple(self.lesion_size_mm))
+        return spec if spec.active else None
+
     def site_counts(self) -> dict[str, int]:
         return {name: max(1, int(round(self.subjects_per_site * np.exp(-self.quantity_skew * k))))
                 for k, name in enumerate(self.site_names)}
@@ -89,6 +104,9 @@ class SimConfig:
         data["dicom_sites"] = list(self.dicom_sites)
         if not self.dicom_sites:  # an all-NIfTI build keeps the config hash it always had
             del data["dicom_sites"]
+        data["lesion_size_mm"] = list(self.lesion_size_mm)
+        if not self.lesion_rate:  # a build without lesions keeps the config hash it always had
+            del data["lesion_rate"], data["lesion_size_mm"]
         return data
 
     @classmethod

@@ -31,6 +31,7 @@ from medgen.data.staging import staged_folder
 from medgen.sim.anatomy import FOV_MM, load_anatomy
 from medgen.sim.config import GENERATOR_VERSION, SimConfig, deformation_seed, scan_seed
 from medgen.sim.physics import render_clean, render_scan, scanner_units
+from medgen.sim.lesions import write_lesion_schema
 from medgen.sim.subjects import Subject, deform_subject, render_grid
 
 MANIFEST = "manifest.json"
@@ -109,6 +110,8 @@ def build_federation(config: SimConfig, out_dir: str | Path, overwrite: bool = F
     with staged_folder(out) as staging:
         data = _render_all(config, staging, workers, progress or (lambda message: None))
         _write_dicom_sites(config, staging)
+        if config.lesion_spec() is not None:  # the label schema gains the lesion class
+            write_lesion_schema(config, staging)
         data["content_hash"] = content_hash(staging)
         atomic_write_json(staging / MANIFEST, data)
     return Manifest.load(out)
@@ -160,7 +163,7 @@ def render_tasks(config: SimConfig, root: str, tasks: list[RenderTask]) -> dict[
     levels = {}
     for task in tasks:
         sid = task.subject.subject_id
-        anat = deform_subject(anatomy, task.subject.deformation_seed, size)
+        anat = deform_subject(anatomy, task.subject.deformation_seed, size, config.lesion_spec())
         levels[task.index] = anat.level
         if task.group == "public":
             write_nifti(Path(root, "public", "labels", f"{sid}.nii.gz"), anat.labels, pixel_out)

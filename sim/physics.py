@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medgen.sim.lesions import lesion_t1, lesion_weight
 from medgen.sim.subjects import area_pool
 
 HEADROOM = 1.25
@@ -110,13 +111,18 @@ def default_site(index: int, name: str) -> tuple[str, float]:
 
 def render_contrast(maps: np.ndarray, physics: SitePhysics,
                     tissue_t1: tuple[float, float, float]) -> np.ndarray:
-    """Noise-free contrast image [R, R] from a deformed (T1, CSF, GM, WM) stack."""
+    """Noise-free contrast image [R, R] from a deformed (T1, CSF, GM, WM[, lesion]) stack
+    (a lesion's T1 is painted into the T1 channel; its mixture weight: sim/lesions.py)."""
     t1, tissue = maps[0], maps[1:4]
     image = (1.0 - physics.mix) * np.power(t1, physics.gamma)
     if physics.mix > 0:
         expected_t1 = np.tensordot(np.asarray(tissue_t1, np.float32), tissue, axes=1)
         weights = np.asarray(physics.tissue_weights, np.float32)
-        tissue_image = np.tensordot(weights, tissue, axes=1) + physics.texture * (t1 - expected_t1)
+        tissue_image = np.tensordot(weights, tissue, axes=1)
+        if maps.shape[0] > 4:
+            expected_t1 = expected_t1 + lesion_t1(tissue_t1) * maps[4]
+            tissue_image = tissue_image + lesion_weight(physics.kind) * maps[4]
+        tissue_image = tissue_image + physics.texture * (t1 - expected_t1)
         image = image + physics.mix * tissue_image
     return np.clip(image, 0.0, None).astype(np.float32)
 
@@ -159,7 +165,7 @@ def render_scan(maps: np.ndarray, physics: SitePhysics, tissue_t1, pixel_mm: flo
     field = np.asarray(bias(np.ones((1,) + image.shape, np.float32)), np.float32)[0]
     # the scanner's receiver-gain calibration keeps the mean brain signal: the field shades
     # the image but does not rescale it (MONAI's constant coefficient would)
-    tissue = maps[1:4].sum(axis=0) > 0.5
+    tissue = maps[1:].sum(axis=0) > 0.5  # the brain, lesion included
     image = image * (field / float(field[tissue].mean() if tissue.any() else field.mean()))
     image = _resolution(image, physics, pixel_mm)
     if physics.noise_model == "rician":

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medgen.sim.anatomy import Anatomy
+from medgen.sim.lesions import MIN_DIAMETER_PX, LesionSpec, has_lesion, lesion_probability, paint_lesion
 
 CONTROL_SPACING_MM = 28.0
 MAGNITUDE_MM = (2.0, 4.0)
@@ -38,7 +39,8 @@ class Subject:
 class SubjectAnatomy:
     """A subject's deformed tissue stack on the render grid and its labels at output size.
 
-    maps: float32 [4, R, R] (T1, CSF, GM, WM); labels: uint8 [S, S] in 0..3; level: the
+    maps: float32 [4, R, R] (T1, CSF, GM, WM), or [5, R, R] with a lesion channel last
+    (sim/lesions.py); labels: uint8 [S, S] in 0..3 (0..4 with a lesion); level: the
     template's axial level (mm index).
     """
 
@@ -52,8 +54,10 @@ def render_grid(image_size: int, fov_mm: float) -> int:
     return image_size * max(1, int(round(fov_mm / image_size)))
 
 
-def deform_subject(anatomy: Anatomy, seed: int, image_size: int) -> SubjectAnatomy:
-    """Pick the level and deform the four channels jointly; labels from the pooled maps."""
+def deform_subject(anatomy: Anatomy, seed: int, image_size: int,
+                   lesions: LesionSpec | None = None) -> SubjectAnatomy:
+    """Pick the level and deform the four channels jointly; paint a lesion if ``lesions``
+    draws one for this seed (sim/lesions.py); labels from the pooled maps."""
     import torch
     from monai.transforms import Rand2DElastic
 
@@ -74,13 +78,17 @@ def deform_subject(anatomy: Anatomy, seed: int, image_size: int) -> SubjectAnato
     source = torch.from_numpy(anatomy.maps[level_index])
     deformed = elastic(source)
     maps = np.clip(np.asarray(deformed.detach().cpu().numpy(), dtype=np.float32), 0.0, 1.0)
+    if lesions is not None and has_lesion(seed, lesions):
+        min_diameter = MIN_DIAMETER_PX * px * maps.shape[-1] / image_size
+        maps = paint_lesion(maps, lesion_probability(maps[1:4], seed, lesions, px, min_diameter),
+                            anatomy.tissue_t1)
     labels = tissue_labels(area_pool(maps, image_size))
     return SubjectAnatomy(maps=maps, labels=labels, level=anatomy.levels[level_index])
 
 
 def tissue_labels(maps: np.ndarray) -> np.ndarray:
-    """Argmax over (background, CSF, GM, WM) of a [4 or 3+, H, W] stack (T1 first)."""
-    tissue = maps[1:4]
+    """Argmax over (background, CSF, GM, WM[, lesion]) of a [4 or 5, H, W] stack (T1 first)."""
+    tissue = maps[1:]
     background = np.clip(1.0 - tissue.sum(axis=0), 0.0, 1.0)
     return np.argmax(np.concatenate([background[None], tissue]), axis=0).astype(np.uint8)
 
