@@ -48,6 +48,12 @@ class RunConfig:
     label_names: str = "background,csf,gm,wm"
     min_sites: int = 2
     round_timeout: float = 3600.0
+    # simulation only (`medgen-server simulate`, docs/simulated-federation.md): how many
+    # simulated sites train at once (Flower's Ray backend init-args-num-cpus with one CPU per
+    # site; 0 = one per CPU of the machine), and the fraction of each round's replies that
+    # are lost after the site trained (a reply that fails or never comes; 0 = none)
+    simulate_actors: int = 0
+    simulate_dropout: float = 0.0
     # where things are (simulation fills data-root/state-root; deployment uses node config)
     data_root: str = ""
     state_root: str = ""
@@ -209,6 +215,10 @@ def _validate(config: "RunConfig") -> None:
     _require(_finite(c.round_timeout) and c.round_timeout > 0, "round-timeout",
              f"must be a finite number of seconds > 0 (use a large value for no practical limit), "
              f"got {c.round_timeout!r}")
+    _require(c.simulate_actors >= 0, "simulate-actors",
+             f"must be >= 0 (sites training at once in simulation; 0 = one per CPU), got {c.simulate_actors}")
+    _require(_finite(c.simulate_dropout) and 0.0 <= c.simulate_dropout < 1.0, "simulate-dropout",
+             f"must be in [0, 1) (the fraction of a round's replies lost in simulation), got {c.simulate_dropout!r}")
     _require(c.eval_every >= 0, "eval-every", "must be >= 0 (0 disables evaluation)")
     _require(c.eval_samples >= 0, "eval-samples", f"must be >= 0, got {c.eval_samples}")
     _require(c.eval_every == 0 or c.eval_samples >= 2, "eval-samples",

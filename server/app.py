@@ -140,7 +140,8 @@ def _train(grid: Grid, config: RunConfig, run_dir: RunDir) -> int:
                                 federated_eval=federated_eval
                                 ).run(grid, initial, remaining, dict(train_config), on_round_end=round_end)
         return config.num_rounds
-    strategy = ValidatingFedAvg(pipeline, round_offset=start, federated_eval=federated_eval)
+    strategy = ValidatingFedAvg(pipeline, round_offset=start, federated_eval=federated_eval,
+                                dropout=config.simulate_dropout, seed=config.seed)
     strategy.start(grid, initial, num_rounds=remaining, timeout=config.round_timeout,
                    train_config=train_config, evaluate_config=ConfigRecord(dict(train_config)),
                    evaluate_fn=round_end)

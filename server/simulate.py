@@ -206,7 +206,8 @@ def run_simulation(config: RunConfig, work_dir: Path, *, timeout: float = 3600.0
     try:
         link.start()
         keep_watch()
-        federation = (f"num-supernodes={len(config.site_names)} client-resources-num-cpus=1")
+        federation = (f"num-supernodes={len(config.site_names)} client-resources-num-cpus=1"
+                      + (f" init-args-num-cpus={config.simulate_actors}" if config.simulate_actors else ""))
         submitted = link.flwr("run", str(app_dir), CONNECTION, "--federation-config", federation,
                               "--format", "json")
         if submitted.returncode != 0:

@@ -51,15 +51,36 @@ def site_rows_from_own_site(averaged, replies, current, keys, site_names) -> dic
     return out
 
 
+def simulated_dropout(replies: list[Message], fraction: float, seed: int, absolute_round: int
+                      ) -> tuple[list[Message], list[int]]:
+    """Simulation's ``simulate-dropout``: lose round(fraction * n) of a round's n replies,
+    drawn from (seed, round) over the replies in node order; returns (kept, lost node ids).
+
+    A lost reply is one that failed or never came AFTER its site trained: the site spent its
+    budget (its own ledger says so) and the server never sees the update, exactly as when a
+    hospital's link drops mid-reply. Nothing of it reaches the pipeline or the run log's
+    site list; the round then trains if min-sites replies remain, else keeps the weights."""
+    ordered = sorted(replies, key=lambda m: m.metadata.src_node_id)
+    count = int(round(fraction * len(ordered)))
+    if count == 0:
+        return ordered, []
+    lost = set(np.random.default_rng([seed, 19, absolute_round]).choice(len(ordered), count, replace=False))
+    return ([m for i, m in enumerate(ordered) if i not in lost],
+            sorted(int(ordered[i].metadata.src_node_id) for i in lost))
+
+
 class ValidatingFedAvg(FedAvg):
     """Flower FedAvg whose aggregation is ``pipeline``; rounds are absolute.
 
     ``round_offset`` is the round the run resumed from: Flower counts rounds from 1 in
     every ``start``; clients, checkpoints and the run log see absolute rounds.
+    ``dropout`` (run config ``simulate-dropout``, with ``seed``): the fraction of each
+    round's train replies dropped before aggregation (``simulated_dropout``).
     """
 
     def __init__(self, pipeline: AggregationPipeline, round_offset: int = 0,
-                 federated_eval: FederatedEvaluation | None = None) -> None:
+                 federated_eval: FederatedEvaluation | None = None, dropout: float = 0.0,
+                 seed: int = 0) -> None:
         # fraction_evaluate > 0 only tells Flower's summary that evaluation exists; which
         # rounds evaluate and which nodes are asked is ``federated_eval``'s decision
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0 if federated_eval else 0.0,
@@ -69,6 +90,7 @@ class ValidatingFedAvg(FedAvg):
         self.federated_eval = federated_eval
         self.current: dict[str, np.ndarray] | None = None  # this round's global weights
         self.last = None                                     # the last RoundResult
+        self.dropout, self.seed = dropout, seed
 
     @property
     def min_sites(self) -> int:
@@ -96,6 +118,11 @@ class ValidatingFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if self.dropout > 0:
+            replies, lost = simulated_dropout(replies, self.dropout, self.seed, self.absolute(server_round))
+            log.warning("round %d: simulate-dropout lost the replies of node(s) %s",
+                        self.absolute(server_round), lost)
         self.last = self.pipeline.aggregate(self.absolute(server_round),
                                             [SiteReply.from_message(m) for m in replies], self.current)
         if not self.last.accepted:
