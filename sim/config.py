@@ -32,7 +32,7 @@ class SimConfigError(ValueError):
 @dataclass(frozen=True)
 class SimConfig:
     seed: int = 0
-    sites: str = "A,B,C,D"  # site names (A..Z; A-D are the presets) or a count, e.g. "6"
+    sites: str = "A,B,C,D"  # site names (A..Z, then AA..ZZ; A-D are the presets) or a count, e.g. "6"
     subjects_per_site: int = 200
     public_size: int = 300
     heldout_fit: int = 48
@@ -71,28 +71,24 @@ class SimConfig:
         text = str(self.sites).strip()
         if text.isdigit():
             count = int(text)
-            _require(1 <= count <= 26, "sites", "count must be between 1 and 26")
-            return tuple(string.ascii_uppercase[:count])
+            _require(1 <= count <= MAX_SITES, "sites", f"count must be between 1 and {MAX_SITES}")
+            return tuple(site_name(index) for index in range(count))
         names = tuple(name.strip() for name in text.split(",") if name.strip())
         _require(len(names) >= 1 and len(set(names)) == len(names), "sites",
-                 "must be a count or comma-separated distinct site letters, e.g. 'A,B,C,D'")
+                 "must be a count or comma-separated distinct site names, e.g. 'A,B,C,D'")
         for name in names:
-            _require(len(name) == 1 and name in string.ascii_uppercase, "sites",
-                     f"site '{name}' must be one letter A..Z (A-D are the scanner presets, "
-                     "later letters interpolate them; see docs/simulated-federation.md)")
+            _require(site_index(name) is not None, "sites",
+                     f"site '{name}' must be a letter A..Z or two letters AA..ZZ (A-D are the "
+                     "scanner presets, later names interpolate them; see "
+                     "docs/simulated-federation.md)")
         return names
 
     def physics(self) -> dict[str, SitePhysics]:
         out = {}
         for name in self.site_names:
-            kind, t = default_site(string.ascii_uppercase.index(name), name)
+            kind, t = default_site(site_index(name), name)
             out[name] = site_physics(kind, float(self.severity.get(name, t)), name=name)
         return out
-
-    def lesion_spec(self) -> LesionSpec | None:
-        """The lesion knobs, or None when the build has no lesion class."""
-        spec = LesionSpec(float(self.lesion_rate), tuple(self.lesion_size_mm))
-        return spec if spec.active else None
 
     def site_counts(self) -> dict[str, int]:
         return {name: max(1, int(round(self.subjects_per_site * np.exp(-self.quantity_skew * k))))
@@ -120,6 +116,29 @@ class SimConfig:
     def config_hash(self) -> str:
         text = json.dumps({"version": GENERATOR_VERSION, "config": self.to_dict()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+MAX_SITES = 26 + 26 * 26
+"""Site names run like spreadsheet columns: A..Z, then AA, AB, ..., ZZ."""
+
+
+def site_name(index: int) -> str:
+    """The name of the site at ``index`` (0 -> A, 25 -> Z, 26 -> AA, 27 -> AB, ...)."""
+    if not 0 <= index < MAX_SITES:
+        raise SimConfigError(f"SimConfig field 'sites' has at most {MAX_SITES} sites, asked for index {index}")
+    letters = string.ascii_uppercase
+    return letters[index] if index < 26 else letters[index // 26 - 1] + letters[index % 26]
+
+
+def site_index(name: str) -> int | None:
+    """Inverse of ``site_name``; None for anything that is not one or two letters A..Z.
+    A site's physics follow its name's index, whatever other sites are built with it."""
+    letters = string.ascii_uppercase
+    if len(name) == 1 and name in letters:
+        return letters.index(name)
+    if len(name) == 2 and name[0] in letters and name[1] in letters:
+        return 26 * (letters.index(name[0]) + 1) + letters.index(name[1])
+    return None
 
 
 def deformation_seed(config_seed: int, index: int) -> int:
