@@ -90,6 +90,11 @@ class SimConfig:
             out[name] = site_physics(kind, float(self.severity.get(name, t)), name=name)
         return out
 
+    def lesion_spec(self) -> LesionSpec | None:
+        """The lesion knobs, or None when the build has no lesion class."""
+        spec = LesionSpec(float(self.lesion_rate), tuple(self.lesion_size_mm))
+        return spec if spec.active else None
+
     def site_counts(self) -> dict[str, int]:
         return {name: max(1, int(round(self.subjects_per_site * np.exp(-self.quantity_skew * k))))
                 for k, name in enumerate(self.site_names)}
