@@ -31,7 +31,7 @@ from skimage.metrics import structural_similarity
 from skimage.restoration import denoise_nl_means, denoise_wavelet, inpaint_biharmonic
 from skimage.transform import resize
 
-from medgen.models.degradations import SR_FACTORS, Degradation, Degraded
+from medgen.models.degradations import SR_FACTORS, Degradation, Degraded, NoiseModel
 
 try:  # optional: `pip install bm3d` (not a dependency of medgen); absent -> no BM3D row
     import bm3d
@@ -142,3 +142,27 @@ def learned_restorer(recipe: Any, model: torch.nn.Module, site_index: int, seed:
     """A trained restoration recipe as a restorer (``recipe.restore``, seeded per call)."""
     return lambda d: recipe.restore(model, d.condition, site_index,
                                     torch.Generator().manual_seed(seed), steps=steps).cpu().float()
+
+
+# -- real noise: a site's own noisy scans against their clean twins (blind denoising) ----
+def real_noise_std(noisy: torch.Tensor, clean: torch.Tensor) -> float:
+    """The std of (noisy - clean) over the body of the clean images, in network units:
+    what the oracle-sigma baselines are told, and the Gaussian-only denoiser's matched std."""
+    body = torch.from_numpy(body_mask(clean))
+    return float((noisy - clean)[:, 0][body].double().std())
+
+
+def evaluate_real_noise(noisy: torch.Tensor, clean: torch.Tensor, restorers: Mapping[str, Restorer],
+                        units_per_step: float | None = None,
+                        skip: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
+    """Every denoiser on the site's REAL noisy scans [N,1,S,S] against their clean twins:
+    the classical baselines told the true noise std (``real_noise_std``, as white noise: the
+    scanner's noise kind is unknown to them) and ``restorers`` (name -> Degraded -> images),
+    each given ``Degraded(noisy, noisy)``; {method: scores} over the body."""
+    sigma = real_noise_std(noisy, clean)
+    degraded = Degraded(noisy, noisy)
+    oracle = Degradation("denoise", NoiseModel("correlated", sigma))
+    classical = {k: v for k, v in baselines(oracle, clean.shape[-1]).items() if k not in skip}
+    body = body_mask(clean)
+    return {name: scores(fn(degraded), clean, body, units_per_step)
+            for name, fn in {**classical, **restorers}.items()}

@@ -149,3 +149,33 @@ class Degradation:
     def base(self, degraded: Degraded) -> torch.Tensor:
         """The classical starting point a residual network corrects: channel 0 of the condition."""
         return degraded.condition[:, :1]
+
+
+def flat_noise_patches(images: torch.Tensor, patch: int, count: int,
+                       blur_px: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise of each image, read from its flattest regions: blind denoising's real sample.
+
+    Every ``patch`` x ``patch`` window at stride ``patch // 2`` of each image [N,1,H,W] is
+    scored by the std of the image blurred by a Gaussian of ``blur_px`` inside it (the
+    anatomy's structure, with most of the noise averaged out, so selecting flat windows
+    biases the noise they hold little); a window with a clipped pixel (|x| = 1: the window's
+    edge, e.g. CT air or the MR background after percentile mapping) holds truncated noise
+    and is never chosen. The ``count`` flattest windows per image, minus their own mean,
+    are returned as noise [N,count,1,P,P] with a validity mask [N,count] (0 where an image
+    has fewer usable windows). A function of each image alone, no randomness.
+    """
+    n, stride = images.shape[0], max(1, patch // 2)
+    kernel = gaussian_kernel(blur_px).to(images)
+    pad = kernel.shape[-1] // 2
+    smooth = F.conv2d(F.pad(images, (pad,) * 4, mode="replicate"), kernel)
+    windows = F.unfold(images, patch, stride=stride)           # [N, P*P, L]
+    structure = F.unfold(smooth, patch, stride=stride).std(dim=1)
+    clipped = (windows.abs() >= 1.0 - 1e-6).any(dim=1)
+    if windows.shape[-1] < count:
+        raise ValueError(f"images of size {tuple(images.shape[-2:])} have {windows.shape[-1]} windows "
+                         f"of {patch} px; options.patches-per-record ({count}) must not exceed that")
+    score = torch.where(clipped, torch.full_like(structure, float("inf")), structure)
+    best = score.topk(count, dim=1, largest=False)
+    chosen = windows.gather(2, best.indices[:, None, :].expand(-1, windows.shape[1], -1))
+    noise = (chosen - chosen.mean(dim=1, keepdim=True)).permute(0, 2, 1).reshape(n, count, 1, patch, patch)
+    return noise, torch.isfinite(best.values).to(images.dtype)
