@@ -1,23 +1,25 @@
-"""The ClientApp: one round of local DP training at one site, and federated evaluation.
+"""The ClientApp: what Flower runs, in a fresh process, for every message a node receives.
 
-Per train message: resolve the node (client/node.py) -> replayed request? send the stored
-reply (client/local_state.py) -> load the site's data (cached tensors) and the public
-anatomy bank -> derive the round seed, once -> ONE privacy round (privacy/round.py: plan
-once, composed with the recipe's one-off releases; refuse before any training if the
-round would pass the budget; commit atomically on a clean exit) around
-recipe.train_local(model, RoundContext) -> persist local state -> reply.
+Per message: resolve the node (client/node.py) -> the hospital's allow-list
+(deploy/allowlist.py), before any data, ledger or work -> the round itself
+(client/rounds.py: replay check, data, ONE privacy round, reply), run
 
-The reply is ONE ArrayRecord (the recipe's shared weights) and ONE MetricRecord of
-scalars (num-examples, epsilon, delta, site-index, steps, the recipe's public-input
-metrics). Nothing else: no strings, no paths, no patient ids, no images. Errors go back
-as a Flower Error whose reason is a fixed, path-free sentence (full detail stays in the
-node's log), because exception texts may name local files.
+- on the **warm path** (node-config ``trainer = "warm"``, set by ``medgen-client``): by the
+  hospital's long-lived trainer (client/worker.py), to which this process forwards the
+  round's content over a Unix socket only the node's user can open
+  (client/worker_channel.py), returning its reply; or
+- on the **cold path** (no ``trainer`` key: simulation, ``medgen-client --trainer cold``,
+  tests): here, in this process.
 
-Per evaluate message (``evaluate_round``): the same node, allow-list and replay checks; the
-site's reserved evaluation patients (data/eval_split.py, excluded from every training
-round) score the incoming global generator; ONE planned, budget-checked Gaussian release
-(privacy/eval_release.py, evaluation/federated_eval.py) -> a reply of ONE MetricRecord of
-scalars (the DP-released scores, epsilon, delta, site-index).
+Either way the same ``rounds.answer`` runs, and the mods below wrap it here: the message
+audit (outbox_mod) records exactly what leaves the node, after client-level clipping and
+SecAgg+ masking. Errors go back as a Flower Error whose reason is a fixed, path-free
+sentence (full detail stays in the node's log).
+
+This module is the per-message import path, so it imports only Flower and small medgen
+modules; torch, MONAI, Opacus and the recipes are imported by client/rounds.py, only on
+the cold path (the one lazy import, tests/test_layering.py). ``python -X importtime``
+figures: docs/deployment.md, "The warm trainer".
 """
 
 from __future__ import annotations
@@ -25,40 +27,22 @@ from __future__ import annotations
 import logging
 import traceback
 from pathlib import Path
-from typing import Any
 
-import torch
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from medgen.client.local_state import (LocalState, ReplyStore, StoredReply, load_local_state,
-                                       request_id, save_local_state)
-from medgen.client.node import NodeSetup, resolve_node
-from medgen.config import ConfigError, RunConfig
-from medgen.data.eval_split import patient_subset, split_patients, training_part
-from medgen.data.site_data import PatientDataset, SiteData, load_public_bank, load_site
-from medgen.data.site_records import SiteDataError
+from medgen.client.codes import (BUDGET_EXCEEDED, EVALUATION_FAILED, SITE_DATA_REFUSED,  # noqa: F401
+                                 TRAINING_FAILED)
+from medgen.client.node import resolve_node
+from medgen.client.worker_channel import ask, uses_warm_trainer
+from medgen.config import RunConfig
 from medgen.deploy.allowlist import NOT_ALLOWED, AllowListError, NotAllowed, enforce_node_allow_list
-from medgen.models.capabilities import SiteDataRefused
-from medgen.evaluation import federated_eval
-from medgen.models.recipe import Recipe, RoundContext
-from medgen.models.registry import build_recipe
-from medgen.privacy.accounting import sample_rate_for
 from medgen.privacy.client_dp import client_clipping_mod
-from medgen.privacy.eval_release import planned_eval_releases, release_for_evaluation
-from medgen.privacy.ledger import BudgetExceeded, PrivacyLedger
 from medgen.privacy.message_audit import OUTBOX_FILE, record_outbox
-from medgen.privacy.round import PrivacyRound, PrivacySchedule
 from medgen.privacy.secagg import secure_aggregation_mod
 
 log = logging.getLogger(__name__)
-
-BUDGET_EXCEEDED = 4001  # Flower's own error codes stop at 8; ours are recognisable
-TRAINING_FAILED = 4002
-SITE_DATA_REFUSED = 4003  # the recipe cannot train on this site's data (e.g. no label maps)
-EVALUATION_FAILED = 4004
-EVAL_REPLIES = "eval_replies"  # beside replies/: an evaluation never evicts a training reply
 
 app = ClientApp()
 
@@ -76,191 +60,38 @@ def _outbox_file(context: Context) -> Path:
 # outbox_mod outermost: it records exactly what leaves the node (privacy/message_audit.py)
 @app.train(mods=[outbox_mod, secure_aggregation_mod, client_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, train_round, "train", TRAINING_FAILED)
-
-
-def _handle(msg: Message, context: Context, work, verb: str, failed_code: int) -> Message:
-    """Run ``work(config, node, content)`` for a message; every failure becomes a clean,
-    path-free error reply (the details, which may name local files, go to the node log)."""
-    site = "unknown"
-    try:
-        config = RunConfig.from_run_config(context.run_config)
-        node = resolve_node(config, context.node_config)
-        site = node.site
-        # the hospital's allow-list (deploy/allowlist.py): refuse before data, ledger or work
-        enforce_node_allow_list(context.node_config, config, msg.content.config_records.get("config"))
-        if node.simulated:
-            torch.set_num_threads(1)  # 2 cores, 2 clients at once: oversubscribing is costly
-        return Message(work(config, node, msg.content), reply_to=msg)
-    except (NotAllowed, AllowListError) as err:
-        log.warning("site %s: %s", site, err)  # AllowListError names the local file: log only
-        reason = str(err) if isinstance(err, NotAllowed) else \
-            "refused: this hospital's allow-list file is unreadable (see the node log)"
-        return Message(Error(NOT_ALLOWED, f"site {site}: {reason}"), reply_to=msg)
-    except SiteDataRefused as err:  # a fixed, path-free sentence of the recipe's (capabilities.py)
-        log.warning("site %s: %s", site, err)
-        return Message(Error(SITE_DATA_REFUSED, f"site {site}: refused before any privacy budget "
-                             f"was spent: {err}"), reply_to=msg)
-    except BudgetExceeded as err:
-        log.warning("%s", err)
-        return Message(Error(BUDGET_EXCEEDED, f"site {site}: refused to {verb}, its privacy "
-                             "budget would be exceeded (see the node log)"), reply_to=msg)
-    except Exception as err:  # noqa: BLE001 - every failure becomes a clean error reply
-        log.error("site %s: %s failed:\n%s", site, verb, traceback.format_exc())
-        noun = "training" if verb == "train" else "evaluation"
-        return Message(Error(failed_code, f"site {site}: {noun} failed with "
-                             f"{type(err).__name__} (details in the node log)"), reply_to=msg)
-
-
-def train_round(config: RunConfig, node: NodeSetup, content: RecordDict) -> RecordDict:
-    """Train one round at this node; returns the reply content (replayed if seen before)."""
-    incoming = content["arrays"]
-    settings = content["config"]
-    run_key, server_round = str(settings["run-key"]), int(settings["absolute-round"])
-    request = request_id(run_key, server_round, incoming)
-    replies = ReplyStore(node.replies_dir)
-    stored = replies.load(request)
-    if stored is not None:
-        log.info("site %s: round %d already answered; replaying the stored reply (no new "
-                 "training, no new privacy cost)", node.site, server_round)
-        return _reply(stored)
-
-    recipe = build_recipe(config)
-    model = recipe.build()
-    shared = incoming.to_torch_state_dict()
-    expected = set(recipe.shared_keys(model))
-    if set(shared) != expected:
-        raise ValueError(f"incoming weights do not match recipe {config.recipe!r}: "
-                         f"{len(set(shared) ^ expected)} keys differ")
-    local = load_local_state(node.local_state_path, run_key)
-    model.load_state_dict({**model.state_dict(), **local.weights, **shared})
-
-    site_data = _site_for(recipe, node, config)
-    recipe.check_site(site_data)  # plan time: a recipe that needs label maps refuses before the ledger
-    # the federated-evaluation patients never train (data/eval_split.py): the dataset,
-    # num-examples and the sample rate below count training patients only
-    data = training_part(site_data, node.site, config.federated_eval_fraction)
-    public = load_public_bank(node.public_dir, config.image_size)
-    cap = node.target_epsilon(config)  # the run's target, tightened by the site's own cap
-    schedule = _schedule(config, recipe, data, cap)
-    seed = _round_seed(config, node, server_round)  # the one seed of every draw this round
-    privacy = PrivacyRound.at(node.ledger_path, node.site, schedule, run_id=request,
-                              server_round=server_round, steps=config.local_steps, cap_epsilon=cap,
-                              seed=seed if node.simulated else None)
-    with privacy as private:  # BudgetExceeded here: nothing trains, the ledger is untouched
-        ctx = RoundContext(PatientDataset(data, generator_seed=seed), public, private, node.site_index,
-                           config.local_steps, local.recipe_state, _device(config), seed)
-        recipe_metrics = recipe.train_local(model, ctx)
-    model.cpu()
-    save_local_state(node.local_state_path,
-                     LocalState(run_key, recipe.local_only_state(model), local.recipe_state))
-    metrics: dict[str, float | int] = {
-        **{k: float(v) for k, v in recipe_metrics.items() if _is_scalar(v)},
-        "num-examples": int(data.num_patients), "epsilon": float(privacy.epsilon),
-        "delta": float(privacy.plan.delta), "site-index": int(node.site_index),
-        "steps": int(privacy.steps_taken),
-    }
-    reply = StoredReply({k: v.detach().cpu() for k, v in recipe.shared_state(model).items()}, metrics)
-    replies.save(request, reply)
-    log.info("site %s: round %d trained %d steps, epsilon %.3f (delta %g, %s accountant, unit "
-             "patient)", node.site, server_round, privacy.steps_taken, privacy.epsilon,
-             privacy.plan.delta, privacy.plan.accountant)
-    return _reply(reply)
-
-
-def _schedule(config: RunConfig, recipe, train_data: SiteData, cap: float) -> PrivacySchedule:
-    """The site's whole schedule: DP-SGD on the training patients, the recipe's one-off
-    releases and every planned federated-evaluation release (privacy/eval_release.py)."""
-    own = recipe.one_off_releases()
-    return PrivacySchedule(target_epsilon=cap, delta=config.delta, accountant=config.accountant,
-                           sample_rate=sample_rate_for(train_data.num_patients, config.batch_size),
-                           total_steps=config.num_rounds * config.local_steps,
-                           max_grad_norm=config.max_grad_norm,
-                           releases=own + planned_eval_releases(config, own))
-
-
-def _site_for(recipe: Recipe, node: NodeSetup, config: RunConfig) -> SiteData:
-    """The site read as the recipe consumes it (slices or volumes, whatever dataset.toml's
-    dims). A site with nothing usable for it is refused before any budget is spent, with a
-    path-free reason (the full one, naming files, stays in the node log)."""
-    try:
-        return load_site(node.data_dir, config.image_size, cache_dir=node.cache_dir,
-                         consumes=recipe.consumes)
-    except SiteDataError as err:
-        log.warning("site %s: %s", node.site, err)
-        raise SiteDataRefused(f"no usable records for recipe {recipe.name!r}, which consumes "
-                              f"{recipe.consumes} (the node log lists each file and why)") from None
+    return Message(_answer("train", msg.content, context), reply_to=msg)
 
 
 # the evaluate handler: outbox audit only (the clipping and SecAgg+ mods are for train)
 @app.evaluate(mods=[outbox_mod])
 def evaluate(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, evaluate_round, "evaluate", EVALUATION_FAILED)
+    return Message(_answer("evaluate", msg.content, context), reply_to=msg)
 
 
-def evaluate_round(config: RunConfig, node: NodeSetup, content: RecordDict) -> RecordDict:
-    """Score the incoming global generator on this site's evaluation patients; ONE DP
-    release (evaluation/federated_eval.py, privacy/eval_release.py); scalars back."""
-    if config.federated_eval_fraction == 0:
-        raise ConfigError("run-config field 'federated-eval-fraction' is 0: this run reserved no "
-                          "evaluation patients, so the site cannot evaluate")
-    incoming = content["arrays"]
-    settings = content["config"]
-    run_key, server_round = str(settings["run-key"]), int(settings["absolute-round"])
-    request = request_id(run_key, server_round, incoming)
-    replies = ReplyStore(node.state_dir / EVAL_REPLIES)
-    stored = replies.load(request)
-    if stored is not None:  # the same evaluation again: its scalars, at no new cost
-        return RecordDict({"metrics": MetricRecord(dict(stored.metrics))})
+def _answer(verb: str, content: RecordDict, context: Context) -> RecordDict | Error:
+    """The node, the allow-list, then the round: forwarded to the warm trainer or run here."""
+    site = "unknown"
+    failed_code = TRAINING_FAILED if verb == "train" else EVALUATION_FAILED
+    try:
+        config = RunConfig.from_run_config(context.run_config)
+        node = resolve_node(config, context.node_config)
+        site = node.site
+        # the hospital's allow-list (deploy/allowlist.py): refuse before data, ledger or work
+        enforce_node_allow_list(context.node_config, config, content.config_records.get("config"))
+    except (NotAllowed, AllowListError) as err:
+        log.warning("site %s: %s", site, err)  # AllowListError names the local file: log only
+        reason = str(err) if isinstance(err, NotAllowed) else \
+            "refused: this hospital's allow-list file is unreadable (see the node log)"
+        return Error(NOT_ALLOWED, f"site {site}: {reason}")
+    except Exception as err:  # noqa: BLE001 - every failure becomes a clean error reply
+        log.error("site %s: %s failed:\n%s", site, verb, traceback.format_exc())
+        noun = "training" if verb == "train" else "evaluation"
+        return Error(failed_code, f"site {site}: {noun} failed with {type(err).__name__} "
+                     "(details in the node log)")
+    if uses_warm_trainer(context.node_config):
+        return ask(node.state_dir, verb, context.run_config, context.node_config, content,
+                   site=site, failed_code=failed_code)
+    import medgen.client.rounds as rounds  # the cold path only: torch, MONAI, Opacus, the recipes
 
-    recipe = build_recipe(config)
-    model = recipe.build()
-    shared = incoming.to_torch_state_dict()
-    expected = set(recipe.shared_keys(model))
-    if set(shared) != expected:
-        raise ValueError(f"incoming weights do not match recipe {config.recipe!r}: "
-                         f"{len(set(shared) ^ expected)} keys differ")
-    model.load_state_dict({**model.state_dict(), **shared})  # the GLOBAL generator only
-    model.to(_device(config))
-    site_data = _site_for(recipe, node, config)
-    recipe.check_site(site_data)
-    split = split_patients(node.site, site_data.num_patients, config.federated_eval_fraction)
-    cap = node.target_epsilon(config)
-    schedule = _schedule(config, recipe, patient_subset(site_data, split.train), cap)
-    seed = _round_seed(config, node, server_round) ^ 0x5EED_E7A1  # not the training round's draws
-    vectors = federated_eval.patient_vectors(
-        recipe, model, patient_subset(site_data, split.half_a), patient_subset(site_data, split.half_b),
-        node.site_index, config.num_classes, seed)
-    noise = torch.Generator().manual_seed(seed) if node.simulated else None
-    release = release_for_evaluation(PrivacyLedger.open(node.ledger_path, site=node.site), schedule,
-                                     vectors, clip_norm=federated_eval.CLIP_NORM,
-                                     noise_multiplier=config.federated_eval_noise, request=request,
-                                     server_round=server_round, cap_epsilon=cap, generator=noise)
-    metrics: dict[str, float | int] = {
-        **federated_eval.scalars(release.values, config.num_classes, config.federated_eval_noise, seed),
-        "epsilon": float(release.epsilon), "delta": float(release.delta),
-        "site-index": int(node.site_index)}
-    replies.save(request, StoredReply({}, metrics))
-    log.info("site %s: round %d evaluated on %d held-out patients, epsilon now %.3f (%s accountant)",
-             node.site, server_round, len(split.evaluation), release.epsilon, release.accountant)
-    return RecordDict({"metrics": MetricRecord(metrics)})
-
-
-def _reply(reply: StoredReply) -> RecordDict:
-    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in reply.arrays.items()})
-    return RecordDict({"arrays": arrays, "metrics": MetricRecord(dict(reply.metrics))})
-
-
-def _is_scalar(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _round_seed(config: RunConfig, node: NodeSetup, server_round: int) -> int:
-    # distinct per (run seed, site, round): reproducible simulations, fresh draws per round
-    return (config.seed * 1_000_003 + node.site_index * 10_007 + server_round) % 2**31
-
-
-def _device(config: RunConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
+    return rounds.answer(verb, config, node, content)

@@ -8,10 +8,14 @@
 
 The second form checks everything it can locally (files exist, the key is private, the
 allow-list parses), writes the node configuration to STATE/node-config.toml and then
-replaces itself with ``flower-supernode``: TLS verified against the federation's CA,
-authenticated with the hospital's key, no run-time dependency installation (the node
-runs the medgen it has installed; the app bundle is only a shim, FLOWER.md). Training
-requests run in fresh processes; the privacy ledger, caches and replies stay in STATE.
+starts ``flower-supernode``: TLS verified against the federation's CA, authenticated
+with the hospital's key, no run-time dependency installation (the node runs the medgen
+it has installed; the app bundle is only a shim, FLOWER.md). With ``--trainer warm`` (the
+default) it also starts the hospital's warm trainer (client/worker.py) and keeps both up
+(client/worker_supervisor.py): each message's ClientApp forwards the round to it over a
+0600 Unix socket in STATE. ``--trainer cold`` replaces itself with the SuperNode and
+every round runs in the message's own fresh process. The privacy ledger, caches and
+replies stay in STATE either way.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from medgen.atomic import atomic_write_text
 from medgen.data.data_check import main as data_check
 from medgen.client.node import epsilon_cap
 from medgen.client.translate import main as translate
+from medgen.client.worker_channel import TRAINER_KEY, WARM
+from medgen.client.worker_supervisor import run_node
 from medgen.config import ConfigError
 from medgen.deploy.allowlist import AllowList, AllowListError
 from medgen.deploy.launch import NodeLaunch, flower_env, node_config_toml, supernode_command
@@ -67,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "ceiling; the node plans for min(cap, the run's target) and refuses beyond it")
     p.add_argument("--allow", type=Path, metavar="FILE", help="allow-list (TOML): approved medgen "
                    "release, recipes and run settings; other runs are refused (docs/deployment.md)")
+    p.add_argument("--trainer", choices=("warm", "cold"), default=WARM,
+                   help="warm: one long-lived trainer process keeps torch and the recipe loaded "
+                   "across rounds (each message's ClientApp forwards the round to it over a 0600 "
+                   "Unix socket in --state); cold: every message trains in its own fresh process "
+                   "(docs/deployment.md, 'The warm trainer')")
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help="local port for the node's app processes (one per node on a host)")
     p.add_argument("--max-retries", type=int, metavar="N",
@@ -102,8 +113,13 @@ def node_settings(args: argparse.Namespace) -> dict[str, object]:
             raise ClientSetupError(str(err)) from None
         allow = str(args.allow.resolve())
     state = args.state.resolve()
+    if args.trainer == WARM and state.is_dir() and stat.S_IMODE(state.stat().st_mode) & 0o022:
+        raise ClientSetupError(f"--state {args.state} is writable by other users (mode "
+                               f"{stat.S_IMODE(state.stat().st_mode):o}); the warm trainer's socket "
+                               f"lives there: run `chmod 700 {args.state}`")
     return {"site": args.site or args.key.name, "data-dir": str(data), "state-dir": str(state),
-            "public-dir": str(public), "epsilon-cap": args.epsilon_cap, "allow-list": allow}
+            "public-dir": str(public), "epsilon-cap": args.epsilon_cap, "allow-list": allow,
+            TRAINER_KEY: WARM if args.trainer == WARM else None}
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -135,10 +151,13 @@ def start(args: argparse.Namespace) -> int:
     cap = settings["epsilon-cap"]
     print(f"site {settings['site']}: joining {args.server}; data {settings['data-dir']}; state {state}; "
           f"epsilon cap {cap if cap is not None else 'none (the run target applies)'}; allow-list "
-          f"{settings['allow-list'] or 'none (every run of the installed medgen)'}", flush=True)
+          f"{settings['allow-list'] or 'none (every run of the installed medgen)'}; trainer "
+          f"{args.trainer}", flush=True)
     print(" ".join(command), flush=True)
     if args.dry_run:
         return 0
+    if args.trainer == WARM:
+        return run_node(command, flower_env(), state)
     os.execve(command[0], command, flower_env())
     return 1  # not reached
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from flwr.app import RecordDict
 
-from medgen.client.app import train_round
+from medgen.client.rounds import train_round
 from medgen.client.node import NodeSetup, resolve_node
 from medgen.config import RunConfig
 

@@ -47,7 +47,6 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_stdv
 
 from medgen.config import RunConfig
-from medgen.privacy.accounting import epsilon_of
 
 UNIT = "site"
 CLIPPING_REFUSED = 4014  # medgen error codes: client/app.py, deploy/allowlist.py, privacy/*
@@ -152,6 +151,8 @@ def effective_noise_multiplier(noise_multiplier: float, num_sites: int, num_exam
 def site_level_epsilon(rounds: Sequence[Sequence[float]], dp: ClientLevelDP, delta: float,
                        accountant: str) -> float:
     """Epsilon per site after the given rounds (each: the num-examples of its sites)."""
+    from medgen.privacy.accounting import epsilon_of  # Opacus: off the ClientApp's import path
+
     history = [(effective_noise_multiplier(dp.noise_multiplier, dp.num_sites, r), 1.0, 1) for r in rounds]
     return epsilon_of(history, delta, accountant) if history else 0.0
 

@@ -49,6 +49,8 @@ MODULE_LAYERS = {"medgen.sim.random_contrast": 1, "medgen.sim.random_deformation
 ENTRY_POINTS = {
     "medgen.cli",                         # `medgen ...` dispatcher
     "medgen.client.app",                  # the ClientApp (Flower loads it by name)
+    "medgen.client.rounds",               # the ClientApp's rounds, cold path or warm trainer
+    "medgen.client.worker",               # python -m medgen.client.worker (medgen-client starts it)
     "medgen.server.app",                  # the ServerApp
     "medgen.client.cli",                  # medgen-client
     "medgen.client.translate",            # medgen translate
@@ -68,6 +70,11 @@ LAZY_IMPORTS = {
         "pydicom only when a build writes DICOM sites: `import medgen.sim` stays numpy-only",
     ("medgen.evaluation.report", "medgen.evaluation.translation"):
         "torch and MONAI (8 s) only for a report that has a translation section",
+    ("medgen.client.app", "medgen.client.rounds"):
+        "the per-message ClientApp imports torch, MONAI and the recipes only on the cold path; "
+        "on the warm path it forwards to the trainer (docs/deployment.md)",
+    ("medgen.privacy.client_dp", "medgen.privacy.accounting"):
+        "Opacus only to account client-level DP on the server, never in the ClientApp's clipping mod",
 }
 
 # modules owned by work still in flight elsewhere (issue 12 items 1-3, issue 13): their

@@ -11,6 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 import medgen.client.app as client_app
+import medgen.client.rounds as client_rounds
 from medgen.data.eval_split import split_patients, training_part
 from medgen.config import RunConfig
 from medgen.data.site_data import load_site
@@ -54,12 +55,12 @@ def test_split_is_deterministic_disjoint_and_keeps_training_patients():
 def test_evaluation_patients_never_enter_training(config, flower_task_identity, monkeypatch):
     seen = []
 
-    class Recording(client_app.PatientDataset):
+    class Recording(client_rounds.PatientDataset):
         def __init__(self, site_data, generator_seed):
             seen.append(site_data)
             super().__init__(site_data, generator_seed)
 
-    monkeypatch.setattr(client_app, "PatientDataset", Recording)
+    monkeypatch.setattr(client_rounds, "PatientDataset", Recording)
     reply = client_app.app(_message(config, "train"), _context(config))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
 

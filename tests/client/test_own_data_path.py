@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
-from medgen.client.app import train_round
+from medgen.client.rounds import train_round
 from medgen.client.cli import main as client_main
 from medgen.client.node import resolve_node
 from medgen.config import RunConfig
