@@ -22,12 +22,19 @@ from medgen.privacy.dp_step import DPModule
 
 
 def train_gan_round(recipe: Any, model: nn.Module, ctx: RoundContext,
-                    real: Callable[[Any, torch.device], torch.Tensor]) -> dict[str, float]:
+                    real: Callable[[Any, torch.device], torch.Tensor],
+                    gen_per_disc: float | None = None) -> dict[str, float]:
     """The loop above for ``recipe`` (with ``options.lr_gen/lr_disc/beta1/beta2/
     disc_steps_per_gen_step``, ``disc_step(model, d, real, site, rng, device)`` and
-    ``gen_step(model, d, opt_g, site, rng, device)``); returns the round's scalar metrics."""
+    ``gen_step(model, d, opt_g, site, rng, device)``); returns the round's scalar metrics.
+    ``gen_per_disc``: G steps per D step for this round instead of the fixed schedule (an
+    adaptive schedule, models/adaptive_schedule.py: after D step i, G has taken
+    floor(i * gen_per_disc) steps); it must be computed from released values only."""
     o, device, site = recipe.options, ctx.device, ctx.site_index
     recipe.check_round(ctx)
+    if getattr(o, "schedule", "fixed") != "fixed" and gen_per_disc is None:  # before any DP step
+        raise ValueError(f"recipe {recipe.name!r} inherits options.schedule = {o.schedule!r} but "
+                         "does not implement it (only site-gan does): set options.schedule = fixed")
     model.to(device).train()
     rng = ctx.generator()
     opt_g = torch.optim.Adam(model.gen.parameters(), lr=o.lr_gen, betas=(o.beta1, o.beta2))
@@ -40,7 +47,13 @@ def train_gan_round(recipe: Any, model: nn.Module, ctx: RoundContext,
         for i, batch in enumerate(d.batches(ctx.steps)):
             loss_fake_sum += recipe.disc_step(model, d, real(batch, device), site, rng, device)
             d_steps += 1
-            if (i + 1) % o.disc_steps_per_gen_step == 0 or (i == ctx.steps - 1 and g_steps == 0):
+            if gen_per_disc is None:
+                due = int((i + 1) % o.disc_steps_per_gen_step == 0)
+            else:
+                due = int((i + 1) * gen_per_disc + 1e-9) - g_steps
+            if i == ctx.steps - 1 and g_steps + due == 0:
+                due = 1
+            for _ in range(due):
                 loss_g, score = recipe.gen_step(model, d, opt_g, site, rng, device)
                 loss_g_sum, score_sum, g_steps = loss_g_sum + loss_g, score_sum + score, g_steps + 1
     ctx.keep_optimizer(opt_g, "opt_gen")

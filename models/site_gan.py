@@ -20,9 +20,13 @@ dataset item):
   3. The G step reads no real batch: the site id, noise and D's released parameters
      (``DPModule.frozen`` refuses if un-noised private state is left on D), so G's update
      is post-processing.
-  4. No one-off release: the plan is exactly Opacus' DP-SGD calibration.
+  4. No one-off release with the default ``schedule = "fixed"``: the plan is exactly
+     Opacus' DP-SGD calibration. ``schedule = "adaptive"`` (Adaptive MedGAN) adds one
+     declared Gaussian release per round of the critic's real-data mean, planned and
+     accounted in the same history; its own numbered argument is at the top of
+     models/adaptive_schedule.py. It changes only how many (free) G steps a round takes.
   5. Metrics: only public-input losses and scores, step counts and wall time (losses on
-     the private batch would leave the site unaccounted).
+     the private batch would leave the site unaccounted), and post-processing of (4).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from medgen.config import ConfigError
+from medgen.models.adaptive_schedule import SCHEDULES, AdaptiveSchedule
 from medgen.models.blocks import DownBlock, ProjectionHead, group_count
 from medgen.models.dp_cgan import LOSSES, disc_loss, gen_loss
 from medgen.models.gan_round import train_gan_round
@@ -112,6 +118,20 @@ class SiteGANOptions(RecipeOptions):
     disc_steps_per_gen_step: int = option(2, at_least=1)
     balance_fake_grad: bool = True  # clip D's fake-term gradient to max-grad-norm, as the real term
     loss: str = option("nonsat", choices=LOSSES)
+    # Adaptive MedGAN (models/adaptive_schedule.py): G steps per D step from a released
+    # Wasserstein estimate, clamp(W / wd-scale, min-gen-per-disc, max-gen-per-disc)
+    schedule: str = option("fixed", choices=SCHEDULES)
+    wd_noise: float = option(4.0, above=0)     # noise multiplier of the per-round release
+    wd_bound: float = option(2.0, above=0)     # per-patient critic means clamped to +-bound
+    wd_scale: float = option(1.0, above=0)
+    min_gen_per_disc: float = option(0.25, above=0)
+    max_gen_per_disc: float = option(4.0, above=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_gen_per_disc > self.max_gen_per_disc:
+            raise ConfigError(f"options.min-gen-per-disc ({self.min_gen_per_disc:g}) exceeds "
+                              f"options.max-gen-per-disc ({self.max_gen_per_disc:g})")
 
 
 # -- the recipe ----------------------------------------------------------------------
@@ -134,8 +154,25 @@ class SiteConditionalGAN(Recipe):
             disc = SiteDiscriminator(size, self.num_sites, o.disc_width)
         return SiteGAN(gen, disc)
 
+    def adaptive(self) -> AdaptiveSchedule | None:
+        o = self.options
+        if o.schedule != "adaptive":
+            return None
+        return AdaptiveSchedule(o.wd_noise, o.wd_bound, o.wd_scale, o.min_gen_per_disc,
+                                o.max_gen_per_disc, fake_count=4 * self.config.batch_size)
+
+    def one_off_releases(self) -> tuple[tuple[float, float, int], ...]:
+        schedule = self.adaptive()
+        return schedule.releases(self.config.num_rounds) if schedule is not None else ()
+
     def train_local(self, model: nn.Module, ctx: RoundContext) -> dict[str, float]:
-        return train_gan_round(self, model, ctx, self.real_images)  # models/gan_round.py
+        schedule = self.adaptive()
+        if schedule is None:
+            return train_gan_round(self, model, ctx, self.real_images)  # models/gan_round.py
+        ratio = schedule.plan_round(self, model, ctx)  # released values only
+        ratio = 1.0 / self.options.disc_steps_per_gen_step if ratio is None else ratio
+        metrics = train_gan_round(self, model, ctx, self.real_images, gen_per_disc=ratio)
+        return {**metrics, **schedule.release(self, model, ctx), "gen_per_disc": ratio}
 
     def _fake(self, model: nn.Module, site_index: int, n: int, rng, device) -> tuple[torch.Tensor, torch.Tensor]:
         site = torch.full((n,), site_index, dtype=torch.long, device=device)

@@ -206,7 +206,7 @@ class PrivateTraining:
         """
         sigma = float(noise_multiplier)
         check_release_arguments(vectors, clip_norm, sigma)
-        if (sigma, 1.0, 1) not in self.plan.releases:
+        if not any(s == sigma and q == 1.0 for s, q, _ in self.plan.releases):  # (sigma, 1, n): n releases
             raise ValueError(f"the privacy plan declares no release at noise_multiplier {sigma} "
                              f"(plan releases: {list(self.plan.releases)}): an undeclared release "
                              "would spend budget the calibration did not plan for")
