@@ -218,13 +218,14 @@ class DPConditionalGAN(Recipe):
         body = [p for p in model.gen.parameters() if all(p is not q for q in scanner)]
         opt_g = torch.optim.Adam([{"params": body}, {"params": scanner, "lr": o.lr_scanner}],
                                  lr=o.lr_gen, betas=(o.beta1, o.beta2))
-        opt_d = torch.optim.Adam(model.disc.parameters(), lr=o.lr_disc, betas=(o.beta1, o.beta2))
+        critic = self.private_net(model)
+        opt_d = torch.optim.Adam(critic.parameters(), lr=o.lr_disc, betas=(o.beta1, o.beta2))
         ctx.restore_optimizer(opt_g, "opt_gen")
         ctx.restore_optimizer(opt_d, "opt_disc")
 
         start, sums = time.perf_counter(), {"loss_disc_fake": 0.0, "loss_gen": 0.0, "disc_fake_score": 0.0}
         d_steps = g_steps = 0
-        with DPModule(ctx.private, model.disc, opt_d, ctx.data, self.config.batch_size) as d:
+        with DPModule(ctx.private, critic, opt_d, ctx.data, self.config.batch_size) as d:
             for i, batch in enumerate(d.batches(ctx.steps)):
                 images, labels = self.real_batch(batch, device)
                 sums["loss_disc_fake"] += self.disc_step(model, d, images, labels, ctx.public, site, rng, device)
@@ -262,7 +263,7 @@ class DPConditionalGAN(Recipe):
         if images.shape[0] > 0:
             real_site = torch.full((images.shape[0],), site_index, dtype=torch.long, device=device)
             logits = d.module(images, one_hot_labels(labels, self.num_classes), real_site)
-            disc_loss(logits, real=True, kind=kind).mean().backward()
+            (disc_loss(logits, real=True, kind=kind).mean() + self.extra_real_loss(d, images, labels)).backward()
         d.step(public_grads)  # clip+noise real, add public, step, zero grads
         return float(loss_fake.detach())
 
@@ -279,10 +280,24 @@ class DPConditionalGAN(Recipe):
                 target = moments_from_release(model.gen.site_moments[site_index]).to(fake.device)
                 achieved = tissue_statistics(fake, labels).mean(dim=0)
                 loss = loss + o.moment_weight * (achieved - target).square().sum()
+            loss = loss + self.extra_gen_loss(model, fake, labels)
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
             opt_g.step()
         return float(loss.detach()), float(torch.sigmoid(logits.detach()).mean())
+
+    # -- extension points (models/red_gan.py): the private module and extra loss terms -----
+    def private_net(self, model: nn.Module) -> nn.Module:
+        """The ONE module DP-SGD trains (D here); its forward is D's."""
+        return model.disc
+
+    def extra_real_loss(self, d: DPModule, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | float:
+        """A further per-record term on the private batch (inside the clipped gradient)."""
+        return 0.0
+
+    def extra_gen_loss(self, model: nn.Module, fake: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor | float:
+        """A further term of G's loss on generated images of public maps (post-processing)."""
+        return 0.0
 
     def _public_conditions(self, public: PublicData, site_index: int, n: int, rng, device):
         labels = one_hot_labels(public.draw(n, generator=rng), self.num_classes).to(device)
