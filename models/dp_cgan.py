@@ -254,6 +254,7 @@ class DPConditionalGAN(Recipe):
             fake = model.gen(fake_labels, fake_site, *model.gen.draw_noise(n_fake, rng, device))
         with d.public_pass():
             loss_fake = disc_loss(d.module(fake, fake_labels, fake_site), real=False, kind=kind).mean()
+            loss_fake = loss_fake + self.extra_fake_loss(model, d, rng, device)
             public_grads = d.public_grads(loss_fake)
         if self.options.balance_fake_grad:
             public_grads = clip_total_norm(public_grads, self.config.max_grad_norm)
@@ -293,6 +294,10 @@ class DPConditionalGAN(Recipe):
 
     def extra_real_loss(self, d: DPModule, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | float:
         """A further per-record term on the private batch (inside the clipped gradient)."""
+        return 0.0
+
+    def extra_fake_loss(self, model: nn.Module, d: DPModule, rng: torch.Generator, device) -> torch.Tensor | float:
+        """A further public term of the private module's step (added after clipping+noise)."""
         return 0.0
 
     def extra_gen_loss(self, model: nn.Module, fake: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor | float:

@@ -17,6 +17,7 @@ RECIPES: dict[str, str] = {
     "volume-gan": "medgen.models.volume_gan:VolumeConsistentGAN",  # 3D volumes, no label maps
     "spcycle-gan": "medgen.models.spcycle_gan:SPCycleGAN",  # site-to-site translation, G and D private
     "red-gan": "medgen.models.red_gan:RedGAN",  # dp-cgan + passive segmenter, rare-class rebalancing
+    "two-stage": "medgen.models.two_stage:TwoStageGAN",  # label-map GAN + dp-cgan, critics private
     "icycle-gan": "medgen.models.icycle_gan:ICycleGAN",  # translation + correction net, G, R, D private
     "blind-denoise": "medgen.models.blind_denoise:BlindDenoise",  # noise GAN + denoiser, no label maps
 }
