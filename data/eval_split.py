@@ -67,7 +67,8 @@ def patient_subset(data: SiteData, patients: tuple[int, ...]) -> SiteData:
     return dataclasses.replace(
         data, images=data.images[rows], labels=data.labels[rows] if data.labels is not None else None,
         patient_index=new_number[data.patient_index[rows]], num_patients=len(patients),
-        record_index=data.record_index[rows] if data.record_index is not None else None)
+        record_index=data.record_index[rows] if data.record_index is not None else None,
+        paired=data.paired[rows] if data.paired is not None else None)
 
 
 def training_part(data: SiteData, site: str, fraction: float) -> SiteData:

@@ -21,6 +21,9 @@ which is what medgen assumed before manifests existed.
                  values = [0, 1, 2, 3]  optional (0..K-1); `none = true`: unlabelled data
     [geometry]   spacing = "as-stored"  or [x, y(, z)] mm to resample to
                  orientation = "as-stored"  or a 3-letter code such as "RAS"
+    [paired]     modality = "MR"        optional: every patient also has an image of this
+                 folder = "paired"      modality, same file name, in this folder
+                 registered = false     whether the pairs are aligned voxel for voxel
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ KNOWN_KEYS = {
     "intensity": {"units", "normalisation", "window", "percentiles", "display_window"},
     "labels": {"names", "values", "none"},
     "geometry": {"spacing", "orientation"},
+    "paired": {"modality", "folder", "registered"},
 }
 
 
@@ -99,6 +103,29 @@ class GeometryPolicy:
 
 
 @dataclass(frozen=True)
+class PairedModality:
+    """A paired site's second modality: ``folder/<name>`` is the same patient as
+    ``images/<name>``, in ``modality``, read with that modality's default intensity policy
+    (MR: per-volume percentiles; CT: the default HU window) and no label maps of its own.
+    ``registered`` False: the pair is misaligned (different pose), as acquired."""
+
+    modality: str
+    folder: str = "paired"
+    registered: bool = False
+
+    def manifest(self, primary: "DatasetManifest") -> "DatasetManifest":
+        """How the paired folder is read: its modality, that modality's default intensity
+        policy, the primary's dims and geometry, no labels."""
+        where = " + ".join(primary.sources) or "dataset.toml"
+        return DatasetManifest(modality=self.modality, intensity=_intensity({}, self.modality, where),
+                               labels=None, dims=primary.dims, geometry=primary.geometry,
+                               name=f"{primary.name} paired {self.modality}".strip())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"modality": self.modality, "folder": self.folder, "registered": self.registered}
+
+
+@dataclass(frozen=True)
 class DatasetManifest:
     modality: str
     intensity: IntensityPolicy
@@ -107,6 +134,7 @@ class DatasetManifest:
     geometry: GeometryPolicy = field(default_factory=GeometryPolicy)
     name: str = ""
     sources: tuple[str, ...] = ()  # the dataset.toml files read, root first ("" = default)
+    paired: PairedModality | None = None  # [paired]: a second modality per patient
 
     @classmethod
     def default_brain(cls) -> "DatasetManifest":
@@ -132,15 +160,19 @@ class DatasetManifest:
         return cls(modality=modality, dims=dims, name=str(dataset.get("name", "")),
                    intensity=_intensity(tables.get("intensity", {}), modality, where),
                    labels=_labels(tables.get("labels"), where),
-                   geometry=_geometry(tables.get("geometry", {}), where), sources=sources)
+                   geometry=_geometry(tables.get("geometry", {}), where), sources=sources,
+                   paired=_paired(tables.get("paired"), where))
 
     def to_tables(self) -> dict[str, dict[str, Any]]:
         dataset: dict[str, Any] = {"modality": self.modality, "dims": self.dims}
         if self.name:
             dataset["name"] = self.name
         labels = self.labels.to_dict() if self.labels is not None else {"none": True}
-        return {"dataset": dataset, "intensity": self.intensity.to_dict(), "labels": labels,
-                "geometry": self.geometry.to_dict()}
+        tables = {"dataset": dataset, "intensity": self.intensity.to_dict(), "labels": labels,
+                  "geometry": self.geometry.to_dict()}
+        if self.paired is not None:  # only then: unpaired manifests (and cache keys) unchanged
+            tables["paired"] = self.paired.to_dict()
+        return tables
 
     def to_toml(self) -> str:
         lines = ["# What medgen needs to know about this data (docs/data-model.md)."]
@@ -263,6 +295,24 @@ def _geometry(table: Mapping[str, Any], where: str) -> GeometryPolicy:
             _fail(where, "geometry", "orientation", f"= {orientation!r}; use \"as-stored\" "
                   "or a 3-letter code with one of R/L, A/P, S/I each, e.g. \"RAS\"")
     return GeometryPolicy(spacing=spacing, orientation=str(orientation))
+
+
+def _paired(table: Mapping[str, Any] | None, where: str) -> PairedModality | None:
+    if table is None:
+        return None
+    modality = _get(table, "paired", "modality", where, required=True)
+    if modality not in MODALITIES:
+        _fail(where, "paired", "modality", f"= {modality!r} is not a modality medgen knows; "
+              f"use one of {', '.join(MODALITIES)}")
+    folder = _get(table, "paired", "folder", where, default="paired")
+    if (not isinstance(folder, str) or folder in ("", ".", "..", "images", "labels")
+            or "/" in folder or "\\" in folder or folder.startswith(".")):
+        _fail(where, "paired", "folder", f"= {folder!r} must name one folder beside images/ "
+              "(not images or labels), e.g. \"paired\"")
+    registered = _get(table, "paired", "registered", where, default=False)
+    if not isinstance(registered, bool):
+        _fail(where, "paired", "registered", f"= {registered!r} must be true or false")
+    return PairedModality(modality=modality, folder=folder, registered=registered)
 
 
 def _check_same_window(root: tuple[Path, dict], site: tuple[Path, dict]) -> None:

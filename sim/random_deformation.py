@@ -64,6 +64,17 @@ def deform_label_maps(label_maps: torch.Tensor, gen: torch.Generator,
         raise ValueError("label maps must hold values >= 0")
     # classes above the largest present would be all-zero channels: the arg-max is the same
     num_classes = int(label_maps.max()) + 1
+    grid = random_sampling_grid(n, h, w, gen, ranges)
+    one_hot = F.one_hot(label_maps.long().cpu(), num_classes).permute(0, 3, 1, 2).float()
+    warped = F.grid_sample(one_hot, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return warped.argmax(dim=1)  # all-zero outside the view: arg-max 0, the background
+
+
+def random_sampling_grid(n: int, h: int, w: int, gen: torch.Generator,
+                         ranges: RandomDeformation = RandomDeformation()) -> torch.Tensor:
+    """``grid_sample`` grids [n,H,W,2] (x, y in [-1, 1], align_corners=False) of n random
+    deformations: output pixel -> where it reads the input. Draws from ``gen`` in a fixed
+    order (angle, scale, shift x, shift y, elastic grid), so a seed gives one deformation."""
     angle = _symmetric(n, ranges.rotation_rad, gen)
     scale = 1.0 + _symmetric(n, ranges.scale, gen)
     shift = torch.stack([_symmetric(n, ranges.shift_px, gen) * 2.0 / w,
@@ -71,12 +82,9 @@ def deform_label_maps(label_maps: torch.Tensor, gen: torch.Generator,
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale  # output -> input coordinates
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], dim=1),
                          torch.stack([sin, cos, shift[:, 1]], dim=1)], dim=1)
-    grid = F.affine_grid(theta, [n, num_classes, h, w], align_corners=False)
+    grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
     cells = ranges.elastic_cells
     coarse = torch.randn(n, 2, cells, cells, generator=gen) * ranges.elastic_px
     displacement = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)
     displacement = displacement * torch.tensor([2.0 / w, 2.0 / h])[None, :, None, None]
-    grid = grid + displacement.permute(0, 2, 3, 1)
-    one_hot = F.one_hot(label_maps.long().cpu(), num_classes).permute(0, 3, 1, 2).float()
-    warped = F.grid_sample(one_hot, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return warped.argmax(dim=1)  # all-zero outside the view: arg-max 0, the background
+    return grid + displacement.permute(0, 2, 3, 1)
