@@ -1,0 +1,113 @@
+"""Red-GAN's claim on the simulated federation: rebalancing a rare class (lesion) with
+synthetic pairs improves that class's Dice (docs/recipes/red-gan.md).
+
+    .venv/bin/python -m bench.redgan            # ~10 CPU-minutes at the defaults
+
+1. Build a brain federation with lesions (32 px, sites A,B, --lesion-rate 0.2).
+2. Train red-gan (and the ablation, seg-weight 0 = dp-cgan) through the product's
+   in-process rounds at epsilon 10 per site (RDP), rare-class lesion.
+3. A downstream segmenter trained on site A's real pairs, against one trained on them plus
+   synthetic pairs G(lesion-holding public maps, site A); lesion Dice on site A's held-out
+   test images (real, never used in training or selection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import write_result
+from medgen.client.simulated_site import simulated_sites
+from medgen.config import RunConfig
+from medgen.data.heldout_data import load_heldout
+from medgen.data.site_data import load_public_bank, load_site
+from medgen.models.registry import build_recipe
+from medgen.models.segmenter import SegmenterSettings, predict_labels, train_on_images
+from medgen.privacy.site_update import specs_of
+from medgen.server.aggregation import AggregationPipeline
+from medgen.server.inprocess import InProcessRunner
+from medgen.sim.config import SimConfig
+from medgen.sim.federation import build_federation
+
+NAME = "redgan"
+
+
+def train(config: RunConfig) -> tuple[object, torch.nn.Module, dict]:
+    """The product's rounds in one process; returns (recipe, trained model, run facts)."""
+    recipe = build_recipe(config)
+    model = recipe.build()
+    initial = {k: v.detach().cpu().numpy() for k, v in recipe.shared_state(model).items()}
+    pipeline = AggregationPipeline.for_run(config, specs_of(initial), recipe.site_indexed_keys, None, resume=False)
+    runner = InProcessRunner(config, pipeline, simulated_sites(config), run_key=f"bench-{NAME}")
+    start = time.perf_counter()
+    shared = runner.run(initial, config.num_rounds)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in shared.items()}, strict=False)
+    return recipe, model, {"seconds": time.perf_counter() - start,
+                           "max_epsilon": max(r.metrics.get("epsilon", 0.0) for r in runner.results)}
+
+
+def class_dice(pred: torch.Tensor, truth: torch.Tensor, index: int) -> float:
+    """Dice of one class pooled over every pixel of the set."""
+    p, t = pred == index, truth == index
+    return float(2 * (p & t).sum() / max(int(p.sum() + t.sum()), 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=15)
+    parser.add_argument("--subjects", type=int, default=40)
+    parser.add_argument("--synthetic", type=int, default=80)
+    parser.add_argument("--seg-steps", type=int, default=300)
+    parser.add_argument("--lesion-rate", type=float, default=0.2)
+    parser.add_argument("--root", default="")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    root = Path(args.root or tempfile.mkdtemp(prefix="bench-redgan-")) / "data"
+    sim = SimConfig(seed=0, sites="A,B", subjects_per_site=args.subjects, public_size=120, heldout_fit=0,
+                    heldout_test=40, image_size=32, lesion_rate=args.lesion_rate, lesion_size_mm=(10.0, 20.0))
+    manifest = build_federation(sim, root, workers=2)
+    names = ",".join(load_site(manifest.site_dir("A"), 32).schema.names)
+    lesion = names.split(",").index("lesion")
+    base = RunConfig(recipe="red-gan", data_root=str(root), sites="A,B", label_names=names, image_size=32,
+                     batch_size=8, num_rounds=args.rounds, local_steps=args.local_steps, target_epsilon=10.0,
+                     accountant="rdp", eval_every=0,
+                     options={"rare-class": "lesion", "rare-fraction": 0.5, "seg-pretrain-steps": 150})
+    site = load_site(manifest.site_dir("A"), 32)
+    test = load_heldout(root, "test", 32)["A"]
+    public = load_public_bank(manifest.public_dir, 32).label_maps.long()
+    lesion_maps = public[(public == lesion).flatten(1).any(dim=1)]
+    settings = SegmenterSettings(steps=args.seg_steps, batch_size=16, channels=(8, 16, 32))
+    k = len(names.split(","))
+
+    def lesion_dice(images, labels) -> float:
+        net = train_on_images(images, labels, settings, seed=0, num_classes=k)
+        return class_dice(predict_labels(net, test.images), test.labels, lesion)
+
+    result = {"federation": sim.to_dict(), "site": "A", "real_pairs": int(site.images.shape[0]),
+              "real_lesion_patients": int((site.labels == lesion).flatten(1).any(dim=1).sum()),
+              "public_lesion_maps": int(lesion_maps.shape[0]), "test_images": int(test.images.shape[0]),
+              "test_lesion_pixels": int((test.labels == lesion).sum()),
+              "command": "python -m bench.redgan " + " ".join(argv or []), "arms": {}}
+    result["arms"]["real_only"] = {"lesion_dice": lesion_dice(site.images, site.labels)}
+    for arm, options in (("red_gan", {}), ("dp_cgan_ablation", {"seg-weight": 0.0})):
+        config = base.replace(options={**base.options, **options}, run_dir=str(root.parent / arm), state_root=str(root.parent / arm / "state"))
+        recipe, model, facts = train(config)
+        gen = torch.Generator().manual_seed(1)
+        maps = lesion_maps[torch.randint(0, lesion_maps.shape[0], (args.synthetic,), generator=gen)]
+        fake = recipe.sample(model, maps, 0, gen).cpu()
+        dice = lesion_dice(torch.cat([site.images, fake]), torch.cat([site.labels, maps]))
+        result["arms"][arm] = {"lesion_dice": dice, **facts}
+        print(arm, result["arms"][arm], flush=True)
+    print(result["arms"])
+    write_result(NAME, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
