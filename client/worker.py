@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state", type=Path, required=True, metavar="DIR", help="the node's state dir")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer %(levelname)s %(message)s",
+                        force=True)  # importing Flower has already configured the root logger
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unlink the socket on the way out
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)

@@ -12,7 +12,6 @@ becomes medgen-client's).
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -24,7 +23,6 @@ from typing import Mapping, Sequence
 from medgen.atomic import atomic_write_text
 from medgen.client.worker_channel import PID_NAME
 
-log = logging.getLogger(__name__)
 
 QUICK_EXIT_S = 30.0     # a trainer that lived shorter than this counts as a failed start
 MAX_PAUSE_S = 60.0
@@ -33,11 +31,12 @@ MAX_PAUSE_S = 60.0
 class TrainerProcess:
     """The warm trainer as a child process, restarted when it exits."""
 
-    def __init__(self, state_dir: Path, env: Mapping[str, str] | None = None):
+    def __init__(self, state_dir: Path, env: Mapping[str, str] | None = None, log_path: Path | None = None):
         self.state_dir = Path(state_dir)
         self.command = [sys.executable, "-m", "medgen.client.worker", "--state", str(self.state_dir),
                         "--parent-pid", str(os.getpid())]
         self.env = dict(env) if env is not None else None
+        self.log_path = log_path  # None: the trainer writes to medgen-client's stdout (the node log)
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
         self.died_at: float | None = None
@@ -49,7 +48,12 @@ class TrainerProcess:
         return self.state_dir / PID_NAME
 
     def start(self) -> "TrainerProcess":
-        self.proc = subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL)
+        if self.log_path is None:
+            self.proc = subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL)
+        else:
+            with open(self.log_path, "ab") as log_file:
+                self.proc = subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL,
+                                             stdout=log_file, stderr=subprocess.STDOUT)
         self.started_at = time.monotonic()
         atomic_write_text(self.pid_file, f"{self.proc.pid}\n")
         return self
