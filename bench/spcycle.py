@@ -1,21 +1,25 @@
-"""spcycle-gan: private SPCycle-GAN vs the private plain CycleGAN (structure-weight 0) vs the
-non-private centralised ceiling, on the simulated brain federation's paired held-out set.
+"""Learned cross-site translation under DP: spcycle-gan, its ablation (the plain private
+CycleGAN, structure-weight 0) and icycle-gan, beside identity, histogram matching,
+inverted histogram matching and the non-private centralised SPCycle-GAN ceiling, on the
+brain federation (site-to-site harmonisation) or the head-CT federation (MR->CT from the
+MR site M, CT site-to-site, CT->MR), every ordered site pair, over several seeds.
 
-    python -m bench.spcycle --work W [--build 40] [--rounds 4 --local-steps 10 --image-size 32
-                            --epsilon 10 --seg-steps 600 --seed 0]
+    python -m bench.spcycle --work W --federation brain|head-ct [--sites A,B --subjects 24
+        --seeds 0,1,2 --rounds 2 --local-steps 5 --batch-size 8 --image-size 32 --width 8
+        --epsilon 10 --seg-steps 200 --target-seg-steps 150]
 
-``--build N`` writes a fresh simulated federation (N subjects per site) under W/data; else
-W/data must hold one. S (the frozen structure segmenter) is pretrained ONCE on public
-renderings (``medgen.models.segmenter_pretrain.pretrain``, as ``medgen pretrain-segmenter``)
-and shipped to every arm as ``options.seg-init``. Each private arm runs the product's rounds
-in one process (``medgen.server.inprocess.InProcessRunner``: every site's real
-``train_round`` with its node ledger, Poisson sampling, per-patient clipping, noise
-calibrated for the schedule at ``--epsilon``, and the server's aggregation pipeline). The
-ceiling is ``CycleObjective.central_step`` on pooled images of every site, no DP, the same
-number of steps as one site's schedule times the number of sites. Evaluation is
-evaluation/translation.py (SSIM/PSNR/MAE in the brain box against the target's clean
-rendering; Dice by segmenters trained on each target's real held-out/fit images) beside its
-classical baselines. Result: bench/results/spcycle.json (the command and every setting in it).
+The federation is built (or reused) under W/<federation> by the product's
+``medgen.server.simulate.prepare_federation`` (as ``medgen-server simulate --federation``).
+S (spcycle-gan's frozen structure segmenter) is pretrained ONCE on public renderings
+(``medgen pretrain-segmenter``'s code) and shipped to the spcycle arms as ``options.seg-init``.
+Each private arm runs the product's rounds in one process (``InProcessRunner``: every
+site's real ``train_round``, node ledger, Poisson sampling, per-patient clipping, noise
+calibrated for the schedule at ``--epsilon``, the server's aggregation pipeline). The
+ceiling is ``CycleObjective.central_step`` on pooled images of every site, no DP, as many
+steps as all sites' private steps together. Scores: evaluation/translation_truth.py
+(SSIM/PSNR/MAE in the head/brain box, MAE in HU inside the head for CT targets, Dice of
+target-site segmenters trained on real held-out fit images). Results are merged into
+bench/results/spcycle.json under the federation (the command and settings beside them).
 """
 
 from __future__ import annotations
@@ -31,33 +35,39 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import write_result
+from bench.common import RESULTS, write_result
+from medgen.client.simulated_site import simulated_sites
 from medgen.config import RunConfig
+from medgen.data.heldout_data import load_heldout
+from medgen.data.site_data import load_site
+from medgen.evaluation.translation import classical_baselines
+from medgen.evaluation.translation_truth import evaluate_pairs, hu_windows, target_segmenters
 from medgen.models.registry import build_recipe
+from medgen.models.segmenter import SegmenterSettings
+from medgen.models.segmenter_pretrain import pretrain
+from medgen.privacy.ledger import PrivacyLedger
+from medgen.privacy.site_update import specs_of
+from medgen.server.aggregation import AggregationPipeline
+from medgen.server.inprocess import InProcessRunner
+from medgen.server.run_log import RunDir
+from medgen.server.simulate import prepare_federation
 
-ARMS = {"spcycle-dp": 1.0, "cyclegan-dp": 0.0}  # structure-weight of each private arm
+ARMS = {"spcycle-dp": ("spcycle-gan", {"structure-weight": 1.0}),
+        "cyclegan-dp": ("spcycle-gan", {"structure-weight": 0.0}),  # the ablation of the structure loss
+        "icycle-dp": ("icycle-gan", {})}
+CEILING = "spcycle-central"
+METRICS = ("ssim", "psnr", "mae", "mae_hu", "dice", "dice_fraction")
 
 
-def train_private(args, data_root: Path, seg_init: Path, structure_weight: float, run_dir: Path):
+def train_private(base: RunConfig, recipe_name: str, options: dict, run_dir: Path):
     """One private arm through the product's in-process rounds; returns (recipe, model, epsilon)."""
-    from medgen.client.simulated_site import simulated_sites
-    from medgen.privacy.ledger import PrivacyLedger
-    from medgen.privacy.site_update import specs_of
-    from medgen.server.aggregation import AggregationPipeline
-    from medgen.server.inprocess import InProcessRunner
-    from medgen.server.run_log import RunDir
-
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = RunConfig(recipe="spcycle-gan", image_size=args.image_size, batch_size=args.batch_size,
-                       local_steps=args.local_steps, num_rounds=args.rounds, seed=args.seed,
-                       target_epsilon=args.epsilon, accountant="rdp", sites=args.sites, run_dir=str(run_dir),
-                       data_root=str(data_root.resolve()), state_root=str((run_dir / "state").resolve()),
-                       eval_every=0, options={**_options(args), "structure-weight": structure_weight,
-                                              "seg-init": str(seg_init.resolve())})
+    config = base.replace(recipe=recipe_name, options={**base.options, **options}, run_dir=str(run_dir),
+                          state_root=str((run_dir / "state").resolve()))
     recipe = build_recipe(config)
     model = recipe.build()
     recipe.initialise(model)
-    current = {k: v.numpy() for k, v in recipe.shared_state(model).items()}
+    current = {k: v.detach().numpy() for k, v in recipe.shared_state(model).items()}
     pipeline = AggregationPipeline.for_run(config, specs_of(current), recipe.site_indexed_keys, RunDir(run_dir),
                                            resume=False)
     runner = InProcessRunner(config, pipeline, simulated_sites(config), run_key=uuid.uuid4().hex)
@@ -68,90 +78,108 @@ def train_private(args, data_root: Path, seg_init: Path, structure_weight: float
     return recipe, model.eval(), epsilon
 
 
-def train_central(args, data_root: Path, seg_init: Path) -> tuple:
-    """The ceiling: the same objective, no DP, on pooled images of every site."""
-    from medgen.data.site_data import load_site
-
-    config = RunConfig(recipe="spcycle-gan", image_size=args.image_size, batch_size=args.batch_size,
-                       seed=args.seed, sites=args.sites, options={**_options(args), "seg-init": str(seg_init)})
+def train_central(base: RunConfig, seg_init: Path) -> tuple:
+    """The ceiling: spcycle-gan's objective, no DP, on pooled images of every site."""
+    config = base.replace(recipe="spcycle-gan", options={**base.options, "seg-init": str(seg_init),
+                                                          "seg-pretrain-steps": 0})
     recipe = build_recipe(config)
     model = recipe.build()
     recipe.initialise(model)
-    sites = [load_site(data_root / "sites" / s, args.image_size) for s in config.site_names]
+    sites = [load_site(Path(config.data_root) / "sites" / s, config.image_size) for s in config.site_names]
     images = torch.cat([s.images for s in sites]).float()
     labels = torch.cat([s.labels for s in sites]).long()
     source = torch.cat([torch.full((s.images.shape[0],), k) for k, s in enumerate(sites)])
-    opt, twin, rng = recipe.optimizer(model), recipe.disc_twin(model), torch.Generator().manual_seed(args.seed)
+    opt, twin, rng = recipe.optimizer(model), recipe.disc_twin(model), torch.Generator().manual_seed(config.seed)
     model.train()
     model.seg.eval()
-    for _ in range(args.rounds * args.local_steps * len(sites)):
-        pick = torch.randint(0, images.shape[0], (args.batch_size,), generator=rng)
-        recipe.objective.central_step(model.cycle, opt, twin, recipe.public_nets(model), images[pick], labels[pick],
-                                      source[pick], rng)
+    for _ in range(config.num_rounds * config.local_steps * len(sites)):
+        pick = torch.randint(0, images.shape[0], (config.batch_size,), generator=rng)
+        recipe.objective.central_step(model.cycle, opt, twin, model.seg, images[pick], labels[pick], source[pick], rng)
     return recipe, model.eval()
-
-
-def _options(args) -> dict:
-    return {"gen-width": args.width, "disc-width": args.width, "seg-pretrain-steps": 0}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.spcycle", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--build", type=int, default=0, help="build a federation with N subjects per site")
-    parser.add_argument("--sites", default="A,B,C,D")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--local-steps", type=int, default=10)
+    parser.add_argument("--federation", choices=("brain", "head-ct"), default="brain")
+    parser.add_argument("--sites", default="A,B", help="brain: A-D; head-ct: A-D (CT) and M (MR)")
+    parser.add_argument("--subjects", type=int, default=24, help="subjects per site when building")
+    parser.add_argument("--heldout", type=int, default=16, help="held-out fit and test subjects")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--epsilon", type=float, default=10.0)
-    parser.add_argument("--seg-steps", type=int, default=600)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seg-steps", type=int, default=200, help="S's public pretraining steps")
+    parser.add_argument("--target-seg-steps", type=int, default=150, help="the evaluation segmenters' steps")
     args = parser.parse_args(argv)
-    from medgen.data.site_data import load_heldout
-    from medgen.evaluation.translation import classical_baselines, evaluate_translation, train_target_segmenters
-    from medgen.models.segmenter_pretrain import pretrain
-    from medgen.sim.config import SimConfig
-    from medgen.sim.federation import build_federation
-
     torch.set_num_threads(1)
     command = "python -m bench.spcycle " + shlex.join(sys.argv[1:] if argv is None else argv)
-    data_root, start = args.work / "data", time.perf_counter()
-    if args.build:
-        build_federation(SimConfig(seed=args.seed, sites=args.sites, subjects_per_site=args.build, public_size=64,
-                                   heldout_fit=24, heldout_test=16, image_size=args.image_size), data_root)
-    seg_init = args.work / "S.pt"
-    pretrain(data_root / "public", seg_init, args.seg_steps, args.image_size, args.seed)
-    fit = load_heldout(data_root, "fit", args.image_size)
-    test = load_heldout(data_root, "test", args.image_size)
-    translators, epsilon, seconds = dict(classical_baselines(fit)), {}, {}
-    names = args.sites.split(",")
-    for arm, weight in ARMS.items():
+    start, data_root = time.perf_counter(), args.work / args.federation
+    base = RunConfig(image_size=args.image_size, batch_size=args.batch_size, local_steps=args.local_steps,
+                     num_rounds=args.rounds, target_epsilon=args.epsilon, accountant="rdp", sites=args.sites,
+                     eval_every=0, options={"gen-width": args.width, "disc-width": args.width})
+    base = prepare_federation(base, data_root, num_sites=None, subjects_per_site=args.subjects,
+                              federation=args.federation, public_size=64, heldout_fit=args.heldout,
+                              heldout_test=args.heldout)
+    names = list(base.site_names)
+    seg_init = args.work / f"S-{args.federation}.pt"
+    pretrain(data_root / "public", seg_init, args.seg_steps, args.image_size, 0)
+    fit, test = (load_heldout(data_root, split, args.image_size) for split in ("fit", "test"))
+    segmenters = target_segmenters(fit, base.num_classes, SegmenterSettings(steps=args.target_seg_steps,
+                                                                            channels=(8, 16, 32)))
+    windows = hu_windows(data_root, names)
+    baselines = evaluate_pairs(test, classical_baselines(fit), segmenters, base.num_classes, windows)
+    per_seed, epsilon, seconds = {}, {}, {}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        config = base.replace(seed=seed)
+        translators = {}
+        for arm, (recipe_name, options) in ARMS.items():
+            tic = time.perf_counter()
+            if recipe_name == "spcycle-gan":
+                options = {**options, "seg-init": str(seg_init.resolve()), "seg-pretrain-steps": 0}
+            recipe, model, epsilon[f"{arm}@{seed}"] = train_private(config, recipe_name, options,
+                                                                    args.work / f"{args.federation}-{arm}-{seed}")
+            translators[arm] = _translator(recipe, model, names)
+            seconds[f"{arm}@{seed}"] = time.perf_counter() - tic
+            print(f"seed {seed} {arm}: {seconds[f'{arm}@{seed}']:.0f} s", flush=True)
         tic = time.perf_counter()
-        recipe, model, epsilon[arm] = train_private(args, data_root, seg_init, weight, args.work / arm)
-        translators[arm] = _translator(recipe, model, names)
-        seconds[arm] = time.perf_counter() - tic
-    tic = time.perf_counter()
-    translators["spcycle-central"] = _translator(*train_central(args, data_root, seg_init), names)
-    seconds["spcycle-central"] = time.perf_counter() - tic
-    results = evaluate_translation(test, translators, train_target_segmenters(fit, seed=args.seed))
-    methods = list(translators)
-    means = {m: {k: float(np.mean([row[m][k] for row in results["pairs"].values()]))
-                 for k in ("ssim", "psnr", "mae", "dice", "dice_fraction")} for m in methods}
-    write_result("spcycle", {"command": command, "settings": vars(args) | {"work": str(args.work)},
-                             "unit": "patient", "accountant": "rdp", "delta": RunConfig().delta,
-                             "epsilon": epsilon, "seconds": seconds, "mean_over_pairs": means,
-                             "pairs": results["pairs"], "reference_dice": results["reference_dice"],
-                             "n_test_per_site": results["n"], "total_seconds": time.perf_counter() - start})
-    for m in methods:
-        print(f"{m:18s} " + "  ".join(f"{k} {v:.3f}" for k, v in means[m].items()), flush=True)
+        translators[CEILING] = _translator(*train_central(config, seg_init), names)
+        seconds[f"{CEILING}@{seed}"] = time.perf_counter() - tic
+        per_seed[seed] = evaluate_pairs(test, translators, segmenters, base.num_classes, windows)["pairs"]
+    pairs = {pair: {**baselines["pairs"][pair], **_mean_over_seeds([per_seed[s][pair] for s in per_seed])}
+             for pair in baselines["pairs"]}
+    result = {"command": command, "settings": vars(args) | {"work": str(args.work)}, "sites": names,
+              "unit": "patient (one slice per simulated subject)", "accountant": "rdp", "delta": base.delta,
+              "epsilon": epsilon, "seconds": seconds, "seeds": list(per_seed), "pairs": pairs,
+              "per_seed": {str(s): v for s, v in per_seed.items()}, "reference_dice": baselines["reference_dice"],
+              "hu_window": {s: None if w is None else [w.lo, w.hi] for s, w in windows.items()},
+              "n_test_per_site": baselines["n"], "total_seconds": time.perf_counter() - start}
+    previous = RESULTS / "spcycle.json"
+    runs = json.loads(previous.read_text()).get("runs", {}) if previous.is_file() else {}
+    write_result("spcycle", {"runs": {**runs, args.federation: result}})
+    for pair, row in pairs.items():
+        for method, m in row.items():
+            print(f"{pair:6s} {method:16s} " + "  ".join(f"{k} {m[k]:.3f}" for k in METRICS if k in m), flush=True)
     return 0
 
 
+def _mean_over_seeds(rows: list[dict]) -> dict:
+    """{method: {metric: mean, metric_sd: sd over seeds}}."""
+    out = {}
+    for method in rows[0]:
+        values = {k: [r[method][k] for r in rows] for k in METRICS if k in rows[0][method]}
+        out[method] = {k: float(np.mean(v)) for k, v in values.items()}
+        out[method].update({f"{k}_sd": float(np.std(v)) for k, v in values.items()})
+        out[method]["seeds"] = len(rows)
+    return out
+
+
 def _translator(recipe, model, names):
-    return lambda x, s, t: recipe.translate_images(model, x, names.index(s), names.index(t)).cpu()
+    return lambda x, s, t: recipe.translate_images(model, x, names.index(s), names.index(t)).detach().cpu()
 
 
 if __name__ == "__main__":
