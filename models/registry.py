@@ -16,6 +16,7 @@ RECIPES: dict[str, str] = {
     "restore-diffusion": "medgen.models.restore_diffusion:RestoreDiffusion",  # needs no label maps
     "volume-gan": "medgen.models.volume_gan:VolumeConsistentGAN",  # 3D volumes, no label maps
     "spcycle-gan": "medgen.models.spcycle_gan:SPCycleGAN",  # site-to-site translation, G and D private
+    "style-content-ct": "medgen.models.style_content_ct:StyleContentCT",  # CT content x style (AdaIN), no label maps
     "da-gan": "medgen.models.da_gan:DAGan",  # MR->CT from misaligned pairs at paired CT sites; G, R, D private
     "red-gan": "medgen.models.red_gan:RedGAN",  # dp-cgan + passive segmenter, rare-class rebalancing
     "two-stage": "medgen.models.two_stage:TwoStageGAN",  # label-map GAN + dp-cgan, critics private
