@@ -1,18 +1,27 @@
 """Per-round cost of Flower's deployment engine against its simulation engine, same work.
 
 The same tiny federation (2 sites, 32 px, 2 local steps per round, rdp accountant, no
-evaluation) is trained for ROUNDS rounds twice: with ``medgen-server simulate``'s harness
-(one SuperLink in simulation mode, Ray actors that stay alive between rounds) and on the
-deployment engine exactly as docs/deployment.md runs it (TLS SuperLink with SuperNode
-auth and a database, 2 authenticated SuperNodes, every message a fresh ``flwr-clientapp``
-process). Where the time goes is measured separately, per component:
+evaluation) is trained for ROUNDS rounds three times in one run: with ``medgen-server
+simulate``'s harness (one SuperLink in simulation mode, Ray actors that stay alive between
+rounds), and on the deployment engine exactly as docs/deployment.md runs it (TLS
+SuperLink with SuperNode auth and a database, 2 hospitals started with ``medgen-client``,
+every message a fresh ``flwr-clientapp`` process), once with ``--trainer cold`` (the round
+runs in that process) and once with ``--trainer warm`` (that process forwards the round
+to the hospital's long-lived trainer, client/worker.py). Where the time goes is measured
+separately, per component:
 
 - ``start``: SuperLink until its port opens; SuperNodes until the SuperLink lists them online;
-- ``imports``: a fresh Python process importing what a ClientApp imports (the per-message
-  start-up cost of the deployment engine; simulation pays it once per actor);
+- ``process + imports``: a fresh Python process importing what the per-message
+  ``flwr-clientapp`` imports: Flower's own runtime alone (the floor), the warm path (plus
+  the lean ClientApp), the cold path (plus the rounds: torch, MONAI, Opacus, the recipe),
+  and what it imported before this bench's issue (the FAB shim also imported the ServerApp);
 - ``data_load``: ``load_site`` from the warm tensor cache (every message in deployment);
 - ``training``: the sites' own ``seconds`` metric (local DP training, both engines);
 - ``aggregation``: ``weighted_average`` over the sites' replies on the coordinator.
+
+- ``engine``: the rest of a steady round: Flower's polling loops (the ServerApp pulls
+  replies every 3 s, an idle SuperNode pulls every 3 s, SuperExec polls every 1 s), process
+  spawning, transport, and the sites competing for the same cores.
 
 Round time = the interval between consecutive train records in metrics.jsonl (round 1:
 from submission). Run by hand: ``.venv/bin/python -m bench.deployment_overhead``
@@ -35,16 +44,20 @@ import torch
 from bench.common import write_result
 from medgen.config import RunConfig
 from medgen.deploy import pki
-from medgen.deploy.launch import (FlwrClient, NodeLaunch, OwnedProcess, ServerCerts, ServerState,
-                                  control_address, flower_env, node_config_toml, superlink_command,
-                                  supernode_command, wait_for_port)
+from medgen.deploy.launch import (FlwrClient, OwnedProcess, ServerCerts, ServerState, control_address,
+                                  flower_env, superlink_command, wait_for_port)
 from medgen.server.run_log import read_metrics
 from medgen.server.simulate import free_port, run_simulation, write_app_dir
 
 ROUNDS, SITES = 3, ("A", "B")
 OPTIONS = {"gen-width": 4, "disc-width": 4, "noise-dim": 8, "spade-hidden": 4}
-CLIENTAPP_IMPORTS = ("import flwr.clientapp, medgen.client.app, medgen.models.dp_cgan, "
-                     "medgen.privacy.dp_sgd, medgen.data.site_data")
+FLOWER_RUNTIME = "import flwr.supernode.cli.flwr_clientapp"
+PER_MESSAGE_IMPORTS = {  # what each flwr-clientapp process imports (the shim asks for client_app)
+    "flower_runtime_only_s": FLOWER_RUNTIME,
+    "warm_path_s": f"{FLOWER_RUNTIME}, medgen.client.app",
+    "cold_path_s": f"{FLOWER_RUNTIME}, medgen.client.app, medgen.client.rounds",
+    "before_issue_19_s": f"{FLOWER_RUNTIME}, medgen.client.rounds, medgen.server.app",
+}
 
 
 def _config(data: Path, work: Path, name: str) -> RunConfig:
@@ -72,10 +85,12 @@ def run_simulated(config: RunConfig, work: Path) -> dict:
     return {"total_s": result.seconds, "round_s": rounds, "train_s": _site_seconds(Path(config.run_dir))}
 
 
-def run_deployed(config: RunConfig, work: Path) -> dict:
+def run_deployed(config: RunConfig, work: Path, trainer: str) -> dict:
+    """The federation on the deployment engine, hospitals started with ``medgen-client
+    --trainer TRAINER`` (the commands docs/deployment.md gives)."""
     from medgen.server.deploy_cli import submit_and_wait
 
-    root = work / "deploy"
+    root = work / f"deploy-{trainer}"
     pki.create_ca(root / "pki" / "ca", "bench CA")
     pki.create_server_cert(root / "pki" / "ca", root / "pki" / "server")
     certs = ServerCerts.from_dir(root / "pki" / "server", root / "pki" / "ca" / "ca.crt")
@@ -96,34 +111,35 @@ def run_deployed(config: RunConfig, work: Path) -> dict:
         for site in SITES:
             key = pki.create_node_key(root / "keys", f"site-{site}")
             client.register(key.public_key)
-            node_config = root / "nodes" / f"{site}.toml"
-            node_config.parent.mkdir(parents=True, exist_ok=True)
-            node_config.write_text(node_config_toml({
-                "site": site, "data-dir": f"{config.data_root}/sites/{site}",
-                "state-dir": f"{config.state_root}/{site}", "public-dir": f"{config.data_root}/public"}))
-            launch = NodeLaunch(f"127.0.0.1:{port}", certs.ca_cert, key.private_key, node_config, free_port())
-            processes.append(OwnedProcess(supernode_command(launch), root / f"node-{site}.log").start())
-        if client.wait_online(len(SITES), 180) < len(SITES):
+            command = [str(Path(sys.executable).parent / "medgen-client"), "--server", f"127.0.0.1:{port}",
+                       "--data", f"{config.data_root}/sites/{site}", "--public", f"{config.data_root}/public",
+                       "--state", f"{config.state_root}/{site}", "--key", str(key.private_key),
+                       "--ca", str(certs.ca_cert), "--site", site, "--port", str(free_port()),
+                       "--trainer", trainer]
+            processes.append(OwnedProcess(command, root / f"node-{site}.log").start())
+        if client.wait_online(len(SITES), 300) < len(SITES):
             raise RuntimeError(f"the SuperNodes did not come online; see {root}")
         timings["supernodes_online_s"] = time.perf_counter() - start
         app_dir = write_app_dir(config, state.apps / "run")
         started = time.time()
         result = submit_and_wait(client, app_dir, config, timeout=1800, progress=lambda line: None)
         rounds = _round_times(Path(config.run_dir), started)
-        return {"total_s": result.seconds, "round_s": rounds, "train_s": _site_seconds(Path(config.run_dir)),
-                **timings}
+        return {"trainer": trainer, "total_s": result.seconds, "round_s": rounds,
+                "train_s": _site_seconds(Path(config.run_dir)), **timings}
     finally:
         for process in reversed(processes):
             process.stop()
 
 
-def clientapp_import_s(repeats: int = 3) -> list[float]:
-    """A fresh interpreter importing what every deployment ClientApp process imports."""
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", CLIENTAPP_IMPORTS], check=True, env=flower_env())
-        out.append(time.perf_counter() - start)
+def per_message_import_s(repeats: int = 2) -> dict[str, list[float]]:
+    """A fresh interpreter importing what each kind of flwr-clientapp process imports."""
+    out: dict[str, list[float]] = {}
+    for name, statement in PER_MESSAGE_IMPORTS.items():
+        out[name] = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", statement], check=True, env=flower_env())
+            out[name].append(time.perf_counter() - start)
     return out
 
 
@@ -166,27 +182,25 @@ def _median(values: list[float]) -> float | None:
 def where_the_time_goes(simulated: dict, deployed: dict, components: dict) -> dict:
     """Split a steady deployment round (median of rounds 2..N) into measured parts.
 
-    Sites run in parallel, so a round costs about one site's imports + data load + training
-    (the slowest site's training), plus the aggregation; the rest is the engine itself:
-    process spawning, the SuperNode/SuperExec/ServerApp polling loops and the sites
-    competing for the same cores (the imports were timed alone).
+    Sites run in parallel, so a round costs about one site's per-message process start and
+    imports + data load + training (the slowest site's), plus the aggregation; the rest is
+    the engine itself: Flower's polling loops, process spawning, transport (including the
+    warm path's socket hop) and the sites competing for the same cores (the imports were
+    timed alone).
     """
+    warm = deployed["trainer"] == "warm"
     round_s = _median(deployed["round_s"][1:])
-    sites = len(SITES)
     per_round = len(deployed["train_s"]) // max(1, len(deployed["round_s"]))
     train = [max(deployed["train_s"][i:i + per_round]) for i in range(0, len(deployed["train_s"]), per_round)]
-    parts = {"clientapp_imports_s": _median(components["clientapp_imports_s"]),
+    imports = components["per_message_imports_s"]["warm_path_s" if warm else "cold_path_s"]
+    parts = {"process_start_and_imports_s": _median(imports),
              "data_load_s": _median(components["data_load_s"]),
              "training_slowest_site_s": _median(train[1:]) if len(train) > 1 else None,
              "aggregation_s": _median(components["aggregation_s"])}
     known = sum(v for v in parts.values() if v is not None)
-    sim_train = _median(simulated["train_s"])
-    return {"deployment_round_s": round_s, **parts,
-            "engine_and_contention_s": round_s - known if round_s is not None else None,
-            "simulation_round_s": _median(simulated["round_s"][1:]),
-            "simulation_training_per_site_s": sim_train, "sites_in_parallel": sites,
-            "training_cold_process_vs_warm_actor": (parts["training_slowest_site_s"] / sim_train)
-            if parts["training_slowest_site_s"] and sim_train else None}
+    return {"round_s": round_s, **parts,
+            "engine_polling_spawning_transport_s": round_s - known if round_s is not None else None,
+            "sites_in_parallel": len(SITES)}
 
 
 def main() -> None:
@@ -201,26 +215,39 @@ def main() -> None:
         build_federation(SimConfig(seed=0, sites=",".join(SITES), subjects_per_site=6, public_size=6,
                                    heldout_fit=4, heldout_test=4, image_size=32), data)
         simulated = run_simulated(_config(data, work, "sim"), work)
-        deployed = run_deployed(_config(data, work, "deploy"), work)
-        components = {"clientapp_imports_s": clientapp_import_s(),
-                      "data_load_s": data_load_s(_config(data, work, "deploy")),
-                      "aggregation_s": aggregation_s(_config(data, work, "deploy"))}
-    sim_round, dep_round = _median(simulated["round_s"][1:]), _median(deployed["round_s"][1:])
+        deployed = {trainer: run_deployed(_config(data, work, f"deploy-{trainer}"), work, trainer)
+                    for trainer in ("cold", "warm")}
+        components = {"per_message_imports_s": per_message_import_s(),
+                      "data_load_s": data_load_s(_config(data, work, "deploy-warm")),
+                      "aggregation_s": aggregation_s(_config(data, work, "deploy-warm"))}
+    steady = {"simulation": _median(simulated["round_s"][1:]),
+              **{f"deployment_{k}": _median(v["round_s"][1:]) for k, v in deployed.items()}}
+    sim_round = steady["simulation"]
     write_result("deployment_overhead", {
         "rounds": ROUNDS, "sites": len(SITES), "image_size": 32, "local_steps": 2,
-        "simulation": simulated, "deployment": deployed,
-        "components_median_s": {k: _median(v) for k, v in components.items()},
+        "transport": "127.0.0.1, TLS (federation CA), SuperNode authentication (registered ECDSA keys)",
+        "simulation": simulated, "deployment_cold": deployed["cold"], "deployment_warm": deployed["warm"],
+        "components_median_s": {"per_message_imports_s": {k: _median(v) for k, v in
+                                                          components["per_message_imports_s"].items()},
+                                "data_load_s": _median(components["data_load_s"]),
+                                "aggregation_s": _median(components["aggregation_s"])},
         "components_runs_s": components,
-        "steady_round_median_s": {"simulation": sim_round, "deployment": dep_round,
-                                  "overhead": (dep_round - sim_round) if sim_round and dep_round else None},
-        "first_round_s": {"simulation": simulated["round_s"][0], "deployment": deployed["round_s"][0]},
-        "where_the_time_goes": where_the_time_goes(simulated, deployed, components),
+        "steady_round_median_s": steady,
+        "steady_overhead_vs_simulation_s": {k: v - sim_round for k, v in steady.items()
+                                            if k != "simulation" and v is not None and sim_round},
+        "first_round_s": {"simulation": simulated["round_s"][0],
+                          **{f"deployment_{k}": v["round_s"][0] for k, v in deployed.items()}},
+        "where_the_time_goes": {k: where_the_time_goes(simulated, v, components) for k, v in deployed.items()},
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "note": "steady rounds = rounds 2..N (round 1 includes app start-up and plan calibration). "
-                "Deployment runs one fresh flwr-clientapp process per message: its round pays "
-                "clientapp_imports_s + data_load_s at every site (in parallel) on top of training; "
-                "simulation keeps Ray actors (and their imports) alive across rounds. 2 shared CPU "
-                "cores: read the load averages with the times.",
+                "Both deployments start a fresh flwr-clientapp process per message (Flower's design). "
+                "Cold: that process imports the rounds (torch, MONAI, Opacus, the recipe) and trains. "
+                "Warm: it imports Flower and the lean ClientApp only and forwards the round over a Unix "
+                "socket to the hospital's long-lived trainer. Simulation keeps Ray actors alive. The "
+                "floor of a deployed round is Flower's: the ServerApp pulls replies every 3 s, an idle "
+                "SuperNode pulls messages every 3 s, SuperExec polls every 1 s, plus one fresh process "
+                "importing Flower's runtime per message. 2 shared CPU cores: read the load averages "
+                "with the times.",
     })
 
 

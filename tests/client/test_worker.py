@@ -202,3 +202,24 @@ def test_trainer_killed_mid_round_is_restarted_and_the_round_answered_once(tiny_
         stopping.set()
         keeper.join(5)
         trainer.stop()
+
+
+def test_warm_path_refuses_a_state_dir_others_can_write(tmp_path):
+    """Another user who can write STATE could plant a socket in the trainer's place.
+    Mutation: dropping the mode check in client/cli.py ``node_settings`` (it returns)."""
+    from medgen.client.cli import ClientSetupError, build_parser, node_settings
+
+    for name in ("data", "public", "state"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "ca.crt").write_text("ca")
+    (tmp_path / "key").write_text("key")
+    (tmp_path / "key").chmod(0o600)
+    (tmp_path / "state").chmod(0o777)
+    argv = ["--server", "127.0.0.1:9092", "--data", str(tmp_path / "data"), "--public",
+            str(tmp_path / "public"), "--state", str(tmp_path / "state"), "--key", str(tmp_path / "key"),
+            "--ca", str(tmp_path / "ca.crt"), "--site", "A"]
+    with pytest.raises(ClientSetupError, match="chmod 700"):
+        node_settings(build_parser().parse_args(argv))
+    assert node_settings(build_parser().parse_args([*argv, "--trainer", "cold"]))[TRAINER_KEY] is None
+    (tmp_path / "state").chmod(0o700)
+    assert node_settings(build_parser().parse_args(argv))[TRAINER_KEY] == WARM
