@@ -2,6 +2,7 @@
 
     medgen audit RUN_DIR ...      membership-inference audit of a run (privacy/audit_cli.py)
     medgen translate ...          translate a hospital's own files into another site's style
+    medgen restore ...            denoise or up-sample a hospital's own files (client/restore.py)
     medgen sim build ...          build a simulated federation on disk (sim/cli.py)
     medgen data check DIR         what medgen can use in a folder, read-only (client/data_check.py)
     medgen data public-bank ...   a public label bank in the federation's schema (data/public_bank.py)
@@ -20,6 +21,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("medgen.privacy.audit_cli", "membership-inference audit of finished runs"),
     "translate": ("medgen.client.translate", "translate a site folder (NIfTI/DICOM) into a target site's style, in physical units"),
+    "restore": ("medgen.client.restore", "denoise or up-sample a site folder (NIfTI/DICOM) with a trained restoration run, in physical units"),
     "sim": ("medgen.sim.cli", "build the simulated federation (`medgen sim build --help`)"),
     "data": ("medgen.data.data_check", "`medgen data check DIR`: usable vs skipped files, read-only"),
     "pretrain-segmenter": ("medgen.models.segmenter_pretrain",

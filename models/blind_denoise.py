@@ -103,20 +103,23 @@ class NoiseDiscriminator(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """DnCNN-style residual CNN with a site code: noisy -> noisy - scale x predicted noise."""
+    """DnCNN-style residual CNN with a site code: noisy -> noisy - scale x predicted noise. It
+    also sees the image's detail (minus its 3x3 mean) in units of ``scale``, where the noise is
+    of order one (the raw image spans [-1, 1], the noise a few hundredths of it)."""
 
     def __init__(self, num_sites: int, width: int, depth: int, site_dim: int, scale: float):
         super().__init__()
         self.scale = scale
         self.site_embed = nn.Embedding(num_sites, site_dim)
-        layers: list[nn.Module] = [nn.Conv2d(1 + site_dim, width, 3, padding=1, padding_mode="reflect"), nn.ReLU()]
+        layers: list[nn.Module] = [nn.Conv2d(2 + site_dim, width, 3, padding=1, padding_mode="reflect"), nn.ReLU()]
         for _ in range(depth - 2):
             layers += [nn.Conv2d(width, width, 3, padding=1, padding_mode="reflect"), nn.ReLU()]
         self.body = nn.Sequential(*layers, nn.Conv2d(width, 1, 3, padding=1, padding_mode="reflect"))
 
     def forward(self, noisy: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         code = self.site_embed(site)[:, :, None, None].expand(-1, -1, *noisy.shape[-2:])
-        return noisy - self.scale * self.body(torch.cat([noisy, code], dim=1))
+        detail = (noisy - F.avg_pool2d(F.pad(noisy, (1, 1, 1, 1), mode="replicate"), 3, stride=1)) / self.scale
+        return noisy - self.scale * self.body(torch.cat([noisy, detail, code], dim=1))
 
 
 class BlindDenoiser(nn.Module):
