@@ -6,7 +6,9 @@ Two sources, one result (``NodeSetup``):
   ``<state-root>/<site>``, the public anatomy bank ``<data-root>/public``;
 - deployment: the hospital's SuperNode is started with
   ``--node-config 'site="A" data-dir="..." state-dir="..." public-dir="..." epsilon-cap=3.0'``
-  (epsilon-cap optional: the site's own ceiling, never looser than the run's target).
+  (epsilon-cap optional: the site's own ceiling, never looser than the run's target;
+  ``trainer="warm"``, written by medgen-client, sends the rounds to the hospital's warm
+  trainer, client/worker_channel.py; the node it resolves to is the same).
 
 The state directory holds everything that must survive rounds, runs and restarts and
 never leaves the node: the privacy ledger, the tensor cache, local-only weights and

@@ -14,7 +14,10 @@ medgen-server pki node-key --out keys --name "site-$SITE"
 medgen-client data check /data/mri-export
 
 # 3. the node (foreground; a systemd unit or the container runs this). The epsilon cap
-#    and the allow-list are the hospital's: the coordinator cannot loosen them.
+#    and the allow-list are the hospital's: the coordinator cannot loosen them. The node
+#    runs the warm trainer beside the SuperNode (a 0600 socket in --state, which must not
+#    be writable by other users); `--trainer cold` trains each round in its own process
+#    (docs/deployment.md "The warm trainer", docs/security.md).
 medgen-client --server "$SERVER" --ca ca.crt --key "keys/site-$SITE" --site "$SITE" \
   --data /data/mri-export --public /data/medgen-public --state /var/lib/medgen \
-  --epsilon-cap 4.0 --allow allow.toml
+  --epsilon-cap 4.0 --allow allow.toml --trainer warm
