@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "scanner, declared in the build's dataset.toml (default 0: no lesion class)")
     build.add_argument("--lesion-size", type=_size_range, default=(6.0, 14.0), metavar="MIN,MAX",
                        help="brain: lesion diameter range in mm (default 6,14)")
+    build.add_argument("--paired-sites", default="", metavar="SITES",
+                       help="head-ct: CT sites that also hold each patient's MR in another pose (a "
+                       "smooth random misregistration; dataset.toml [paired]), e.g. A,B (default: none)")
+    build.add_argument("--misregistration-mm", type=float, default=6.0,
+                       help="head-ct: size of the paired MR's misregistration in mm (default 6)")
     build.add_argument("--workers", type=int, default=2,
                        help="rendering processes (default 2; the files do not depend on it)")
     build.add_argument("--overwrite", action="store_true",
@@ -119,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                   "(sim/lesions.py); the head-ct federation has no lesion class", file=sys.stderr)
             return 2
         return build_head(args)
+    if args.paired_sites:
+        print("error: --paired-sites: paired MR/CT sites exist in the head-ct federation only "
+              "(add --federation head-ct)", file=sys.stderr)
+        return 2
     try:
         config = SimConfig(seed=args.seed, sites=args.sites or "A,B,C,D", subjects_per_site=args.subjects_per_site,
                            public_size=args.public_size, heldout_fit=args.heldout_fit,

@@ -29,6 +29,13 @@ def parse_window(text: str) -> tuple[float, float]:
     return low, high
 
 
+def _paired(args: argparse.Namespace) -> dict:
+    """--paired-sites / --misregistration-mm, only when a site is paired (default builds keep
+    the config they had before the option existed)."""
+    sites = getattr(args, "paired_sites", "")
+    return {"paired_sites": sites, "misregistration_mm": args.misregistration_mm} if sites else {}
+
+
 def build_head(args: argparse.Namespace) -> int:
     """Build the head-CT federation from parsed `build` arguments; returns an exit code."""
     brain_only = [flag for flag, value in (("--severity", args.severity),
@@ -43,7 +50,8 @@ def build_head(args: argparse.Namespace) -> int:
                                subjects_per_site=args.subjects_per_site,
                                public_size=args.public_size, heldout_fit=args.heldout_fit,
                                heldout_test=args.heldout_test, image_size=args.image_size,
-                               dims=args.dims, **({"window": args.window} if args.window else {}))
+                               dims=args.dims, **({"window": args.window} if args.window else {}),
+                               **_paired(args))
         start = time.perf_counter()
         manifest = build_head_federation(config, args.out, overwrite=args.overwrite,
                                          workers=max(1, args.workers), progress=print)

@@ -19,7 +19,10 @@ from monai.networks.blocks import Warp
 from medgen.data.errors import ManifestError
 from medgen.data.manifest import DatasetManifest, load_manifest
 from medgen.data.site_data import load_site
+from medgen.sim.cli import build_parser
+from medgen.sim.cli import main as sim_main
 from medgen.sim.config import SimConfigError
+from medgen.sim.head_cli import _paired
 from medgen.sim.head_config import HeadSimConfig
 from medgen.sim.head_federation import build_head_federation
 from medgen.sim.head_tissues import HEAD_CLASSES
@@ -139,3 +142,14 @@ def test_the_paired_table_is_validated_and_round_trips(tmp_path):
         with pytest.raises(ManifestError, match=key):
             load_manifest(site)
     assert "paired" not in DatasetManifest.default_brain().to_tables()  # unpaired cache keys unchanged
+
+
+def test_the_cli_passes_paired_sites_to_the_head_build_only(capsys):
+    """`medgen sim build --federation head-ct --paired-sites A` reaches HeadSimConfig; the
+    brain federation refuses the flag instead of ignoring it; no flag, no config change."""
+    args = build_parser().parse_args(["build", "--out", "x", "--federation", "head-ct", "--paired-sites", "A",
+                                      "--misregistration-mm", "4"])
+    assert _paired(args) == {"paired_sites": "A", "misregistration_mm": 4.0}
+    assert _paired(build_parser().parse_args(["build", "--out", "x", "--federation", "head-ct"])) == {}
+    assert sim_main(["build", "--out", "x", "--paired-sites", "A"]) == 2
+    assert "head-ct federation only" in capsys.readouterr().err
