@@ -30,6 +30,9 @@ BENCHES: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("metric_sanity", ("--data-root", "{work}/brain", "--data-root", "{work}/head-ct"), 30),
     ("dicom_site_simulation", ("--work", "{work}/dicom-site"), 30),
     ("compare_gan_diffusion", ("--work", "{work}/gan_vs_diffusion"), 90),
+    ("scale", ("--work", "{work}/scale"), 60),
+    ("resolution", (), 60),
+    ("gpu_check", ("--device", "auto"), 10),  # the CUDA check on a GPU machine, else its CPU dry run
 )
 
 #: federations the benches above read, built once: directory -> ``medgen sim build`` arguments
