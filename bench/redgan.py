@@ -14,6 +14,7 @@ synthetic pairs improves that class's Dice (docs/recipes/red-gan.md).
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
               "real_lesion_patients": int((site.labels == lesion).flatten(1).any(dim=1).sum()),
               "public_lesion_maps": int(lesion_maps.shape[0]), "test_images": int(test.images.shape[0]),
               "test_lesion_pixels": int((test.labels == lesion).sum()),
-              "command": "python -m bench.redgan " + " ".join(argv or []), "arms": {}}
+              "command": "python -m bench.redgan " + " ".join(sys.argv[1:] if argv is None else argv), "arms": {}}
     result["arms"]["real_only"] = {"lesion_dice": lesion_dice(site.images, site.labels)}
     for arm, options in (("red_gan", {}), ("dp_cgan_ablation", {"seg-weight": 0.0})):
         config = base.replace(options={**base.options, **options}, run_dir=str(root.parent / arm), state_root=str(root.parent / arm / "state"))
