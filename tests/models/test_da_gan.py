@@ -152,8 +152,8 @@ def test_every_parameter_a_real_data_term_touches_is_inside_the_private_module(m
 
 def test_discriminator_receives_only_its_own_terms():
     """D's gradient is the same with the adversarial (G/R) term on or off: that term reads D
-    through the detached twin. G's gradient does change. (Mutation: evaluate the term with
-    ``nets.disc`` instead of the twin -> D's gradients differ and this fails.)"""
+    through the detached twin. G's gradient does change. (Mutation, tried: evaluate the term
+    with ``nets.disc`` instead of the twin -> D's gradients differ and this fails.)"""
     grads = {}
     for weight in (0.0, 1.0):
         recipe, _ = setup({"adversarial-weight": weight})
@@ -171,7 +171,8 @@ def test_a_patients_update_depends_on_that_patient_alone():
     twin, LocalNet's transposed convolutions) equal an autograd loop over records, so the
     clipped contribution of one patient is a function of that patient's CT and MR only:
     for two data sets that share record 0, record 0's gradient is identical.
-    (Mutation: a batch-coupled term, e.g. BatchNorm in R, breaks both checks.)"""
+    (Mutation, tried: D's condition warped from another record's MR, ``mr.roll(1, 0)``,
+    fails here; so would any batch-coupled term such as BatchNorm in R.)"""
     recipe, plan = setup()
     model = recipe.build()
     moving_registration(model)
