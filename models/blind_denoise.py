@@ -5,7 +5,7 @@ the site what its noise is. Its own images hold it: in their FLAT regions an ima
 anatomy's local mean plus noise, so each record's flattest windows minus their means
 (``flat_noise_patches`` in models/degradations.py: scored on the blurred image, clipped
 windows never chosen) are samples of the site's real noise, whatever its kind (Rician,
-correlated CT grain, high-pass sharp-kernel noise). A noise GAN learns that distribution:
+CT grain, sharp-kernel high-pass noise). A noise GAN learns that distribution:
 G(z, site) -> a stationary noise field (valid convolutions over white noise, so it has no
 border and any size); D(noise patch) -> a logit. Then noisy/clean pairs are SYNTHESISED:
 clean = a random-contrast rendering of a PUBLIC label map (sim/random_contrast.py, noise
@@ -14,11 +14,9 @@ learns to remove it. ``synth-noise = "gaussian"`` trains the same denoiser on wh
 Gaussian noise of a given std instead (the baseline the method must beat). Numbers and
 tuning: docs/recipes/blind-denoise.md.
 
-Why the clean images are public, not the site's: the site's images are noisy themselves
-(no clean twin exists in a hospital), and a denoiser trained on them would read private
-pixels in every step and need DP-SGD on a network ~50x larger than D, at a worse
-signal-to-noise ratio per privacy unit. Public renderings cost nothing and give exact
-targets; the site's private information reaches the denoiser only through G.
+Why the clean images are public, not the site's: a hospital has no clean twin of its scans,
+and a denoiser reading them would need DP-SGD on a network ~50x larger than D. Public
+renderings cost nothing and give exact targets; private information reaches it only via G.
 
 Privacy (unit = one patient = one dataset item; accountant named in the PrivacyPlan):
   1. D (``disc``) is the ONLY network whose loss touches the site's real pixels: its real
