@@ -3,8 +3,9 @@
 The measure is the critic's Wasserstein estimate W = E_real[D(x)] - E_fake[D(G(z))] (D's
 mean patch logit): large when D tells real from generated apart (G lags), near zero when
 it cannot (D lags). site-gan's ``schedule = "adaptive"`` (models/site_gan.py) sets each
-round's number of G steps per D step from it: ``clamp(W / wd-scale, min, max)``; the
-fixed schedule is ``1 / disc-steps-per-gen-step``. Under DP-SGD D steps are what costs
+round's number of G steps per D step from it, around the fixed schedule r0 = 1 /
+disc-steps-per-gen-step: ``clamp(r0 * exp(W / wd-scale), min, max)`` (W = 0: the fixed
+schedule; D ahead: more G steps; D behind: fewer). Under DP-SGD D steps are what costs
 budget and G steps are free post-processing, so only the G side adapts: a site spends
 exactly the planned ``ctx.steps`` private steps every round, whatever W says.
 
@@ -57,7 +58,8 @@ class AdaptiveSchedule:
 
     noise_multiplier: float   # sigma_w of the per-round release
     bound: float              # B: per-patient critic means clamped to [-B, B] (logits)
-    scale: float              # W / scale = G steps per D step (before clamping)
+    base_ratio: float         # r0: the fixed schedule's G steps per D step
+    scale: float              # W (logits) per factor e of G steps per D step
     min_ratio: float
     max_ratio: float
     fake_count: int           # generated images for the fake term
@@ -66,7 +68,7 @@ class AdaptiveSchedule:
         return ((float(self.noise_multiplier), 1.0, int(num_rounds)),)
 
     def ratio(self, wasserstein: float) -> float:
-        return min(self.max_ratio, max(self.min_ratio, wasserstein / self.scale))
+        return min(self.max_ratio, max(self.min_ratio, self.base_ratio * math.exp(wasserstein / self.scale)))
 
     # -- the two terms ---------------------------------------------------------------
     def rows(self, disc: nn.Module, images: torch.Tensor, site_index: int) -> torch.Tensor:

@@ -119,11 +119,11 @@ class SiteGANOptions(RecipeOptions):
     balance_fake_grad: bool = True  # clip D's fake-term gradient to max-grad-norm, as the real term
     loss: str = option("nonsat", choices=LOSSES)
     # Adaptive MedGAN (models/adaptive_schedule.py): G steps per D step from a released
-    # Wasserstein estimate, clamp(W / wd-scale, min-gen-per-disc, max-gen-per-disc)
+    # Wasserstein estimate W, clamp(exp(W / wd-scale) / disc-steps-per-gen-step, min, max)
     schedule: str = option("fixed", choices=SCHEDULES)
     wd_noise: float = option(4.0, above=0)     # noise multiplier of the per-round release
     wd_bound: float = option(2.0, above=0)     # per-patient critic means clamped to +-bound
-    wd_scale: float = option(1.0, above=0)
+    wd_scale: float = option(0.25, above=0)
     min_gen_per_disc: float = option(0.25, above=0)
     max_gen_per_disc: float = option(4.0, above=0)
 
@@ -158,8 +158,8 @@ class SiteConditionalGAN(Recipe):
         o = self.options
         if o.schedule != "adaptive":
             return None
-        return AdaptiveSchedule(o.wd_noise, o.wd_bound, o.wd_scale, o.min_gen_per_disc,
-                                o.max_gen_per_disc, fake_count=4 * self.config.batch_size)
+        return AdaptiveSchedule(o.wd_noise, o.wd_bound, 1.0 / o.disc_steps_per_gen_step, o.wd_scale,
+                                o.min_gen_per_disc, o.max_gen_per_disc, fake_count=4 * self.config.batch_size)
 
     def one_off_releases(self) -> tuple[tuple[float, float, int], ...]:
         schedule = self.adaptive()
