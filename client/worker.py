@@ -37,6 +37,7 @@ from typing import Any, Mapping
 
 from flwr.app import Error
 from flwr.supercore.app_utils import start_parent_process_monitor
+from google.protobuf.message import DecodeError
 
 from medgen.client.codes import EVALUATION_FAILED, TRAINING_FAILED
 from medgen.client.node import DEPLOYMENT_KEYS, resolve_node
@@ -48,6 +49,7 @@ log = logging.getLogger("medgen.client.worker")
 
 NODE_CONFIG = "node-config.toml"
 VERBS = ("train", "evaluate")
+REQUEST_READ_S = 120.0
 
 
 class TrainerSetupError(RuntimeError):
@@ -129,11 +131,13 @@ def serve(state_dir: Path) -> None:
                 if uid is not None and uid != os.getuid():
                     log.warning("refused a connection from user id %d on the trainer socket", uid)
                     continue
+                conn.settimeout(REQUEST_READ_S)  # a peer that sends nothing must not hold the trainer
                 try:
                     header, content = recv_frame(conn)
-                except (TrainerUnavailable, ValueError, OSError) as err:
+                except (TrainerUnavailable, ValueError, OSError, DecodeError) as err:
                     log.warning("a request on the trainer socket was unreadable: %s", err)
                     continue
+                conn.settimeout(None)
                 result = handle(header, content, own)
                 try:
                     if isinstance(result, Error):

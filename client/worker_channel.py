@@ -36,6 +36,7 @@ from typing import Any, Mapping
 from flwr.app import Error, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from google.protobuf.message import DecodeError
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def ask(state_dir: Path, verb: str, run_config: Mapping[str, Any], node_config: 
     for attempt in (1, 2):
         try:
             return _exchange(path, header, content, ready_timeout)
-        except (TrainerUnavailable, OSError) as err:
+        except (TrainerUnavailable, OSError, ValueError, DecodeError) as err:
             log.warning("site %s: the warm trainer did not answer the %s request (attempt %d of 2): %s",
                         site, verb, attempt, err)
     noun = "training" if verb == "train" else "evaluation"
