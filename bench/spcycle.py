@@ -56,6 +56,7 @@ ARMS = {"spcycle-dp": ("spcycle-gan", {"structure-weight": 1.0}),
         "cyclegan-dp": ("spcycle-gan", {"structure-weight": 0.0}),  # the ablation of the structure loss
         "icycle-dp": ("icycle-gan", {})}
 CEILING = "spcycle-central"
+ORDER = ("identity", "hist-match", "inv-hist-match", *ARMS, CEILING)
 METRICS = ("ssim", "psnr", "mae", "mae_hu", "dice", "dice_fraction")
 
 
@@ -115,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilon", type=float, default=10.0)
     parser.add_argument("--seg-steps", type=int, default=200, help="S's public pretraining steps")
     parser.add_argument("--target-seg-steps", type=int, default=150, help="the evaluation segmenters' steps")
+    parser.add_argument("--table", action="store_true", help="print the stored federation's table, train nothing")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads((RESULTS / "spcycle.json").read_text())["runs"][args.federation]))
+        return 0
     torch.set_num_threads(1)
     command = "python -m bench.spcycle " + shlex.join(sys.argv[1:] if argv is None else argv)
     start, data_root = time.perf_counter(), args.work / args.federation
@@ -127,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                               heldout_test=args.heldout)
     names = list(base.site_names)
     seg_init = args.work / f"S-{args.federation}.pt"
-    pretrain(data_root / "public", seg_init, args.seg_steps, args.image_size, 0)
+    record = seg_init.with_name(seg_init.name + ".json")  # pretrain's provenance: reuse an identical S
+    if not (record.is_file() and json.loads(record.read_text()).get("steps") == args.seg_steps):
+        pretrain(data_root / "public", seg_init, args.seg_steps, args.image_size, 0)
     fit, test = (load_heldout(data_root, split, args.image_size) for split in ("fit", "test"))
     segmenters = target_segmenters(fit, base.num_classes, SegmenterSettings(steps=args.target_seg_steps,
                                                                             channels=(8, 16, 32)))
@@ -165,6 +172,21 @@ def main(argv: list[str] | None = None) -> int:
         for method, m in row.items():
             print(f"{pair:6s} {method:16s} " + "  ".join(f"{k} {m[k]:.3f}" for k in METRICS if k in m), flush=True)
     return 0
+
+
+def markdown(result: dict) -> str:
+    """One federation's table: a row per method, a column per ordered pair; a cell is
+    SSIM / PSNR / Dice (mean over seeds), led by MAE in HU for a CT target."""
+    pairs = list(result["pairs"])
+    lines = ["| method | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
+    for method in ORDER:
+        cells = []
+        for pair in pairs:
+            m = result["pairs"][pair][method]
+            hu = f"**{m['mae_hu']:.0f} HU** · " if "mae_hu" in m else ""
+            cells.append(f"{hu}{m['ssim']:.3f} · {m['psnr']:.1f} · {m['dice']:.3f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _mean_over_seeds(rows: list[dict]) -> dict:
