@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from bench.common import write_result
+from medgen.sim.federation import Manifest
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -107,7 +108,7 @@ class PeakMemory:
 def first_sites(full: Path, data: Path, k: int) -> None:
     """A data root holding the first ``k`` sites of the build at ``full`` (links + manifest)."""
     manifest = json.loads((full / "manifest.json").read_text())
-    names = list(manifest["sites"])[:k]
+    names = list(Manifest.load(full).site_names[:k])  # in site-index order (not the JSON's sorted keys)
     if data.exists():
         shutil.rmtree(data)
     (data / "sites").mkdir(parents=True)

@@ -60,7 +60,9 @@ class Manifest:
 
     @property
     def site_names(self) -> tuple[str, ...]:
-        return tuple(self.data["sites"])
+        """In the build's site order (a site's index): manifest.json sorts its keys, which
+        puts AA before B once there are more than 26 sites."""
+        return self.config.site_names
 
     def site_dir(self, site: str) -> Path:
         return self.root / "sites" / site
