@@ -84,13 +84,20 @@ def save_run(root: Path, recipe_name: str, options: dict, train_denoiser: bool =
     return run_dir
 
 
+BLIND = {"synth-noise": "gaussian", "gaussian-std": f"{2 * NOISE_HU / 3000}",  # the series' std (3000 HU window)
+         "denoiser-width": 8, "denoiser-depth": 3, "denoiser-steps": 100, "lr-denoiser": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def trained_denoiser(tmp_path_factory) -> Path:
+    """A blind-denoise run whose denoiser took 100 public steps (Gaussian synth noise)."""
+    return save_run(tmp_path_factory.mktemp("restore-trained"), "blind-denoise", BLIND, train_denoiser=True)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("restore")
-    std = 2 * NOISE_HU / 3000  # the series' noise in network units (window 3000 HU wide)
-    return {"denoise": save_run(root, "blind-denoise", {"synth-noise": "gaussian", "gaussian-std": f"{std}",
-                                                        "denoiser-width": 8, "denoiser-depth": 3,
-                                                        "denoiser-steps": 100, "lr-denoiser": 3e-3}, True),
+    return {"denoise": save_run(root, "blind-denoise", BLIND),  # untrained: enough to be refused
             "sr2": save_run(root, "restore-diffusion", {"task": "sr2", "channels": "8,16", "norm-groups": 4,
                                                         "sample-steps": 2}),
             "gan": save_run(root, "site-gan", {"gen-width": 4, "disc-width": 4, "noise-dim": 8})}
@@ -111,12 +118,13 @@ def digests(folder: Path) -> dict[str, str]:
     return {p.as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_denoising_a_ct_dicom_series_writes_a_new_hu_series_closer_to_the_truth(runs, tmp_path):
+@pytest.mark.slow
+def test_denoising_a_ct_dicom_series_writes_a_new_hu_series_closer_to_the_truth(trained_denoiser, tmp_path):
     clean, spacing = real_ct_hu(SIZE, 3)
     noisy = np.rint(clean + np.random.default_rng(0).normal(0.0, NOISE_HU, clean.shape))
     site = ct_site(tmp_path / "site", noisy, spacing)
     before = digests(site)
-    assert main([str(site), "--run-dir", str(runs["denoise"]), "--site", "B", "--task", "denoise",
+    assert main([str(site), "--run-dir", str(trained_denoiser), "--site", "B", "--task", "denoise",
                  "--out", str(tmp_path / "out")]) == 0
     assert digests(site) == before  # input files only read
     source_hu, source = read_series(site / "images" / "patient1")
