@@ -54,6 +54,7 @@ ENTRY_POINTS = {
     "medgen.server.app",                  # the ServerApp
     "medgen.client.cli",                  # medgen-client
     "medgen.client.translate",            # medgen translate
+    "medgen.client.restore",              # medgen restore
     "medgen.server.cli",                  # medgen-server
     "medgen.server.deploy_cli",           # medgen-server deploy ...
     "medgen.privacy.audit_cli",           # medgen audit
