@@ -29,12 +29,20 @@ demo: $(STAMP)
 # reproduced with test_pki + tests/evaluation, each green alone), so it runs on its own (2 s).
 # Root cause still open (see the issue notes). Everything else runs in 3 pytest-xdist workers,
 # whole files per worker (module fixtures such as a small federation or a coordinator run stay
-# in one process): most of the suite's wall time is Flower/Ray start-up and processes waiting
-# on each other (the deployment end-to-end test: 4.7 of its 7.5 min), not CPU, so 3 workers
-# on 2 cores overlap that waiting. Every server a test starts binds a free port on 127.0.0.1.
+# in one process): much of a Flower test's wall time is processes starting and waiting on each
+# other, so 3 workers on 2 cores overlap that waiting. Every server a test starts binds a free
+# port on 127.0.0.1.
+# Order: tests/conftest.py puts the longest files first (the deployment end-to-end test, ~10
+# min of one worker) and --no-loadscope-reorder keeps that order (xdist's default reorders
+# files by their number of tests, which queued the 3-test end-to-end file near the end).
+# Cost of a Flower simulation test (a 2-site, 2-round tiny run; CPU of its whole process tree):
+# ~75 s, of which each Ray actor ~18 s (imports), the ServerApp ~13 s, Ray's own processes
+# ~9 s, SuperLink + SuperExec ~8 s, `flwr run`/`flwr log` ~4 s. Tests therefore run
+# simulate-actors=1 (tests/conftest.py): ~58 s. The harness no longer polls `flwr ls` every
+# 30 s (~2 s of CPU each: it now asks once, when the SuperLink ends the log stream).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests/deploy/test_pki.py
-	$(BIN)/python -m pytest -q -n 3 --dist loadfile --durations=20 --ignore=tests/deploy/test_pki.py
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=20 --ignore=tests/deploy/test_pki.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all  # --list, --only NAME ...

@@ -21,7 +21,8 @@ every process it starts:
 5. progress is printed from run-dir/metrics.jsonl while the run goes, and every process
    seen is recorded for the supervisor; the end is the DONE marker the ServerApp writes
    carrying THIS coordinator's id (a DONE from another coordinator is ignored), or the run
-   reported finished without one: a failure;
+   reported finished without one: a failure (``flwr ls`` is asked when the SuperLink ends
+   the ``flwr log --stream`` it ends at the run's end, not on a timer);
 6. the results are verified (``flwr run`` exits 0 even if every ClientApp failed), and a
    run whose last rounds trained no site ends in ``NothingTrained`` (server/outcome.py);
 7. in ``finally``: the SuperLink's process group and every descendant seen are stopped
@@ -55,7 +56,12 @@ from medgen.sim.federation import Manifest, build_federation
 from medgen.sim.head_config import HeadSimConfig
 from medgen.sim.head_federation import HeadManifest, build_head_federation
 
-STATUS_EVERY = 30.0  # seconds between `flwr ls` checks (a Python start each: not free on 2 cores)
+STATUS_EVERY = 30.0  # seconds between `flwr ls` checks once the log stream has ended
+# ... and while it runs: the SuperLink ends `flwr log --stream` when the run finishes, so the
+# stream's exit is the signal to ask; each `flwr ls` is a Python start (about 2 s of CPU, and
+# every 30 s that was a tenth of a tiny run's CPU on 2 cores). This slow check stays for a
+# stream that hangs.
+STATUS_WHILE_STREAMING = 300.0
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "core" / "flowerapp"
 
 
@@ -221,7 +227,7 @@ def run_simulation(config: RunConfig, work_dir: Path, *, timeout: float = 3600.0
         progress(f"submitted Flower run {run_id}: {len(config.site_names)} sites, "
                  f"{config.num_rounds} rounds; coordinator {coordinator.id}; log of the apps: "
                  f"{work_dir / 'run.log'}")
-        last_status_check = 0.0
+        last_status_check, stream_ended = time.monotonic(), False
         finished_at = None
         while (done := run_dir.read_done(coordinator.id)) is None:
             keep_watch()
@@ -229,7 +235,10 @@ def run_simulation(config: RunConfig, work_dir: Path, *, timeout: float = 3600.0
             now = time.monotonic()
             if now - started > timeout:
                 raise SimulationError(f"the run did not finish within {timeout:.0f} s; see {work_dir / 'run.log'}")
-            if finished_at is None and run_id and now - last_status_check > STATUS_EVERY:
+            if not stream_ended and log_stream.poll() is not None:
+                stream_ended, last_status_check = True, 0.0  # the run finished (or the stream broke): ask now
+            every = STATUS_EVERY if stream_ended else STATUS_WHILE_STREAMING
+            if finished_at is None and run_id and now - last_status_check > every:
                 last_status_check = now
                 if _finished(link, run_id):
                     finished_at = now
@@ -240,12 +249,14 @@ def run_simulation(config: RunConfig, work_dir: Path, *, timeout: float = 3600.0
         show_new_records(run_dir.metrics, shown, config.num_rounds, progress)
     finally:
         if log_stream is not None:
-            time.sleep(2.0)  # let the last lines arrive
-            log_stream.terminate()
-            try:
-                log_stream.wait(timeout=10)
+            try:  # let the last lines arrive: the stream ends by itself once the run has finished
+                log_stream.wait(timeout=2.0)
             except subprocess.TimeoutExpired:
-                log_stream.kill()
+                log_stream.terminate()
+                try:
+                    log_stream.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    log_stream.kill()
         link.stop()
     return verify_results(run_dir, done, config, time.monotonic() - started)
 

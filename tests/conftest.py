@@ -1,4 +1,13 @@
-"""Shared fixtures (keep this small: helpers specific to one package live in its tests)."""
+"""Shared fixtures (keep this small: helpers specific to one package live in its tests).
+
+Flower simulations in tests run with ``simulate-actors=1`` (Flower's init-args-num-cpus): one
+Ray actor trains the sites in turn. Each actor is a process that imports Ray, torch and
+medgen before its first round: ~18 s of CPU, a quarter of a tiny run's (measured: 75 s of
+CPU for the process tree of a 2-site, 2-round run with 2 actors, 58 s with 1). What the
+tests assert (rounds, per-site replies and epsilons, ledgers, messages) is per node and
+does not depend on how many nodes train at once; one actor serving every node is also the
+stricter check that no state leaks between sites through a process.
+"""
 
 from __future__ import annotations
 
@@ -65,9 +74,24 @@ def tiny_federation(tmp_path_factory):
     return root
 
 
+# The files that ran longest in `make test` (seconds in one worker, summed over the file's
+# tests), longest first: each starts at once instead of ending the run alone.
+LONGEST_FIRST = ("tests/deploy/test_e2e.py",                  # ~610
+                 "tests/models/test_cddpm.py",                # ~400
+                 "tests/server/test_coordinator_kill.py",     # ~270
+                 "tests/models/test_flower_label_schema.py")  # ~270
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Files with slow tests (Flower engines, long training) first, each file's tests in their
-    own order: `make test` hands whole files to 3 xdist workers in collection order, so the
-    long files start at once instead of one of them ending the run alone."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: order within a file kept
+    """LONGEST_FIRST, then the other files with slow tests (Flower engines, long training),
+    then the rest; each file's tests in their own order. `make test` hands whole files to
+    its xdist workers in this order (--no-loadscope-reorder: xdist otherwise reorders files
+    by their number of tests, which put the 3-test end-to-end file near the end)."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item) -> tuple:
+        relative = item.path.relative_to(config.rootpath).as_posix()
+        first = LONGEST_FIRST.index(relative) if relative in LONGEST_FIRST else len(LONGEST_FIRST)
+        return (first, item.path not in slow)
+
+    items.sort(key=rank)  # stable: a file's tests stay together and in their order

@@ -18,6 +18,7 @@ def test_simulate_two_sites_two_rounds(tiny_federation, run_dir, flower_processe
     code = main(["simulate", "--data-root", str(tiny_federation), "--out", str(run_dir),
                  "--set", "num-rounds=2", "--set", "local-steps=2", "--set", "batch-size=2",
                  "--set", "image-size=32", "--set", "accountant=rdp", "--set", "eval-every=2",
+                 "--set", "simulate-actors=1",  # one Ray actor: see tests/conftest.py
                  "--set", "eval-samples=8", "--set", "options.gen-width=4",
                  "--set", "options.disc-width=4", "--timeout", "600"])
     out = capsys.readouterr().out

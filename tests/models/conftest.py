@@ -9,7 +9,8 @@ import pytest
 def simulate():
     """Run `medgen-server simulate` for real (Flower's simulation engine, a subprocess) on a
     data root with ``--set`` settings; assert it succeeded; return the run's per-round
-    "train" records from metrics.jsonl."""
+    "train" records from metrics.jsonl. ``simulate-actors=1`` unless the settings name it:
+    one Ray actor trains the sites in turn (tests/conftest.py says why)."""
     import json
     import subprocess
     import sys
@@ -17,6 +18,8 @@ def simulate():
 
     def run(data_root: Path, out: Path, settings: list[str], timeout: int) -> list[dict]:
         cli = Path(sys.executable).parent / "medgen-server"
+        if not any(s.startswith("simulate-actors=") for s in settings):
+            settings = [*settings, "simulate-actors=1"]
         done = subprocess.run([str(cli), "simulate", "--data-root", str(data_root), "--out", str(out),
                                "--timeout", str(timeout), *[a for s in settings for a in ("--set", s)]],
                               capture_output=True, text=True, timeout=timeout + 100)

@@ -361,7 +361,10 @@ def test_samples_come_out_in_the_requested_sites_style():
 @pytest.mark.slow
 def test_two_federated_rounds_on_tiny_images_then_tstr_utility(tiny_federation, tmp_path, simulate):
     """`medgen-server simulate --set recipe=cddpm`: 2 rounds, 2 sites, 32 px, through Flower;
-    then the TSTR utility of the final checkpoint lands in the run dir."""
+    then the TSTR utility of the final checkpoint lands in the run dir. Per-round evaluation
+    is off (eval-every=0): nothing here reads it, and it cost this test the training of the
+    evaluation networks (~14 s of CPU) plus three evaluations; the TSTR step still samples
+    the final checkpoint with the recipe, and tests/test_simulation.py covers evaluation."""
     import json
 
     from medgen.evaluation.utility import UtilitySettings, run_utility
@@ -370,7 +373,7 @@ def test_two_federated_rounds_on_tiny_images_then_tstr_utility(tiny_federation, 
     out = tmp_path / "run"
     trains = simulate(tiny_federation, out, ["recipe=cddpm", "num-rounds=2", "local-steps=2", "image-size=32",
                                              "batch-size=4", "accountant=rdp", "target-epsilon=8.0",
-                                             "eval-samples=4", "options.channels=8,16",
+                                             "eval-every=0", "options.channels=8,16",
                                              "options.norm-groups=4", "options.sample-steps=3"], timeout=1500)
     checkpoint = load_checkpoint(out)
     assert checkpoint is not None and checkpoint.server_round == 2

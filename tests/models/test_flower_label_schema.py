@@ -23,6 +23,7 @@ from medgen.sim.head_federation import build_head_federation
 
 BASE = ["--set", "num-rounds=2", "--set", "local-steps=2", "--set", "batch-size=2",
         "--set", "image-size=32", "--set", "accountant=rdp", "--set", "eval-every=0",
+        "--set", "simulate-actors=1",  # one Ray actor: see tests/conftest.py
         "--timeout", "900"]
 TINY = [*BASE, "--set", "options.gen-width=4", "--set", "options.disc-width=4"]   # the GANs
 TINY_CDDPM = [*BASE, "--set", "recipe=cddpm", "--set", "options.channels=8,16",

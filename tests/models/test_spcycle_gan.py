@@ -236,7 +236,7 @@ def flower_run(tmp_path_factory, tiny_federation) -> Path:
     """`medgen-server simulate`: 2 rounds x 2 steps, 2 sites, 32 px, tiny networks."""
     out = tmp_path_factory.mktemp("spcycle") / "run"
     settings = ["recipe=spcycle-gan", "num-rounds=2", "local-steps=2", "image-size=32", "batch-size=4",
-                "accountant=rdp", "target-epsilon=8.0", "eval-every=0", "options.gen-width=4",
+                "accountant=rdp", "target-epsilon=8.0", "eval-every=0", "simulate-actors=1", "options.gen-width=4",
                 "options.gen-blocks=1", "options.disc-width=4", "options.seg-pretrain-steps=2",
                 "options.public-eval-samples=2"]
     cli = Path(sys.executable).parent / "medgen-server"

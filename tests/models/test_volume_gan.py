@@ -188,7 +188,7 @@ def test_two_rounds_through_flower_on_a_3d_federation(tmp_path, run_dir, capsys)
                                                heldout_fit=0, heldout_test=2, image_size=16, dims=3),
                                  tmp_path / "data").root
     settings = ["recipe=volume-gan", "num-rounds=2", "local-steps=2", "batch-size=2", "image-size=16",
-                "accountant=rdp", "eval-every=0", "options.gen-width=4", "options.disc-width=4",
+                "accountant=rdp", "eval-every=0", "simulate-actors=1", "options.gen-width=4", "options.disc-width=4",
                 "options.code-dim=16"]
     code = main(["simulate", "--data-root", str(root), "--out", str(run_dir), "--timeout", "600",
                  *[a for s in settings for a in ("--set", s)]])

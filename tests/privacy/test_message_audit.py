@@ -129,6 +129,7 @@ def simulate(data_root, run_dir, *extra: str) -> int:
     return main(["simulate", "--data-root", str(data_root), "--out", str(run_dir),
                  "--set", "num-rounds=2", "--set", "local-steps=2", "--set", "batch-size=2",
                  "--set", "image-size=32", "--set", "accountant=rdp", "--set", "eval-every=0",
+                 "--set", "simulate-actors=1",  # one Ray actor: see tests/conftest.py
                  "--set", "options.gen-width=4", "--set", "options.disc-width=4",
                  "--timeout", "900", *extra])
 

@@ -344,13 +344,15 @@ def test_an_impossible_epsilon_inside_the_sum_keeps_the_previous_weights(flower_
 # -- on Flower's real simulation engine, through the medgen apps -----------------------------
 NOISE_Z, NOISE_C = 1500.0, 1e-4  # noise std z C / K = 0.05 per coordinate per round
 @pytest.mark.slow
-def test_secure_aggregation_run_on_the_simulation_engine(tmp_path, capsys):
+def test_secure_aggregation_run_on_the_simulation_engine(three_sites, tmp_path, capsys):
     """3 sites, 2 rounds with secure-aggregation = true through `medgen-server simulate`:
     every round aggregated securely by all sites, every message each site sent is SecAgg+
     traffic that passes the message audit (no weights in clear), and the client-level
     noise is IN the final weights: each site's update is clipped to C = 1e-4, so the final
     minus initial shared weights are the two rounds' noise, std z C / K x sqrt(2) (within
-    10 %; issue 12: they equalled a noise-free run's within 1.2e-5)."""
+    10 %; issue 12: they equalled a noise-free run's within 1.2e-5). The federation is the
+    module's ``three_sites`` (the same sites; its held-out split is smaller, and this run
+    evaluates nothing), so the file builds one federation, not two."""
     import os
     import signal
     from pathlib import Path
@@ -361,17 +363,14 @@ def test_secure_aggregation_run_on_the_simulation_engine(tmp_path, capsys):
     from medgen.server.run_log import read_metrics
     from medgen.server.strategy import specs_of
     from medgen.models.registry import build_recipe
-    from medgen.sim.config import SimConfig
-    from medgen.sim.federation import build_federation
 
-    data = tmp_path / "data"
-    build_federation(SimConfig(seed=0, sites="A,B,C", subjects_per_site=6, public_size=8,
-                               heldout_fit=2, heldout_test=2, image_size=32), data)
+    data = three_sites
     run_dir = tmp_path / "run"
     try:
         code = main(["simulate", "--data-root", str(data), "--out", str(run_dir),
                      "--set", "num-rounds=2", "--set", "local-steps=2", "--set", "batch-size=2",
                      "--set", "image-size=32", "--set", "accountant=rdp", "--set", "eval-every=0",
+                     "--set", "simulate-actors=1",  # one Ray actor: see tests/conftest.py
                      "--set", "options.gen-width=4", "--set", "options.disc-width=4",
                      "--set", "secure-aggregation=true", "--set", "sites=A,B,C",
                      "--set", f"client-dp-noise-multiplier={NOISE_Z}", "--set", f"client-dp-clipping-norm={NOISE_C}",

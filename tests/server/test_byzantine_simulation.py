@@ -99,6 +99,7 @@ def test_byzantine_sites_on_the_simulation_engine(tmp_path, monkeypatch, capsys)
         code = main(["simulate", "--data-root", str(data), "--out", str(run_dir),
                      "--set", "num-rounds=2", "--set", "local-steps=2", "--set", "batch-size=2",
                      "--set", "image-size=32", "--set", "accountant=rdp", "--set", "eval-every=0",
+                     "--set", "simulate-actors=1",  # one Ray actor: see tests/conftest.py
                      "--set", "options.gen-width=4", "--set", "options.disc-width=4",
                      "--set", "sites=A,B,C,D", "--timeout", "900"])
         assert code == 0, capsys.readouterr().out

@@ -42,6 +42,7 @@ pytestmark = pytest.mark.slow
 ROUNDS = 3
 SETTINGS = ["--set", "local-steps=2", "--set", "batch-size=2", "--set", "image-size=32",
             "--set", "accountant=rdp", "--set", "eval-every=0", "--set", "options.gen-width=4",
+            "--set", "simulate-actors=1",  # one Ray actor: see tests/conftest.py
             "--set", "options.disc-width=4", "--timeout", "600"]
 
 

@@ -62,6 +62,7 @@ def test_flower_simulation_reports_federated_scalars_per_site(tiny_federation, r
     code = main(["simulate", "--data-root", str(tiny_federation), "--out", str(run_dir),
                  "--set", "num-rounds=2", "--set", "local-steps=2", "--set", "batch-size=2",
                  "--set", "image-size=32", "--set", "accountant=rdp", "--set", "eval-every=0",
+                 "--set", "simulate-actors=1",  # one Ray actor: see tests/conftest.py
                  "--set", "federated-eval-fraction=0.5", "--set", "federated-eval-every=1",
                  "--set", "options.gen-width=4", "--set", "options.disc-width=4", "--timeout", "600"])
     out = capsys.readouterr().out

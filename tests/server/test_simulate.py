@@ -99,6 +99,74 @@ def test_a_done_marker_of_another_coordinator_is_not_trusted(tmp_path):
     assert run_dir.read_done("me")["final_round"] == 2
 
 
+
+class _Clock:
+    """simulate's `time`, advanced only by its sleeps (no test waits for real)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def test_flower_is_asked_whether_the_run_finished_when_the_log_stream_ends_not_every_30_s(
+        tmp_path, monkeypatch):
+    """The harness asks `flwr ls` (a Python start: ~2 s of CPU) only once the SuperLink has
+    ended the log stream, which it does when the run finishes; a run that finished without
+    a DONE marker is still a failure that names the marker. Mutation: the old 30 s polling
+    asks 4 times before the stream ends at 100 s (fails the count)."""
+    import os
+    import subprocess
+    from types import SimpleNamespace
+
+    clock, asked = _Clock(), []
+
+    class Stream:
+        pid = os.getpid()
+
+        def poll(self):
+            return 0 if clock.now >= 100 else None
+
+        def wait(self, timeout=None):
+            return 0
+
+    class Link:
+        log_path, seen = tmp_path / "superlink.log", {}
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def start(self):
+            pass
+
+        def check_alive(self):
+            pass
+
+        def stop(self):
+            pass
+
+        def stream_log(self, run_id, path):
+            return Stream()
+
+        def flwr(self, *args, timeout=120.0):
+            if args[0] == "ls":
+                asked.append(clock.now)
+                return subprocess.CompletedProcess(args, 0, '{"runs": [{"status": "finished:completed"}]}', "")
+            return subprocess.CompletedProcess(args, 0, '{"run-id": 7}', "")
+
+    monkeypatch.setattr(simulate, "time", clock)
+    monkeypatch.setattr(simulate, "SuperLink", Link)
+    coordinator = SimpleNamespace(id="me", env={}, record=lambda pids: None, check_supervisor=lambda: None)
+    config = RunConfig(sites="A,B", run_dir=str(tmp_path / "run"))
+    with pytest.raises(SimulationError, match="finished but the ServerApp wrote no DONE marker"):
+        simulate.run_simulation(config, tmp_path / "work", progress=lambda line: None,
+                                coordinator=coordinator)
+    assert asked and asked[0] >= 100 and len(asked) == 1
+
 def test_fresh_moves_the_previous_results_aside_and_keeps_ledgers_and_data(tmp_path):
     run = tmp_path / "run"
     for name in ("checkpoint.pt", "metrics.jsonl", "samples/round_001.png", "state/A/privacy_ledger.json",

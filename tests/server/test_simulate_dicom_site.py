@@ -47,6 +47,7 @@ def test_a_dicom_site_trains_like_a_nifti_site(tmp_path, run_dir, flower_process
                  "--out", str(run_dir), "--set", "num-rounds=2", "--set", "local-steps=2",
                  "--set", "batch-size=2", "--set", "image-size=32", "--set", "accountant=rdp",
                  "--set", "eval-every=0", "--set", f"target-epsilon={TARGET_EPSILON}",
+                 "--set", "simulate-actors=1",  # one Ray actor: see tests/conftest.py
                  "--set", "options.gen-width=4", "--set", "options.disc-width=4",
                  "--timeout", "600"])
     out = capsys.readouterr().out

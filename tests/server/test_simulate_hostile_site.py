@@ -64,6 +64,7 @@ def test_a_symlink_loop_does_not_inflate_a_sites_patients(tmp_path, run_dir, cap
                  "--set", "num-rounds=2", "--set", "local-steps=2",
                  "--set", f"batch-size={BATCH}", "--set", "image-size=32",
                  "--set", "accountant=rdp", "--set", "eval-every=0",
+                 "--set", "simulate-actors=1",  # one Ray actor: see tests/conftest.py
                  "--set", "target-epsilon=10", "--set", "options.gen-width=4",
                  "--set", "options.disc-width=4", "--timeout", "600"])
     out = capsys.readouterr().out
