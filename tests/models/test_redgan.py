@@ -12,12 +12,15 @@ from opacus.accountants import RDPAccountant
 from torch.utils.data import TensorDataset
 
 from medgen.config import ConfigError, RunConfig
+from medgen.models.blocks import one_hot_labels
+from medgen.models.dp_cgan import disc_loss
 from medgen.models.recipe import PublicData, RoundContext
 from medgen.models.red_gan import RedGAN
 from medgen.models.registry import build_recipe
 from medgen.privacy.accounting import sample_rate_for
 from medgen.privacy.dp_sgd import PrivateTraining
 from medgen.privacy.dp_step import DPModule
+from medgen.privacy.guards import per_sample_grads_reference
 from medgen.privacy.ledger import PrivacyPlan
 
 NAMES = "background,csf,gm,wm,lesion"
@@ -143,13 +146,44 @@ def test_rare_class_draws_hold_the_class_at_least_at_the_set_fraction():
     assert base < 0.3
 
 
+def test_per_patient_grads_of_d_and_private_s_match_an_autograd_loop():
+    """Point 3, the joint clip's input: Opacus' per-patient gradient over D's AND S's
+    parameters (D's real term + S's Dice-CE, exactly as ``disc_step`` computes them) equals
+    an autograd loop over single patients. Mutations tried: S's Dice pooled over the batch
+    (``DiceCELoss(batch=True)``: a patient's row then depends on the others) fails it; S
+    read outside the private module (no ``grad_sample`` on S) fails the count."""
+    recipe, data, _, plan = setup(options={"seg-train": "private"}, n=4, batch=4)
+    model = recipe.build()
+    net = recipe.private_net(model)
+    net.requires_grad_(True)
+    images, labels = data.tensors
+    kind = recipe.options.loss
+
+    def real_term(module, d, x, y):
+        site = torch.zeros(x.shape[0], dtype=torch.long)
+        return (disc_loss(module(x, one_hot_labels(y, recipe.num_classes), site), real=True, kind=kind).mean()
+                + recipe.extra_real_loss(d, x, y))
+
+    with DPModule(PrivateTraining(plan, [], seed=0), net, torch.optim.SGD(net.parameters(), lr=0.1), data, 4) as d:
+        real_term(d.module, d, images, labels).backward()
+        got = [p.grad_sample for p in d.optimizer.params]
+        expected = per_sample_grads_reference(d.module, lambda m, x, y: real_term(m, d, x, y), images, labels)
+    names = [n for n, p in net.named_parameters()]
+    assert len(got) == len(expected) == len(names) and any(n.startswith("seg.") for n in names)
+    for name, g, e in zip(names, got, expected):
+        assert g.shape == e.shape and g.shape[0] == 4, name
+        assert torch.allclose(g, e, atol=1e-5, rtol=1e-4), (name, (g - e).abs().max())
+    seg_rows = torch.cat([e.flatten(1) for n, e in zip(names, expected) if n.startswith("seg.")], dim=1)
+    assert (seg_rows.norm(dim=1) > 0).all()  # S's term reaches every patient's row
+
+
 @pytest.mark.slow
 def test_two_flower_rounds_with_a_private_passive_segmenter(tiny_federation, tmp_path, simulate):
     trains = simulate(tiny_federation, tmp_path / "run",
                       ["recipe=red-gan", "options.seg-train=private", "num-rounds=2", "local-steps=1",
                        "image-size=32", "batch-size=4", "accountant=rdp", "target-epsilon=8.0", "eval-every=0",
                        "options.gen-width=4", "options.disc-width=4", "options.seg-width=4",
-                       "options.seg-pretrain-steps=2"], timeout=600)
+                       "options.seg-pretrain-steps=2"], timeout=900)
     assert [t["round"] for t in trains] == [1, 2]
     for site in ("A", "B"):
         eps = [t["per_site"][site]["epsilon"] for t in trains]

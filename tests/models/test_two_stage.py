@@ -12,12 +12,15 @@ from opacus.accountants import RDPAccountant
 from torch.utils.data import TensorDataset
 
 from medgen.config import RunConfig
+from medgen.models.blocks import one_hot_labels
+from medgen.models.dp_cgan import disc_loss
 from medgen.models.recipe import PublicData, RoundContext
 from medgen.models.registry import build_recipe
 from medgen.models.two_stage import TwoStageGAN
 from medgen.privacy.accounting import sample_rate_for
 from medgen.privacy.dp_sgd import PrivateTraining
 from medgen.privacy.dp_step import DPModule
+from medgen.privacy.guards import per_sample_grads_reference
 from medgen.privacy.ledger import PrivacyPlan
 
 TINY = {"gen-width": 4, "disc-width": 4, "noise-dim": 8, "spade-hidden": 4, "map-width": 4,
@@ -102,6 +105,36 @@ def test_critics_train_jointly_and_are_accounted_once_per_step():
     assert set(recipe.shared_keys(model)) == {k for k in model.state_dict() if k.startswith("gen.")}
 
 
+def test_per_patient_grads_of_d_and_the_map_critic_match_an_autograd_loop():
+    """Point 1, the joint clip's input: Opacus' per-patient gradient over D's AND E's
+    parameters (D's real term + E's real term on the patient's own map, exactly as
+    ``disc_step`` computes them) equals an autograd loop over single patients. Mutations
+    tried: E read on another patient's map (``labels.roll(1, 0)`` in ``extra_real_loss``)
+    fails it; E outside the private module (no ``grad_sample`` on E) fails the count."""
+    recipe, data, _, plan = setup(n=4, batch=4)
+    model = recipe.build()
+    net = recipe.private_net(model)
+    images, labels = data.tensors
+    kind = recipe.options.loss
+
+    def real_term(module, d, x, y):
+        site = torch.zeros(x.shape[0], dtype=torch.long)
+        return (disc_loss(module(x, one_hot_labels(y, recipe.num_classes), site), real=True, kind=kind).mean()
+                + recipe.extra_real_loss(d, x, y))
+
+    with DPModule(PrivateTraining(plan, [], seed=0), net, torch.optim.SGD(net.parameters(), lr=0.1), data, 4) as d:
+        real_term(d.module, d, images, labels).backward()
+        got = [p.grad_sample for p in d.optimizer.params]
+        expected = per_sample_grads_reference(d.module, lambda m, x, y: real_term(m, d, x, y), images, labels)
+    names = [n for n, p in net.named_parameters()]
+    assert len(got) == len(expected) == len(names) and any(n.startswith("map_disc.") for n in names)
+    for name, g, e in zip(names, got, expected):
+        assert g.shape == e.shape and g.shape[0] == 4, name
+        assert torch.allclose(g, e, atol=1e-5, rtol=1e-4), (name, (g - e).abs().max())
+    e_rows = torch.cat([e.flatten(1) for n, e in zip(names, expected) if n.startswith("map_disc.")], dim=1)
+    assert (e_rows.norm(dim=1) > 0).all()  # E's term reaches every patient's row
+
+
 def test_pairs_come_from_noise_alone_and_are_valid_maps_and_images():
     recipe, *_ = setup()
     model = recipe.build()
@@ -117,7 +150,7 @@ def test_two_flower_rounds(tiny_federation, tmp_path, simulate):
     trains = simulate(tiny_federation, tmp_path / "run",
                       ["recipe=two-stage", "num-rounds=2", "local-steps=1", "image-size=32", "batch-size=4",
                        "accountant=rdp", "target-epsilon=8.0", "eval-every=0", "options.gen-width=4",
-                       "options.disc-width=4", "options.map-width=4", "options.map-disc-width=4"], timeout=600)
+                       "options.disc-width=4", "options.map-width=4", "options.map-disc-width=4"], timeout=900)
     assert [t["round"] for t in trains] == [1, 2]
     for site in ("A", "B"):
         eps = [t["per_site"][site]["epsilon"] for t in trains]
