@@ -117,9 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seg-steps", type=int, default=200, help="S's public pretraining steps")
     parser.add_argument("--target-seg-steps", type=int, default=150, help="the evaluation segmenters' steps")
     parser.add_argument("--table", action="store_true", help="print the stored federation's table, train nothing")
+    parser.add_argument("--key", help="store under this key (default: the federation), e.g. one seed per process")
+    parser.add_argument("--merge", help="comma-separated stored keys (runs of one federation, other seeds) to "
+                                        "merge into the federation's entry; trains nothing")
     args = parser.parse_args(argv)
     if args.table:
         print(markdown(json.loads((RESULTS / "spcycle.json").read_text())["runs"][args.federation]))
+        return 0
+    if args.merge:
+        runs = json.loads((RESULTS / "spcycle.json").read_text())["runs"]
+        write_result("spcycle", {"runs": {**runs, args.federation: merge([runs[k] for k in args.merge.split(",")])}})
         return 0
     torch.set_num_threads(1)
     command = "python -m bench.spcycle " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -167,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
               "n_test_per_site": baselines["n"], "total_seconds": time.perf_counter() - start}
     previous = RESULTS / "spcycle.json"
     runs = json.loads(previous.read_text()).get("runs", {}) if previous.is_file() else {}
-    write_result("spcycle", {"runs": {**runs, args.federation: result}})
+    write_result("spcycle", {"runs": {**runs, args.key or args.federation: result}})
     for pair, row in pairs.items():
         for method, m in row.items():
             print(f"{pair:6s} {method:16s} " + "  ".join(f"{k} {m[k]:.3f}" for k in METRICS if k in m), flush=True)
@@ -187,6 +194,18 @@ def markdown(result: dict) -> str:
             cells.append(f"{hu}{m['ssim']:.3f} · {m['psnr']:.1f} · {m['dice']:.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def merge(parts: list[dict]) -> dict:
+    """Runs of one federation with the same settings but other seeds, as one entry."""
+    per_seed = {seed: rows for part in parts for seed, rows in part["per_seed"].items()}
+    first = parts[0]
+    pairs = {pair: {**{m: first["pairs"][pair][m] for m in first["pairs"][pair] if m not in (*ARMS, CEILING)},
+                    **_mean_over_seeds([per_seed[s][pair] for s in per_seed])} for pair in first["pairs"]}
+    return {**first, "command": [p["command"] for p in parts], "seeds": [int(s) for s in per_seed], "pairs": pairs,
+            "per_seed": per_seed, "epsilon": {k: v for p in parts for k, v in p["epsilon"].items()},
+            "seconds": {k: v for p in parts for k, v in p["seconds"].items()},
+            "total_seconds": sum(p["total_seconds"] for p in parts)}
 
 
 def _mean_over_seeds(rows: list[dict]) -> dict:
