@@ -111,7 +111,7 @@ class DAGanOptions(RecipeOptions):
     lr_gen: float = option(1e-3, above=0)  # G and R
     lr_disc: float = option(1e-3, above=0)
     beta1: float = option(0.5, at_least=0, below=1)
-    register: bool = option(True)  # False: the ablation, plain L1 on the misaligned pairs
+    register: bool = True  # False: the ablation, plain L1 on the misaligned pairs
     l1_weight: float = option(10.0, at_least=0)
     adversarial_weight: float = option(1.0, at_least=0)
     consistency_weight: float = option(1.0, at_least=0)
