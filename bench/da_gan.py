@@ -3,8 +3,8 @@ without registration (plain paired L1 on the misaligned pairs) and classical int
 maps, scored in HU inside the head against the true aligned CT of held-out subjects.
 
     python -m bench.da_gan --work W [--sites A,B --subjects 48 --heldout 24 --seeds 0
-        --rounds 4 --local-steps 10 --batch-size 8 --image-size 32 --width 8 --epsilon 10
-        --misregistration-mm 6]
+        --rounds 4 --local-steps 10 --batch-size 8 --image-size 32 --width 8 --lr 5e-3
+        --epsilon 10 --misregistration-mm 6]
 
 The head-ct federation with every chosen CT site paired (``paired_sites``: each patient's
 CT and an MR of the anatomy in another pose, sim/paired_modalities.py) is built (or
@@ -19,6 +19,8 @@ Scores, per held-out test subject of each paired site S: input = the site's pair
 CT of the anatomy in the MR's pose, HU); ``mae_hu`` = mean |synthetic - target| in HU over
 the head (``paired-labels`` > 0), pooled over subjects. Rows:
   da-gan-dp / plain-l1-dp      the recipe with / without registration (``register``)
+  da-gan-noise-free            (--noise-free) da-gan at epsilon 1e8: clipping kept, noise ~0,
+                               the same steps: what privacy costs at this budget
   hist-match                   MR matched to the pooled CT histogram of heldout/fit/S
   lookup-misaligned            a 64-bin MR->HU lookup fitted on heldout/fit/S's misaligned
                                pairs (its MR against its CT scan: what the recipes see)
@@ -57,6 +59,7 @@ from medgen.server.run_log import RunDir
 from medgen.server.simulate import prepare_federation
 
 ARMS = {"da-gan-dp": {"register": True}, "plain-l1-dp": {"register": False, "adversarial-weight": 0.0}}
+NOISE_FREE = "da-gan-noise-free"  # --noise-free: epsilon 1e8 (clipping kept): privacy's share of the gap
 BINS = 64
 
 
@@ -129,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-3, help="lr-gen and lr-disc of both arms")
     parser.add_argument("--epsilon", type=float, default=10.0)
     parser.add_argument("--misregistration-mm", type=float, default=6.0)
+    parser.add_argument("--noise-free", action="store_true", help="also run da-gan at epsilon 1e8")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     command = "python -m bench.da_gan " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -138,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     base = RunConfig(recipe="da-gan", image_size=args.image_size, batch_size=args.batch_size,
                      local_steps=args.local_steps, num_rounds=args.rounds, target_epsilon=args.epsilon,
                      accountant="rdp", sites=args.sites, eval_every=0,
-                     options={"gen-width": args.width, "disc-width": args.width, "reg-width": args.width})
+                     options={"gen-width": args.width, "disc-width": args.width, "reg-width": args.width,
+                              "lr-gen": args.lr, "lr-disc": args.lr})
     base = prepare_federation(base, data_root, num_sites=None, subjects_per_site=args.subjects,
                               federation="head-ct", public_size=8, heldout_fit=args.heldout,
                               heldout_test=args.heldout, paired_sites=args.sites,
@@ -148,10 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     test = {s: heldout(data_root, "test", s, args.image_size) for s in sites}
     rows = {s: classical(fit[s], test[s]) for s in sites}
     per_seed, epsilon, seconds = {}, {}, {}
+    arms = {name: (options, args.epsilon) for name, options in ARMS.items()}
+    if args.noise_free:
+        arms[NOISE_FREE] = (ARMS["da-gan-dp"], 1e8)
     for seed in (int(s) for s in args.seeds.split(",")):
-        for arm, options in ARMS.items():
+        for arm, (options, target) in arms.items():
             begin = time.perf_counter()
-            recipe, model, eps = train_private(base.replace(seed=seed), options, args.work / "runs" / f"{arm}-{seed}")
+            config = base.replace(seed=seed, target_epsilon=target)
+            recipe, model, eps = train_private(config, options, args.work / "runs" / f"{arm}-{seed}")
             seconds[f"{arm}-{seed}"] = round(time.perf_counter() - begin, 1)
             epsilon[f"{arm}-{seed}"] = eps
             for k, site in enumerate(sites):
