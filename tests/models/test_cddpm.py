@@ -325,14 +325,17 @@ def render(maps, site, seed):
 def test_samples_come_out_in_the_requested_sites_style():
     """Two sites with opposite contrasts, federated like the real thing (local DP rounds from
     the global model, then FedAvg); a site classifier trained on real images must put the
-    samples of each requested site in that site."""
+    samples of each requested site in that site. Three rounds (it was six, ~85 s of CPU):
+    measured with this seed, the classifier put 100% of both sites' samples in their site
+    after 3 rounds as after 6 (threshold 90%), and the mean distance to the site's true
+    rendering was 0.036/0.073 after 3 rounds, 0.036/0.051 after 6 (threshold 0.25)."""
     cfg = RunConfig(recipe="cddpm", image_size=SIZE, batch_size=32, sites="A,B", seed=1,
                     options={"channels": "16,32", "norm-groups": 8, "sample-steps": 10, "lr": 3e-3,
                              "grad-sample-mode": "hooks"})
     r = ConditionalDDPM(cfg)
     model, states, released = r.build(), [{}, {}], [[], []]
     data = [TensorDataset(render(blob_maps(64, 10 + s), s, 20 + s), blob_maps(64, 10 + s)) for s in (0, 1)]
-    for rnd in range(6):
+    for rnd in range(3):
         replies = []
         for site in (0, 1):
             local = copy.deepcopy(model)
