@@ -64,7 +64,9 @@ CHUNK = 64                          # images per denoiser call while restoring
 # -- networks ------------------------------------------------------------------------
 class NoiseGenerator(nn.Module):
     """White noise z [N,c,H+6,W+6] + a site code -> noise [N,1,H,W] in network units
-    (valid convolutions: stationary, no border effect, any size)."""
+    (valid convolutions: stationary, no border effect, any size). Initialised so its output
+    std is ``scale`` (a fixed draw of z at build: no data), with a per-site log-gain, so the
+    few private steps a budget allows go to the noise's shape, not to finding its size."""
 
     def __init__(self, num_sites: int, channels: int, width: int, site_dim: int, scale: float):
         super().__init__()
@@ -72,10 +74,18 @@ class NoiseGenerator(nn.Module):
         self.site_embed = nn.Embedding(num_sites, site_dim)
         self.body = nn.Sequential(nn.Conv2d(channels + site_dim, width, 3), nn.LeakyReLU(0.2),
                                   nn.Conv2d(width, width, 3), nn.LeakyReLU(0.2), nn.Conv2d(width, 1, 3))
+        self.log_gain = nn.Embedding(num_sites, 1)
+        nn.init.zeros_(self.log_gain.weight)
+        with torch.no_grad():  # unit output std at initialisation
+            z = torch.randn(8, channels, 32, 32)
+            std = self(z, torch.zeros(8, dtype=torch.long)).std() / scale
+            self.body[-1].weight.div_(std)
+            self.body[-1].bias.zero_()
 
     def forward(self, z: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
         code = self.site_embed(site)[:, :, None, None].expand(-1, -1, *z.shape[-2:])
-        return self.scale * self.body(torch.cat([z, code], dim=1))
+        gain = self.log_gain(site).exp()[:, :, None, None]
+        return self.scale * gain * self.body(torch.cat([z, code], dim=1))
 
     def field(self, n: int, size: int, site: torch.Tensor, generator: torch.Generator | None,
               device: torch.device) -> torch.Tensor:
@@ -146,13 +156,13 @@ def per_record_grads(disc: nn.Module, noise: torch.Tensor, valid: torch.Tensor, 
 
 @dataclass(frozen=True)
 class BlindDenoiseOptions(RecipeOptions):
-    patch: int = option(8, at_least=4)                    # side of a noise window (px)
-    patches_per_record: int = option(4, at_least=1)       # flat windows per patient
-    flat_blur_px: float = option(1.5, at_least=0)         # blur before scoring flatness
-    noise_scale: float = option(0.05, above=0)            # G's output / D's input unit (network units)
+    patch: int = option(4, at_least=4)                    # side of a noise window (px)
+    patches_per_record: int = option(8, at_least=1)       # flat windows per patient
+    flat_blur_px: float = option(2.0, at_least=0)         # blur before scoring flatness
+    noise_scale: float = option(0.02, above=0)            # G's initial std, D's input unit (network units)
     noise_channels: int = option(4, at_least=1)
     gen_width: int = option(16, at_least=1)
-    disc_width: int = option(16, at_least=1)
+    disc_width: int = option(4, at_least=1)          # few parameters: DP noise grows with their number
     site_dim: int = option(4, at_least=1)
     denoiser_width: int = option(32, at_least=1)
     denoiser_depth: int = option(5, at_least=2)
@@ -185,7 +195,8 @@ class BlindDenoise(Recipe):
     Options: ClassVar[type[RecipeOptions]] = BlindDenoiseOptions
     private_modules: ClassVar[tuple[str, ...]] = ("disc",)
     shared_prefixes: ClassVar[tuple[str, ...] | None] = ("gen.", "denoiser.")
-    site_indexed_keys: ClassVar[tuple[str, ...]] = ("gen.site_embed.weight", "denoiser.site_embed.weight")
+    site_indexed_keys: ClassVar[tuple[str, ...]] = ("gen.site_embed.weight", "gen.log_gain.weight",
+                                                    "denoiser.site_embed.weight")
     requires_labels: ClassVar[bool] = False
 
     def __init__(self, config):
