@@ -6,10 +6,13 @@ The commands are the ones docs/deployment.md gives a coordinator and a hospital:
 session, descendants remembered) and is stopped by PID in the fixture's teardown, also
 when a test fails.
 
-One federation serves all tests (start-up dominates: a fresh Python+torch process per
-message, FLOWER.md): the negative tests first (plaintext, unregistered key), then one
-training run that exercises dropout, the allow-list, the epsilon cap, a server restart
-with resume, and a rejoin, and ends with federated evaluation: each site scores the final
+Every hospital runs the warm path (``medgen-client``'s default ``--trainer warm``): each
+message's ClientApp forwards the round to the hospital's long-lived trainer
+(client/worker.py). One federation serves all tests: the negative tests first (plaintext,
+unregistered key), then one training run that exercises dropout, the allow-list, the
+epsilon cap, a crash of a hospital's trainer mid-run (medgen-client restarts it, the round
+is answered and charged once), a server restart with resume, and a rejoin, and ends with
+federated evaluation: each site scores the final
 global generator on its own reserved patients and returns DP-released scalars, each release
 in its ledger (docs/evaluation.md, "Federated evaluation").
 """
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import ssl
 import sys
 import time
@@ -65,7 +70,7 @@ def _cli(name: str, *args: str) -> list[str]:
     return [str(BIN / name), *map(str, args)]
 
 
-def _run(command: list[str], timeout: float = 120) -> str:
+def _run(command: list[str], timeout: float = 600) -> str:  # medgen-server imports torch: minutes on a shared host
     import subprocess
 
     done = subprocess.run(command, env=flower_env(), capture_output=True, text=True, timeout=timeout)
@@ -232,6 +237,10 @@ def test_run_survives_dropout_refusal_and_server_restart(federation):
     _wait(lambda: hospitals["B"].log_text().count("Receiving: train message") >= 2, ROUND_TIMEOUT,
           "round 2 to reach B", watched)
     hospitals["B"].stop()  # SIGTERM: the node leaves; its pending message errors at once
+    # A's warm trainer crashes during round 2; medgen-client starts a new one and A's
+    # waiting ClientApp gets round 2 answered by it (charged once: asserted below)
+    trainer_pid = int((fed.root / "hospitals" / "A" / "trainer.pid").read_text())
+    os.kill(trainer_pid, signal.SIGKILL)
     # round 2 goes on without B. Round 3 is sent; once A's SuperNode holds the whole message
     # (its 3rd "Received successfully"), the coordinator crashes
     _wait(lambda: checkpoint_round() >= 2, ROUND_TIMEOUT, "round 2's checkpoint", watched)
@@ -266,6 +275,9 @@ def test_run_survives_dropout_refusal_and_server_restart(federation):
     assert checkpoint_round() == 3
     done = json.loads((run_dir / "DONE").read_text())
     assert done["status"] == "ok" and done["final_round"] == 3
+    log_a = hospitals["A"].log_text()   # the warm path trained A's rounds, and survived the crash
+    assert "warm trainer ready" in log_a and "train request received (round 1)" in log_a
+    assert f"the warm trainer (pid {trainer_pid}) exited" in log_a, log_a[-3000:]
     resumed_log = resumed.log_text()   # the resumed run trained round 3 only
     assert "round 3/3 train" in resumed_log and "round 1/3" not in resumed_log and \
         "round 2/3" not in resumed_log, resumed_log
