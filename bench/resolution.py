@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from bench.common import write_result
+from bench.common import RESULTS, write_result
 from medgen.config import RunConfig
 from medgen.models.recipe import PublicData, RoundContext
 from medgen.models.registry import RECIPES, build_recipe
@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per case")
+    parser.add_argument("--keep", action="store_true", help="keep the rows of bench/results/resolution.json "
+                        "that this call does not measure (several calls build one table)")
     parser.add_argument("--case", nargs=3, metavar=("RECIPE", "SIZE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:  # the child: one case, one JSON line
@@ -177,8 +179,14 @@ def main(argv: list[str] | None = None) -> int:
                     row = {"recipe": name, "size": size, "mode": mode, "error": f"timeout {args.timeout} s"}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    write_result("resolution", {"command": "python -m bench.resolution " + " ".join(argv or sys.argv[1:]),
-                                "clock": "process CPU time, 1 thread", "rows": rows})
+    commands = ["python -m bench.resolution " + " ".join(argv or sys.argv[1:])]
+    previous = RESULTS / "resolution.json"
+    if args.keep and previous.exists():
+        old = json.loads(previous.read_text())
+        measured = {(r["recipe"], r["size"], r["mode"]) for r in rows}
+        rows = [r for r in old["rows"] if (r["recipe"], r["size"], r["mode"]) not in measured] + rows
+        commands = old.get("commands", [old.get("command")]) + commands
+    write_result("resolution", {"commands": commands, "clock": "process CPU time, 1 thread", "rows": rows})
     return 0 if all("error" not in r for r in rows) else 1
 
 
