@@ -20,7 +20,8 @@ output and its content CT, against the same for an unrelated CT of the content s
 chance level). Each site's test CTs are split in thirds: content, style, reference (the
 metrics' real set), so no image is compared with itself. Baseline rows: the untouched
 content CTs (identity) against each site's reference third (for their own site: the
-real-vs-real floor).
+real-vs-real floor). Rows "site code s": G on random-contrast renderings of public label
+maps with site s's learnt style code (the style D taught, without the style encoder).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from bench.common import write_result
 from medgen.client.simulated_site import simulated_sites
 from medgen.config import RunConfig
 from medgen.data.manifest import load_manifest
+from medgen.data.public_bank_loader import load_public_bank
 from medgen.data.site_data import load_site
 from medgen.evaluation.laplacian_swd import describe_patches, swd_statistic
 from medgen.evaluation.power_spectrum import radial_log_spectra, spectrum_statistic
@@ -114,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                     **{f"vs_real_{t}": texture(out, parts[t][2]) for t in parts},
                     "content_edge_l1": float(content_loss(out, content).mean()),
                     "chance_edge_l1": float(content_loss(out, torch.roll(content, 1, dims=0)).mean())}
+        maps = load_public_bank(root / "public", args.image_size).label_maps[:k]  # public anatomy only
+        for index, site in enumerate(parts):  # G(public rendering, site code): the adversarially taught style
+            out = recipe.sample(model, maps, index, torch.Generator().manual_seed(index))
+            rows[f"site code {site} on public content"] = {f"vs_real_{t}": texture(out, parts[t][2]) for t in parts}
         payload = {"config": {k: v for k, v in config.to_run_config().items() if k not in ("data-root", "state-root", "run-dir")},
                    "federation": {"kind": "head-ct", "sites": SITES, "subjects_per_site": args.subjects,
                                   "images_per_part": k},
