@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout", type=int, default=16, help="held-out test images per site")
     parser.add_argument("--no-ceiling", action="store_true")
     parser.add_argument("--data-root", type=Path, help="reuse a built federation")
+    parser.add_argument("--name", default=NAME, help="results file bench/results/<name>.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  site {site} (noise std {f['std']:.4f}): " + ", ".join(
                 f"{m} {v['psnr']:.2f} dB/{v['ssim']:.3f}" + (f"/{v['mae_units']:.1f} HU" if "mae_units" in v else "")
                 for m, v in methods.items()), flush=True)
-        write_result(NAME, {"command": "python -m bench.blind_denoise " + " ".join(sys.argv[1:] if argv is None else argv),
+        write_result(args.name, {"command": "python -m bench.blind_denoise " + " ".join(sys.argv[1:] if argv is None else argv),
                             "federation": args.federation,
                             "config": base.replace(target_epsilon=args.epsilon).to_run_config(),
                             "training": runs, "per_site": per_site,
