@@ -71,6 +71,7 @@ class NonPrivateTraining(PrivateTraining):
         for name in ("disable_hooks", "enable_hooks"):  # DPModule.frozen/public_pass call them
             setattr(module, name, lambda: None)
         self._batch = batch_size
+        self.saw_per_sample = False  # the recipe wrote p.grad_sample itself ("no_op" mode)
         self._optimizer = _PlainOptimizer(optimizer)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(self.seed or 0))
@@ -80,6 +81,7 @@ class NonPrivateTraining(PrivateTraining):
         for i, p in enumerate(optimizer.params):
             if p.grad is None and getattr(p, "grad_sample", None) is not None:  # "no_op" recipes
                 p.grad = p.grad_sample.sum(0) / self._batch
+                self.saw_per_sample = True
             if public_grads is not None and public_grads[i] is not None:
                 p.grad = public_grads[i].detach().clone() if p.grad is None else p.grad + public_grads[i]
         optimizer.original_optimizer.step()
@@ -144,8 +146,7 @@ def run_case(name: str, size: int, mode: str, steps: int, batch: int) -> dict:
             "cpu_s_per_step": round(seconds / steps, 3), "peak_rss_gib": round(peak / 2 ** 30, 3),
             "step_rss_growth_gib": round((peak - built_rss) / 2 ** 30, 3),
             "private_steps_taken": private.steps_taken,
-            "plain_has_per_sample": mode == "plain" and any(
-                getattr(p, "grad_sample", None) is not None for p in model.parameters()),
+            "plain_has_per_sample": bool(getattr(private, "saw_per_sample", False)),
             "finite_metrics": all(v == v for v in metrics.values())}
 
 
