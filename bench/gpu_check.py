@@ -17,7 +17,7 @@ per recipe on CUDA, the process' peak RSS on the CPU. A GPU machine runs it with
     python -m bench.gpu_check                       -> bench/results/gpu_check.json (128 px, 64^3)
 
 and ``--device cpu`` is the dry run that tests it (
-tests/benches/test_gpu_check.py runs ``--device cpu --size 16 --volume-size 8``), writing
+tests/benches/test_gpu_check.py runs ``--device cpu --size 16 --volume-size 16``), writing
 bench/results/gpu_check_cpu.json unless ``--out`` says otherwise. It exits 1 if any
 recipe failed; a failure is recorded with its error and the others still run.
 """

@@ -26,7 +26,7 @@ def gpu_check(out: Path, *args: str) -> tuple[int, list[dict]]:
 @pytest.mark.slow
 def test_cpu_dry_run_of_a_slice_and_a_volume_recipe(tmp_path):
     code, rows = gpu_check(tmp_path / "dry", "--recipes", "dp-cgan", "volume-gan", "--size", "16",
-                           "--volume-size", "8", "--batch", "2", "--steps", "1", "--samples", "2")
+                           "--volume-size", "16", "--batch", "2", "--steps", "1", "--samples", "2")
     assert code == 0, rows
     for row in rows:
         assert row["private_steps"] == 1 and row["epsilon_spent"] > 0
