@@ -205,12 +205,16 @@ def main(argv: list[str] | None = None) -> int:
                "ray_startup_retries": retries, **result}
         print(json.dumps(row), flush=True)
         rows.append(row)
+        write(args, argv, built, rows)  # after every K: a long sweep keeps what it measured
+    return 0 if all(r["exit_code"] == 0 for r in rows) else 1
+
+
+def write(args: argparse.Namespace, argv: list[str] | None, built: float, rows: list[dict]) -> None:
     write_result("scale", {"command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
                            "recipe": "dp-cgan", "rounds": args.rounds, "actors": args.actors,
                            "dropout": args.dropout, "quantity_skew": args.skew,
                            "subjects_largest_site": args.subjects, "build_s": round(built, 1), "image_size": args.image_size,
                            "rows": rows})
-    return 0 if all(r["exit_code"] == 0 for r in rows) else 1
 
 
 if __name__ == "__main__":
