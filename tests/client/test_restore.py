@@ -85,12 +85,12 @@ def save_run(root: Path, recipe_name: str, options: dict, train_denoiser: bool =
 
 
 BLIND = {"synth-noise": "gaussian", "gaussian-std": f"{2 * NOISE_HU / 3000}",  # the series' std (3000 HU window)
-         "denoiser-width": 8, "denoiser-depth": 3, "denoiser-steps": 100, "lr-denoiser": 3e-3}
+         "denoiser-width": 8, "denoiser-depth": 3, "denoiser-steps": 100, "lr-denoiser": 3e-3, "noise-scale": 0.05}
 
 
 @pytest.fixture(scope="module")
 def trained_denoiser(tmp_path_factory) -> Path:
-    """A blind-denoise run whose denoiser took 100 public steps (Gaussian synth noise)."""
+    """A blind-denoise run whose denoiser took 100 public steps for site A (Gaussian synth noise)."""
     return save_run(tmp_path_factory.mktemp("restore-trained"), "blind-denoise", BLIND, train_denoiser=True)
 
 
@@ -124,7 +124,7 @@ def test_denoising_a_ct_dicom_series_writes_a_new_hu_series_closer_to_the_truth(
     noisy = np.rint(clean + np.random.default_rng(0).normal(0.0, NOISE_HU, clean.shape))
     site = ct_site(tmp_path / "site", noisy, spacing)
     before = digests(site)
-    assert main([str(site), "--run-dir", str(trained_denoiser), "--site", "B", "--task", "denoise",
+    assert main([str(site), "--run-dir", str(trained_denoiser), "--site", "A", "--task", "denoise",
                  "--out", str(tmp_path / "out")]) == 0
     assert digests(site) == before  # input files only read
     source_hu, source = read_series(site / "images" / "patient1")
