@@ -12,6 +12,8 @@ same computation at every hospital and cannot afford tens of thousands of steps.
 Privacy: the inputs are public label maps, random contrasts and random deformations; no
 site's data is read, so S costs no privacy and ships in round 1's weights
 (``BridgeTranslator.initialise``). ``S.pt.json`` beside it records how it was made.
+``--high-contrast F`` renders a fraction F of each batch with unistable's high-contrast
+renderer (models/unistable.py; public too, so still free).
 
 An entry point (the command): it reads the public bank with the node's loader, above the
 models layer (tests/test_layering.py).
@@ -32,7 +34,9 @@ import torch
 from medgen.atomic import atomic_torch_save, atomic_write_json
 from medgen.data.manifest import load_manifest
 from medgen.data.site_data import SiteDataError, load_public_bank
-from medgen.models.segmenter import SegmenterSettings, train_contrast_agnostic
+from medgen.models.segmenter import (SegmenterSettings, build_segmenter, fit_segmenter,
+                                     train_contrast_agnostic)
+from medgen.models.unistable import unistable_batches
 from medgen.sim.random_deformation import RandomDeformation
 
 
@@ -43,19 +47,28 @@ def provenance_path(segmenter_path: str | Path) -> Path:
 
 
 def pretrain(public_dir: str | Path, out: str | Path, steps: int, image_size: int = 64,
-             seed: int = 0, deform: bool = True, lr: float = 3e-3) -> dict[str, Any]:
+             seed: int = 0, deform: bool = True, lr: float = 3e-3,
+             high_contrast: float = 0.0, settings: SegmenterSettings | None = None) -> dict[str, Any]:
     """Train S on renderings of the public bank; write its state dict and provenance
-    atomically; return the provenance record."""
+    atomically; return the provenance record. ``high_contrast``: the fraction of each
+    batch rendered high-contrast (models/unistable.py); 0 is the plain random-contrast S.
+    ``settings``: S's architecture/training (default: ``SegmenterSettings(steps, lr)``)."""
     public = load_public_bank(public_dir, image_size)
     maps = public.label_maps.long()
     classes = _bank_classes(Path(public_dir))
     start = time.perf_counter()
-    net = train_contrast_agnostic(maps, SegmenterSettings(steps=steps, lr=lr), seed=seed + 1,
-                                  deformation=RandomDeformation() if deform else None,
-                                  num_classes=len(classes) if classes else None)
-    record = {"segmenter": str(out), "steps": steps, "image_size": image_size, "seed": seed,
+    settings = settings or SegmenterSettings(steps=steps, lr=lr)
+    deformation = RandomDeformation() if deform else None
+    k = len(classes) if classes else None
+    if high_contrast > 0:  # the same seeds as train_contrast_agnostic(seed=seed + 1)
+        net = build_segmenter(settings, seed + 1, num_classes=k)
+        fit_segmenter(net, unistable_batches(maps, settings.batch_size, high_contrast,
+                                             deformation=deformation, num_classes=k), settings, seed + 2)
+    else:
+        net = train_contrast_agnostic(maps, settings, seed=seed + 1, deformation=deformation, num_classes=k)
+    record = {"segmenter": str(out), "steps": settings.steps, "image_size": image_size, "seed": seed,
               "label_names": list(classes) if classes else None,
-              "deform": deform, "lr": lr, "public_maps": int(maps.shape[0]),
+              "deform": deform, "lr": settings.lr, "high_contrast": high_contrast, "public_maps": int(maps.shape[0]),
               "public_maps_sha256": hashlib.sha256(maps.to(torch.uint8).numpy().tobytes()).hexdigest(),
               "seconds": time.perf_counter() - start}
     atomic_torch_save(out, net.state_dict())
@@ -85,12 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-deform", action="store_true",
                         help="draw the bank's maps as they are (no random deformation)")
+    parser.add_argument("--high-contrast", type=float, default=0.0, metavar="F",
+                        help="fraction of each batch rendered high-contrast (unistable; default 0)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
+    if not 0 <= args.high_contrast <= 1:
+        parser.error("--high-contrast must be a fraction in [0, 1]")
     try:
         record = pretrain(args.public, args.out, args.steps, args.image_size, args.seed,
-                          deform=not args.no_deform)
+                          deform=not args.no_deform, high_contrast=args.high_contrast)
     except SiteDataError as err:
         print(f"medgen pretrain-segmenter: {err}", file=sys.stderr)
         return 2
