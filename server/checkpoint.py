@@ -35,7 +35,8 @@ SIDECAR_FILE = "checkpoint.json"
 
 # fields that do not change what a checkpoint means (where things are, how long, eval)
 _NOT_HASHED = {"num-rounds", "run-dir", "resume", "data-root", "state-root", "eval-every",
-               "eval-samples", "round-timeout", "device", "min-sites", "coordinator-id"}
+               "eval-samples", "round-timeout", "device", "min-sites", "coordinator-id",
+               "simulate-actors"}  # how many sites train at once changes no result
 
 
 class CheckpointError(RuntimeError):

@@ -140,6 +140,11 @@ def _run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.overrides)
     config = RunConfig.from_toml(args.config, overrides) if args.config else \
         RunConfig.from_run_config(overrides)
+    if config.simulate_dropout:
+        # refused before anything starts: a deployment's replies are real, losing them on
+        # purpose would waste the budget the hospitals spent on them
+        raise LaunchError(f"simulate-dropout = {config.simulate_dropout} is a simulation setting "
+                          "(replies lost on purpose); remove it from the run config of a deployment")
     run_dir = (args.out or Path(config.run_dir)).resolve()
     # the ServerApp runs in a process started elsewhere: every path must be absolute
     config = config.replace(run_dir=str(run_dir),

@@ -13,6 +13,8 @@ from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, Record
 
 from medgen.config import ConfigError, RunConfig
 from medgen.server.aggregation import AggregationPipeline
+from medgen.server.checkpoint import config_hash
+from medgen.server.cli import main
 from medgen.server.run_log import RunDir, read_metrics
 from medgen.server.strategy import ValidatingFedAvg, simulated_dropout, specs_of
 
@@ -64,3 +66,23 @@ def test_config_bounds():
         RunConfig(simulate_dropout=1.0)
     with pytest.raises(ConfigError, match="simulate-actors"):
         RunConfig(simulate_actors=-1)
+
+
+def test_a_deployment_refuses_simulate_dropout_before_anything_starts(tmp_path, capsys):
+    """`medgen-server run` with simulate-dropout: refused with exit 2 and a line naming the
+    key, before the state dir is even looked at (it does not exist here). Mutation: removing
+    the check in server/deploy_cli.py gets past it to the missing-state error instead."""
+    code = main(["run", "--state", str(tmp_path / "no-state"), "--out", str(tmp_path / "run"),
+                 "--set", "simulate-dropout=0.25"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "simulate-dropout = 0.25 is a simulation setting" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_actor_count_does_not_change_the_checkpoint_fingerprint():
+    """simulate-actors only says how many sites train at once: a run resumed with another
+    count must accept its checkpoint; simulate-dropout changes results and is hashed."""
+    base = RunConfig()
+    assert config_hash(base.replace(simulate_actors=3)) == config_hash(base)
+    assert config_hash(base.replace(simulate_dropout=0.5)) != config_hash(base)
