@@ -3,6 +3,7 @@
     medgen-client data check /data/mri                       # read-only: what is usable
     medgen-client translate --run-dir RUN --public PUB --source-site A --target-site C \
         --out OUT /data/ct                                   # local, read-only on the input
+    medgen-client restore --run-dir RUN --site A --out OUT /data/ct   # denoise/up-sample, local
     medgen-client --server fl.example.org:9092 --data /data/mri --state /var/lib/medgen \\
         --key keys/site-a --ca ca.crt --site A --epsilon-cap 3 --allow allow.toml
 
@@ -30,6 +31,7 @@ from pathlib import Path
 from medgen.atomic import atomic_write_text
 from medgen.data.data_check import main as data_check
 from medgen.client.node import epsilon_cap
+from medgen.client.restore import main as restore
 from medgen.client.translate import main as translate
 from medgen.client.worker_channel import TRAINER_KEY, WARM
 from medgen.client.worker_supervisor import run_node
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         return data_check(argv[2:])
     if argv[:1] == ["translate"]:
         return translate(argv[1:])
+    if argv[:1] == ["restore"]:
+        return restore(argv[1:])
     if argv[:1] == ["data"]:
         print("usage: medgen-client data check DIR [--image-size N] [--json]", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ import torch
 from pydicom.pixels import apply_modality_lut
 
 from medgen.atomic import atomic_write_text
+from medgen.client.cli import main as client_main
 from medgen.cli import COMMANDS
 from medgen.client.restore import main
 from medgen.config import RunConfig
@@ -164,7 +165,9 @@ def test_super_resolution_scales_spacing_and_moves_positions_and_the_nifti_affin
     (nifti / "dataset.toml").write_text(CT_TOML)
     affine = np.array([[0.0, -3.0, 0.0, 40.0], [2.5, 0.0, 0.0, -7.0], [0.0, 0.0, 4.0, 11.0], [0, 0, 0, 1]])
     nib.save(nib.Nifti1Image(np.rint(low).astype(np.int16), affine), str(nifti / "images" / "p1.nii.gz"))
-    assert main([str(nifti), "--run-dir", str(runs["sr2"]), "--site", "A", "--out", str(tmp_path / "out2")]) == 0
+    # through the hospital's own command: medgen-client restore
+    assert client_main(["restore", str(nifti), "--run-dir", str(runs["sr2"]), "--site", "A",
+                        "--out", str(tmp_path / "out2")]) == 0
     image = nib.load(str(tmp_path / "out2" / "images" / "p1.nii.gz"))
     assert image.shape == (SIZE, SIZE, 2) and np.allclose(image.header.get_zooms(), (1.25, 1.5, 4.0))
     for k in (0, 1):
