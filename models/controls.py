@@ -14,7 +14,8 @@ Privacy argument (numbered; epsilon 0 beyond the trained site-gan's own):
   2. No site's image, label map or statistic is read; nothing here runs at a site.
   3. Hence the directions and every number of the check are post-processing of a DP
      release: they cost no privacy, and no Flower simulation test is added (a trained
-     site-gan's Flower rounds are tested in tests/models/test_site_gan*.py).
+     site-gan's Flower rounds are tested in tests/models/test_adaptive_schedule.py and
+     tests/models/test_flower_label_schema.py).
 """
 
 from __future__ import annotations
