@@ -210,3 +210,19 @@ class ProjectionHead(nn.Module):
             features = features.permute(0, 2, 3, 1)  # channels last for the Linear
         code = self.embed(class_id).view(features.shape[0], *([1] * (features.dim() - 2)), -1)
         return self.linear(features).squeeze(-1) + (code * features).sum(dim=-1)
+
+
+class SiteDiscriminator(nn.Module):
+    """Image -> stride-2 GroupNorm stages down to 4x4 -> per-patch projection on the site id."""
+
+    def __init__(self, image_size: int, num_sites: int, width: int):
+        super().__init__()
+        stages, in_ch, out_ch, size = [], 1, width, image_size
+        while size > 4:
+            stages.append(DownBlock(in_ch, out_ch, norm=bool(stages)))
+            in_ch, out_ch, size = out_ch, min(2 * out_ch, 4 * width), size // 2
+        self.stages = nn.Sequential(*stages)
+        self.head = ProjectionHead(in_ch, num_sites)
+
+    def forward(self, image: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(image), site)

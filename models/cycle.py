@@ -17,7 +17,7 @@ reads the translation detached; the generator's adversarial term reads D through
 hook-free twin evaluated with D's detached weights (``functional_call``), so no gradient
 of it reaches D and Opacus' hooks never see it.
 
-The API the recipes use (kept small): ``SiteGenerator``, ``PatchDiscriminator``,
+The API the recipes use (kept small): ``SiteGenerator``, ``SiteDiscriminator``,
 ``CycleNets``, ``CycleOptions``, ``CycleObjective`` (``targets``, ``translate``, ``loss``,
 ``extra_terms``, ``central_step``) and ``CycleRecipe`` (``build_cycle``, ``disc_twin``,
 ``optimizer``, ``train_local`` with the hooks ``prepare`` and ``public_metrics``, the
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from medgen.models.blocks import DownBlock, ProjectionHead, group_count
+from medgen.models.blocks import SiteDiscriminator, group_count
 from medgen.models.dp_cgan import disc_loss, gen_loss
 from medgen.models.options import RecipeOptions, option
 from medgen.models.recipe import Recipe, RoundContext
@@ -84,27 +84,11 @@ class SiteGenerator(nn.Module):
         return torch.tanh(self.out(torch.cat([h, x], dim=1)))
 
 
-class PatchDiscriminator(nn.Module):
-    """D(x, site): stride-2 GroupNorm stages down to 4x4, projection on the site (PatchGAN)."""
-
-    def __init__(self, image_size: int, num_sites: int, width: int):
-        super().__init__()
-        stages, in_ch, out_ch, size = [], 1, width, image_size
-        while size > 4:
-            stages.append(DownBlock(in_ch, out_ch, norm=bool(stages)))
-            in_ch, out_ch, size = out_ch, min(2 * out_ch, 4 * width), size // 2
-        self.stages = nn.Sequential(*stages)
-        self.head = ProjectionHead(in_ch, num_sites)
-
-    def forward(self, image: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stages(image), site)
-
-
 class CycleNets(nn.Module):
     """G and D: the private module of a cycle recipe (a recipe may subclass it to add
     networks that the real-data terms also reach, e.g. icycle-gan's correction network)."""
 
-    def __init__(self, gen: SiteGenerator, disc: PatchDiscriminator):
+    def __init__(self, gen: SiteGenerator, disc: SiteDiscriminator):
         super().__init__()
         self.gen = gen
         self.disc = disc
@@ -196,7 +180,7 @@ class CycleRecipe(Recipe):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
             parts = {"gen": SiteGenerator(self.num_sites, o.gen_width, o.gen_blocks),
-                     "disc": PatchDiscriminator(self.config.image_size, self.num_sites, o.disc_width)}
+                     "disc": SiteDiscriminator(self.config.image_size, self.num_sites, o.disc_width)}
             parts.update({name: make() for name, make in extra.items()})
         return nets(**parts)
 
@@ -205,7 +189,7 @@ class CycleRecipe(Recipe):
 
     def disc_twin(self, model: nn.Module) -> nn.Module:
         """A hook-free structural copy of D, evaluated with D's detached weights."""
-        return PatchDiscriminator(self.config.image_size, self.num_sites,
+        return SiteDiscriminator(self.config.image_size, self.num_sites,
                                   self.options.disc_width).to(next(model.parameters()).device).requires_grad_(False)
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

@@ -39,7 +39,7 @@ from torch import nn
 
 from medgen.config import ConfigError
 from medgen.models.adaptive_schedule import SCHEDULES, AdaptiveSchedule
-from medgen.models.blocks import DownBlock, ProjectionHead, group_count
+from medgen.models.blocks import SiteDiscriminator, group_count
 from medgen.models.dp_cgan import LOSSES, disc_loss, gen_loss
 from medgen.models.gan_round import train_gan_round
 from medgen.models.options import RecipeOptions, option
@@ -78,22 +78,6 @@ class SiteGenerator(nn.Module):
     def draw_noise(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
         gen_device = generator.device if generator is not None else torch.device("cpu")
         return torch.randn(n, self.noise_dim, generator=generator, device=gen_device).to(device)
-
-
-class SiteDiscriminator(nn.Module):
-    """Image -> stride-2 GroupNorm stages down to 4x4 -> per-patch projection on the site id."""
-
-    def __init__(self, image_size: int, num_sites: int, width: int):
-        super().__init__()
-        stages, in_ch, out_ch, size = [], 1, width, image_size
-        while size > 4:
-            stages.append(DownBlock(in_ch, out_ch, norm=bool(stages)))
-            in_ch, out_ch, size = out_ch, min(2 * out_ch, 4 * width), size // 2
-        self.stages = nn.Sequential(*stages)
-        self.head = ProjectionHead(in_ch, num_sites)
-
-    def forward(self, image: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stages(image), site)
 
 
 class SiteGAN(nn.Module):

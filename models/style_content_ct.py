@@ -46,7 +46,7 @@ from medgen.models.dp_cgan import LOSSES, disc_loss, gen_loss
 from medgen.models.gan_round import train_gan_round
 from medgen.models.options import RecipeOptions, option
 from medgen.models.recipe import Recipe, RoundContext
-from medgen.models.site_gan import SiteDiscriminator
+from medgen.models.blocks import SiteDiscriminator
 from medgen.privacy.dp_step import DPModule, clip_total_norm
 from medgen.sim.random_contrast import render_random_contrast
 
