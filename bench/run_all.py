@@ -33,6 +33,24 @@ BENCHES: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("scale", ("--work", "{work}/scale"), 60),
     ("resolution", (), 60),
     ("gpu_check", ("--device", "auto"), 10),  # the CUDA check on a GPU machine, else its CPU dry run
+    # the recipes' first measurements, with the settings their docs/recipes pages quote
+    ("unistable", ("--steps", "1000", "--seeds", "2"), 10),
+    ("controls", (), 5),
+    ("volume_consistency", (), 15),
+    ("restoration", ("--federation", "brain", "--tasks", "denoise", "--rounds", "3", "--local-steps", "4",
+                     "--subjects", "60", "--batch-size", "16", "--heldout", "12", "--seeds", "3",
+                     "--set", "options.channels=16,32"), 30),
+    ("blind_denoise", ("--rounds", "3", "--local-steps", "6", "--subjects", "24", "--heldout", "12",
+                       "--batch-size", "8", "--no-ceiling", "--set", "sites=B,D", "--set", "accountant=rdp",
+                       "--set", "options.denoiser-steps=100"), 15),
+    ("redgan", ("--rounds", "2", "--local-steps", "5", "--subjects", "24", "--seg-steps", "150"), 10),
+    ("two_stage", ("--rounds", "2", "--local-steps", "5", "--subjects", "24", "--seg-steps", "150",
+                   "--synthetic", "80"), 10),
+    ("adaptive_schedule", ("--rounds", "8", "--local-steps", "12", "--subjects", "64", "--heldout", "32"), 15),
+    ("style_content_ct", ("--image-size", "64", "--heldout", "30"), 15),
+    ("da_gan", ("--work", "{work}/da_gan", "--subjects", "96", "--heldout", "24", "--rounds", "6",
+                "--local-steps", "25", "--batch-size", "8", "--width", "8", "--lr", "5e-3", "--noise-free"), 15),
+    ("spcycle", ("--work", "{work}/spcycle"), 60),
 )
 
 #: federations the benches above read, built once: directory -> ``medgen sim build`` arguments
