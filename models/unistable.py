@@ -64,10 +64,11 @@ def _uniform(n: int, bounds: tuple[float, float], gen: torch.Generator) -> torch
 
 
 def render_high_contrast(label_maps: torch.Tensor, gen: torch.Generator,
-                         ranges: HighContrast = HighContrast(), num_classes: int = 4) -> torch.Tensor:
+                         ranges: HighContrast = HighContrast(), *, num_classes: int) -> torch.Tensor:
     """Images [N,1,H,W] in [-1, 1] from label maps [N,H,W] (0..num_classes-1, class 0 the
     background): separated tissue means in a random order, light texture, bias, blur and
-    noise, then the client's normalisation. Deterministic given ``gen``'s state."""
+    noise, then the client's normalisation. Deterministic given ``gen``'s state.
+    ``num_classes`` comes from the run's label schema (no brain default)."""
     if label_maps.dim() != 3:
         raise ValueError(f"label maps must be [N,H,W], got shape {tuple(label_maps.shape)}")
     if num_classes < 2 or (label_maps.numel() and int(label_maps.max()) >= num_classes):

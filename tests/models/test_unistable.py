@@ -37,9 +37,9 @@ def _maps(n: int = 12, size: int = 32) -> torch.Tensor:
 def test_renderer_is_deterministic_for_a_seed_and_keeps_the_maps():
     maps = _maps()
     before = maps.clone()
-    a = render_high_contrast(maps, torch.Generator().manual_seed(3))
-    b = render_high_contrast(maps, torch.Generator().manual_seed(3))
-    c = render_high_contrast(maps, torch.Generator().manual_seed(4))
+    a = render_high_contrast(maps, torch.Generator().manual_seed(3), num_classes=4)
+    b = render_high_contrast(maps, torch.Generator().manual_seed(3), num_classes=4)
+    c = render_high_contrast(maps, torch.Generator().manual_seed(4), num_classes=4)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(maps, before)
     assert a.shape == (12, 1, 32, 32) and float(a.min()) >= -1 and float(a.max()) <= 1
@@ -47,13 +47,13 @@ def test_renderer_is_deterministic_for_a_seed_and_keeps_the_maps():
 
 def test_high_contrast_rendering_separates_tissues_more_than_the_default():
     maps = _maps(48)
-    high = tissue_contrast(render_high_contrast(maps, torch.Generator().manual_seed(0)), maps, 4)
+    high = tissue_contrast(render_high_contrast(maps, torch.Generator().manual_seed(0), num_classes=4), maps, 4)
     plain = tissue_contrast(render_random_contrast(maps, torch.Generator().manual_seed(0)), maps, 4)
     assert float(high.median()) > 3 * float(plain.median())
     # every high-contrast image separates its closest pair; the default often does not
     assert float(high.min()) > float(plain.median())
     # tissue order is drawn per image (contrast agnostic): wm is not always the brightest
-    images = render_high_contrast(maps, torch.Generator().manual_seed(0))
+    images = render_high_contrast(maps, torch.Generator().manual_seed(0), num_classes=4)
     wm_brightest = [float(x[0][m == 3].mean()) > float(x[0][m == 2].mean()) for x, m in zip(images, maps)]
     assert 0 < sum(wm_brightest) < len(wm_brightest)
 
