@@ -11,12 +11,8 @@ border and any size); D(noise patch) -> a logit. Then noisy/clean pairs are SYNT
 clean = a random-contrast rendering of a PUBLIC label map (sim/random_contrast.py, noise
 off), noisy = clean + G's noise for the site, and a residual CNN denoiser R(noisy, site)
 learns to remove it. ``synth-noise = "gaussian"`` trains the same denoiser on white
-Gaussian noise of a given std instead (the baseline the method must beat). Numbers and
-tuning: docs/recipes/blind-denoise.md.
-
-Why the clean images are public, not the site's: a hospital has no clean twin of its scans,
-and a denoiser reading them would need DP-SGD on a network ~50x larger than D. Public
-renderings cost nothing and give exact targets; private information reaches it only via G.
+Gaussian noise of a given std instead (the baseline the method must beat). Why the clean
+images are public, numbers and tuning: docs/recipes/blind-denoise.md.
 
 Privacy (unit = one patient = one dataset item; accountant named in the PrivacyPlan):
   1. D (``disc``) is the ONLY network whose loss touches the site's real pixels: its real
@@ -41,75 +37,27 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from medgen.config import ConfigError
 from medgen.models.degradations import Degradation, flat_noise_patches, noise_model_for
 from medgen.models.dp_cgan import LOSSES, disc_loss, gen_loss
+from medgen.models.noise_gan import NoiseDiscriminator, NoiseGenerator
 from medgen.models.options import RecipeOptions, option
 from medgen.models.recipe import Recipe, RoundContext
-from medgen.privacy.dp_step import DPModule, assert_released, clip_total_norm
+from medgen.privacy.dp_step import DPModule, assert_released, clip_total_norm, per_record_grads
 from medgen.sim.random_contrast import RandomContrast, render_random_contrast
 
 GAN_STREAM, DENOISER_STREAM = 0, 1  # the round's public-draw streams (RoundContext)
-G_LAYERS = 3                        # valid 3x3 convolutions of G: it eats a border of 3 px
 CHUNK = 64                          # images per denoiser call while restoring
 
 
 # -- networks ------------------------------------------------------------------------
-class NoiseGenerator(nn.Module):
-    """White noise z [N,c,H+6,W+6] + a site code -> noise [N,1,H,W] in network units
-    (valid convolutions: stationary, no border effect, any size). Initialised so its output
-    std is ``scale`` (a fixed draw of z at build: no data), with a per-site log-gain, so the
-    few private steps a budget allows go to the noise's shape, not to finding its size."""
-
-    def __init__(self, num_sites: int, channels: int, width: int, site_dim: int, scale: float):
-        super().__init__()
-        self.channels, self.scale = channels, scale
-        self.site_embed = nn.Embedding(num_sites, site_dim)
-        self.body = nn.Sequential(nn.Conv2d(channels + site_dim, width, 3), nn.LeakyReLU(0.2),
-                                  nn.Conv2d(width, width, 3), nn.LeakyReLU(0.2), nn.Conv2d(width, 1, 3))
-        self.log_gain = nn.Embedding(num_sites, 1)
-        nn.init.zeros_(self.log_gain.weight)
-        with torch.no_grad():  # unit output std at initialisation
-            z = torch.randn(8, channels, 32, 32)
-            std = self(z, torch.zeros(8, dtype=torch.long)).std() / scale
-            self.body[-1].weight.div_(std)
-            self.body[-1].bias.zero_()
-
-    def forward(self, z: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
-        code = self.site_embed(site)[:, :, None, None].expand(-1, -1, *z.shape[-2:])
-        gain = self.log_gain(site).exp()[:, :, None, None]
-        return self.scale * gain * self.body(torch.cat([z, code], dim=1))
-
-    def field(self, n: int, size: int, site: torch.Tensor, generator: torch.Generator | None,
-              device: torch.device) -> torch.Tensor:
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        z = torch.randn(n, self.channels, size + 2 * G_LAYERS, size + 2 * G_LAYERS,
-                        generator=generator, device=gen_device)
-        return self(z.to(device), site.to(device))
-
-
-class NoiseDiscriminator(nn.Module):
-    """Noise patch [N,1,P,P] (in units of ``scale``) -> one logit; no normalisation layer."""
-
-    def __init__(self, width: int, scale: float):
-        super().__init__()
-        self.scale = scale
-        self.body = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.LeakyReLU(0.2),
-                                  nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
-                                  nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.LeakyReLU(0.2))
-        self.head = nn.Linear(2 * width, 1)
-
-    def forward(self, noise: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(noise / self.scale).mean(dim=(-2, -1)))[:, 0]
-
-
 class Denoiser(nn.Module):
     """DnCNN-style residual CNN with a site code: noisy -> noisy - scale x predicted noise. It
     also sees the image's detail (minus its 3x3 mean) in units of ``scale``, where the noise is
@@ -142,16 +90,6 @@ def record_disc_losses(disc: Any, noise: torch.Tensor, valid: torch.Tensor, kind
     """D's real loss per record [N]: the mean over its valid windows (noise [N,K,1,P,P])."""
     logits = disc(noise.flatten(0, 1)).view(valid.shape)
     return (disc_loss(logits, real=True, kind=kind) * valid).sum(1) / valid.sum(1).clamp(min=1.0)
-
-
-def per_record_grads(disc: nn.Module, noise: torch.Tensor, valid: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
-    """One gradient per record {name: [N, *shape]} of ``record_disc_losses`` (torch.func)."""
-    params = {name: p.detach() for name, p in disc.named_parameters()}
-
-    def one(p, noise1, valid1):
-        return record_disc_losses(lambda x: functional_call(disc, p, (x,)), noise1[None], valid1[None], kind)[0]
-
-    return vmap(grad(one), in_dims=(None, 0, 0))(params, noise, valid)
 
 
 @dataclass(frozen=True)
@@ -265,7 +203,7 @@ class BlindDenoise(Recipe):
         public_grads = clip_total_norm(d.public_grads(fake_loss), self.config.max_grad_norm)
         if images.shape[0] > 0:  # an empty Poisson batch: step() takes a noise-only step
             noise, valid = flat_noise_patches(images, o.patch, o.patches_per_record, o.flat_blur_px)
-            grads = per_record_grads(model.disc, noise, valid, o.loss)
+            grads = per_record_grads(model.disc, partial(record_disc_losses, kind=o.loss), noise, valid)
             for name, p in model.disc.named_parameters():
                 p.grad_sample = grads[name]
         d.step(public_grads)

@@ -49,7 +49,6 @@ from typing import Any, ClassVar
 import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from medgen.config import ConfigError
 from medgen.models.blocks import one_hot_labels
@@ -58,7 +57,7 @@ from medgen.models.options import RecipeOptions, option
 from medgen.models.recipe import Recipe, RoundContext
 from medgen.models.scanner_moments import MOMENT_CLIP, patient_moments
 from medgen.models.tissue_prior import TissuePriorDenoiser, denoiser_input
-from medgen.privacy.dp_step import DPModule
+from medgen.privacy.dp_step import DPModule, per_record_grads
 
 SAMPLE_CHUNK = 64  # images per denoiser call while sampling (bounds memory)
 # the audit's loss attack: early timesteps, where the denoiser nearly copies its input and a
@@ -148,19 +147,6 @@ def record_losses(denoiser: nn.Module, x_t: torch.Tensor, condition: torch.Tenso
     pred = denoiser(inputs, t.flatten(), class_labels=site.repeat_interleave(k))
     per_draw = (pred - target.flatten(0, 1)).square().mean(dim=(1, 2, 3))
     return per_draw.view(n, k).mean(dim=1)
-
-
-def vmap_per_sample_grads(denoiser: nn.Module, x_t: torch.Tensor, condition: torch.Tensor,
-                          site: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
-                          ) -> dict[str, torch.Tensor]:
-    """Per-record gradients {name: [N, *param.shape]} of ``record_losses`` via torch.func."""
-    params = {name: p.detach() for name, p in denoiser.named_parameters() if p.requires_grad}
-
-    def one_record(p, x_t1, cond1, site1, t1, target1):
-        return record_losses(lambda *a, **kw: functional_call(denoiser, p, a, kw),
-                             x_t1[None], cond1[None], site1[None], t1[None], target1[None])[0]
-
-    return vmap(grad(one_record), in_dims=(None, 0, 0, 0, 0, 0))(params, x_t, condition, site, t, target)
 
 
 # -- the recipe ----------------------------------------------------------------------
@@ -267,7 +253,7 @@ class ConditionalDDPM(Recipe):
         if self.options.grad_sample_mode == "hooks":
             record_losses(wrapped, x_t, condition, site, t, target).mean().backward()
             return
-        grads = vmap_per_sample_grads(denoiser, x_t, condition, site, t, target)
+        grads = per_record_grads(denoiser, record_losses, x_t, condition, site, t, target)
         for name, p in denoiser.named_parameters():
             if p.requires_grad:
                 p.grad_sample = grads[name]

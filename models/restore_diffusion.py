@@ -50,13 +50,13 @@ import torch
 from torch import nn
 
 from medgen.config import ConfigError
-from medgen.models.cddpm import DenoiserNetwork, build_denoiser, record_losses, vmap_per_sample_grads
+from medgen.models.cddpm import DenoiserNetwork, build_denoiser, record_losses
 from medgen.models.ddim import alphas_cumprod, ddim_step, ddim_timesteps, training_target
 from medgen.models.degradations import TASKS, Degradation, noise_model_for
 from medgen.models.options import RecipeOptions, option
 from medgen.models.recipe import Recipe, RoundContext
 from medgen.models.tissue_prior import denoiser_input
-from medgen.privacy.dp_step import DPModule
+from medgen.privacy.dp_step import DPModule, per_record_grads
 
 SAMPLE_CHUNK = 64  # images per denoiser call while restoring (bounds memory)
 DIFFUSION_STREAM, DEGRADATION_STREAM = 0, 1  # the round's public-draw streams (RoundContext)
@@ -188,7 +188,7 @@ class RestoreDiffusion(Recipe):
         if self.options.grad_sample_mode == "hooks":
             record_losses(wrapped, x_t, condition, site, t, target).mean().backward()
             return
-        grads = vmap_per_sample_grads(denoiser, x_t, condition, site, t, target)
+        grads = per_record_grads(denoiser, record_losses, x_t, condition, site, t, target)
         for name, p in denoiser.named_parameters():
             if p.requires_grad:
                 p.grad_sample = grads[name]

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import contextlib
 from types import TracebackType
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.func import functional_call, grad, vmap
 from torch.utils.data import Dataset
 
 from medgen.privacy.dp_sgd import PrivateTraining
@@ -130,3 +131,20 @@ def clip_total_norm(grads: Sequence[torch.Tensor | None], max_norm: float) -> li
     norm = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in present))
     scale = min(1.0, max_norm / (float(norm) + 1e-12))
     return [None if g is None else g * scale for g in grads]
+
+
+def per_record_grads(module: nn.Module, record_loss: Callable[..., torch.Tensor],
+                     *records: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One gradient per record {name: [N, *param.shape]} (torch.func), for recipes that write
+    ``p.grad_sample`` themselves (Opacus' grad_sample_mode "no_op"): ``record_loss(forward,
+    *batch) -> [N]`` is the recipe's per-record loss, ``forward`` the module with the
+    parameters being differentiated, and each record is evaluated as a batch of one, so its
+    gradient is its own whatever the others hold."""
+    params = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+
+    def one(p: dict[str, torch.Tensor], *record: torch.Tensor) -> torch.Tensor:
+        def forward(*args, **kwargs):
+            return functional_call(module, p, args, kwargs)
+        return record_loss(forward, *(r[None] for r in record))[0]
+
+    return vmap(grad(one), in_dims=(None, *[0] * len(records)))(params, *records)

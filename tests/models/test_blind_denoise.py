@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import types
+from functools import partial
 
 import pytest
 import torch
@@ -24,12 +25,13 @@ from torch.utils.data import TensorDataset
 
 from medgen.client.app import SITE_DATA_REFUSED, app
 from medgen.config import ConfigError, RunConfig
-from medgen.models.blind_denoise import BlindDenoise, per_record_grads, record_disc_losses
+from medgen.models.blind_denoise import BlindDenoise, record_disc_losses
 from medgen.models.capabilities import SiteDataRefused
 from medgen.models.degradations import flat_noise_patches
 from medgen.models.recipe import PublicData, RoundContext
 from medgen.models.registry import build_recipe
 from medgen.privacy.dp_sgd import PrivateTraining
+from medgen.privacy.dp_step import per_record_grads
 from medgen.privacy.guards import per_sample_grads_reference
 from medgen.privacy.ledger import PrivacyPlan
 
@@ -91,7 +93,7 @@ def test_one_gradient_per_patient_matches_the_oracle_and_depends_on_that_patient
 
     def grads_of(x):
         noise, valid = flat_noise_patches(x, o.patch, o.patches_per_record, o.flat_blur_px)
-        fast = per_record_grads(model.disc, noise, valid, o.loss)
+        fast = per_record_grads(model.disc, partial(record_disc_losses, kind=o.loss), noise, valid)
         ref = per_sample_grads_reference(model.disc, lambda m, n1, v1: record_disc_losses(m, n1, v1, o.loss)[0],
                                          noise, valid)
         return [fast[name] for name, _ in model.disc.named_parameters()], ref
