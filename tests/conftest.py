@@ -16,6 +16,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from medgen.server.processes import environment, scan
 
@@ -57,6 +58,16 @@ def flower_task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 0)
     return TaskIdentity
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (2 shared cores, several xdist workers), restored after;
+    files use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

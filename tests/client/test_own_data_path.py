@@ -18,7 +18,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
@@ -39,12 +38,7 @@ EXTRA = {"dp-cgan": {"spade-hidden": 4}}
 LABEL_NAMES = "background,soft_tissue,bone"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def readme_toml(title: str) -> str:

@@ -47,12 +47,7 @@ MR_TOML = CT_TOML.replace('"CT"', '"MR"').replace('units = "HU"\nnormalisation =
                                                   'units = "arbitrary"\nnormalisation = "percentile"')
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def public_maps() -> torch.Tensor:

@@ -20,9 +20,5 @@ def dummy_model() -> torch.nn.Module:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread per test (2 shared cores); restored afterwards for other packages' tests."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread_per_test(one_torch_thread):
+    """Every evaluation test on one torch thread (tests/conftest.py ``one_torch_thread``)."""

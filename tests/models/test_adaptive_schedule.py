@@ -53,12 +53,7 @@ def context(data, private, state=None, steps=2, seed=0):
     return RoundContext(data, None, private, 0, steps, {} if state is None else state, "cpu", seed)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def test_options_declare_one_release_per_round_and_refuse_nonsense():

@@ -71,12 +71,7 @@ def train(recipe, model, data, public, private, site, steps, state, seed=0):
     return recipe.train_local(model, RoundContext(data, public, private, site, steps, state, "cpu", seed))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def test_registry_options_and_what_travels():

@@ -88,12 +88,7 @@ def moving_registration(model) -> None:
             p.copy_(0.05 * torch.randn(p.shape, generator=gen))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def test_registry_options_and_what_travels():

@@ -65,13 +65,7 @@ def train(recipe, model, data, public, private, site, steps, state, seed=0):
     return recipe.train_local(model, RoundContext(data, public, private, site, steps, state, "cpu", seed))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread per process: on 2 shared cores, two threads made training 15x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def test_registry_builds_the_recipe_with_options():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -78,12 +77,7 @@ def perturb_corrector(model) -> None:
         model.cycle.corr.out.weight.normal_(0, 0.3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def test_registry_options_capability_and_what_travels():

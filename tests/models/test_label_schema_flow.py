@@ -21,12 +21,7 @@ HEAD = "air,soft_tissue,fat,bone,csf,gm,wm"
 SMALL = {"gen-width": 4, "disc-width": 4, "noise-dim": 8, "spade-hidden": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _config(recipe: str, label_names: str, options=None) -> RunConfig:

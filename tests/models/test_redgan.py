@@ -54,12 +54,7 @@ def setup(seed=0, options=None, n=24, batch=8, intensity=INTENSITY):
     return recipe, TensorDataset(images, labels), PublicData(label_maps(30, 16, 1000, lesion_every=5)), plan
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def test_the_recipe_declares_its_private_modules_by_mode():

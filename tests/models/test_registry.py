@@ -10,12 +10,7 @@ from medgen.models.recipe import Recipe, RecipeOptions
 from medgen.models.registry import RECIPES, build_recipe, recipe_class
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def test_dp_cgan_is_registered_under_its_name():

@@ -50,12 +50,7 @@ def setup(seed=0, options=None, n=24, batch=8):
     return recipe, TensorDataset(images.clamp(-1, 1).unsqueeze(1), labels), PublicData(label_maps(30, 16, 1000)), plan
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _gen_after_d_and_g_step(recipe, data, public, plan, critic_state):

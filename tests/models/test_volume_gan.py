@@ -57,12 +57,7 @@ def setup(n=12, batch=4, level=0.5, seed=0, options=None):
     return recipe, data, plan
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def test_recipe_declares_volumes_no_labels_and_shares_only_the_generator():
