@@ -166,8 +166,9 @@ def _verdict(report: Report) -> list[str]:
                      "docs/data-layout.md). Shown: this folder read as if it were images/.")
     elif not report.labelled:
         lines.append("warning: no labels/ folder: the node loads these images without label "
-                     "maps (has_labels False); every current recipe needs them and will refuse "
-                     "this site until labels/<name>.nii.gz are added.")
+                     "maps (has_labels False): the label-free recipes (e.g. site-gan, "
+                     "restore-diffusion, blind-denoise) train on it; those that need label maps "
+                     "(e.g. dp-cgan, cddpm) refuse it until labels/<name>.nii.gz are added.")
     lines.append(f"{report.usable} usable record(s) of {report.patients} distinct patient(s) in "
                  f"{report.root}: a node trains on {report.patients if report.trains else 0} "
                  "patient(s) (one example each); nothing was modified.")
