@@ -40,7 +40,7 @@ from torch import nn
 from medgen.config import ConfigError
 from medgen.models.adaptive_schedule import SCHEDULES, AdaptiveSchedule
 from medgen.models.blocks import SiteDiscriminator, group_count
-from medgen.models.dp_cgan import LOSSES, disc_loss, gen_loss
+from medgen.models.gan_losses import LOSSES, disc_loss, gen_loss
 from medgen.models.gan_round import train_gan_round
 from medgen.models.options import RecipeOptions, option
 from medgen.models.recipe import Recipe, RoundContext

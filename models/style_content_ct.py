@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medgen.models.blocks import group_count
-from medgen.models.dp_cgan import LOSSES, disc_loss, gen_loss
+from medgen.models.gan_losses import LOSSES, disc_loss, gen_loss
 from medgen.models.gan_round import train_gan_round
 from medgen.models.options import RecipeOptions, option
 from medgen.models.recipe import Recipe, RoundContext
