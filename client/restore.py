@@ -2,12 +2,17 @@
 
     medgen restore SITE_DIR --run-dir RUN --site A --out OUT_DIR [--series KEY] [--task denoise|sr2|sr4]
                    [--trained-units HU]
+    medgen-client restore SITE_DIR --run-dir RUN --state /var/lib/medgen --out OUT_DIR   # a deployed hospital
     (also: python -m medgen.client.restore ...)
 
 RUN is a finished run of a recipe that declares the ``Restoration`` ability below
 (restore-diffusion, blind-denoise): config.toml + checkpoint.pt (its final shared weights)
-as `medgen-server` writes them. ``--site`` is the site these scans come from (the model is
-conditioned on it). SITE_DIR is a site folder (images/, dataset.toml; docs/data-layout.md)
+as `medgen-server` writes them (in a deployment the coordinator hands its run folder's
+config.toml, checkpoint.pt and DONE to the hospitals: DP releases, no patient data).
+``--site`` is the site these scans come from (the model is conditioned on it). ``--state``
+is a deployed hospital's node folder (``medgen-client --state``): its node-config.toml
+names the site (the default for ``--site``) and the data folder the node trained on, whose
+dataset.toml the input must match (a deployed run's config names no data). SITE_DIR is a site folder (images/, dataset.toml; docs/data-layout.md)
 read exactly as training reads it (client/translate.py's ``read_site_records``: no links
 followed, the manifest's filter and checks, skipped records named on stderr); ``--series``
 restores only the records whose key starts with KEY (one series of the folder).
@@ -15,7 +20,8 @@ restores only the records whose key starts with KEY (one series of the folder).
 Refused, before anything is written, with the file/field and what to do: a run whose recipe
 cannot restore; ``--task`` other than the run's (``options.task``); inpainting (no mask
 input); a site the run does not know; data in other units than the run trained on (the
-run's site manifest under its data-root, else ``--trained-units``), another modality, or
+node's training folder with ``--state``, else the run's site manifest under its
+data-root, else ``--trained-units``), another modality, or
 another CT window; a series whose in-plane grid is not the model's (image-size for
 denoising, image-size / f for xf super-resolution: a model learnt its noise and its scale
 on that grid, and resampling would change both).
@@ -40,6 +46,7 @@ import argparse
 import gzip
 import hashlib
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -85,7 +92,7 @@ class Restorer:
     """A finished run's model, bound to one site and one task."""
 
     def __init__(self, run_dir: Path, site: str, task: str | None = None,
-                 trained_units: str | None = None, seed: int = 0):
+                 trained_units: str | None = None, seed: int = 0, trained_data: Path | None = None):
         run_dir = Path(run_dir)
         if not (run_dir / "config.toml").is_file():
             raise RestoreError(f"{run_dir / 'config.toml'} does not exist: --run-dir must be a trained run")
@@ -115,7 +122,9 @@ class Restorer:
         self.model.eval()
         self.size, self.site_index, self.seed = config.image_size, list(config.site_names).index(site), seed
         self.factor = SR_FACTORS.get(self.task, 1)
-        self.trained = _trained_manifest(config, site)
+        # the folder this site's node trained on (a deployed hospital, --state), else the run's data-root
+        self.trained = site_manifest(trained_data) if trained_data is not None else _trained_manifest(config, site)
+        self.trained_from = Path(trained_data) / "dataset.toml" if trained_data is not None else run_dir
         self.trained_units = trained_units
         self.where = run_dir
 
@@ -136,8 +145,8 @@ class Restorer:
                                      self.trained.intensity.normalisation),
                                     ("[intensity] window", manifest.intensity.window, self.trained.intensity.window)):
             if ours != theirs:
-                raise RestoreError(f"{toml}: {field} = {ours!r}, but the run trained on {theirs!r}; "
-                                   f"restore with a run trained on such data")
+                raise RestoreError(f"{toml}: {field} = {ours!r}, but the run trained on {theirs!r} "
+                                   f"({self.trained_from}); restore with a run trained on such data")
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Measurements [N,1,s,s] in [-1, 1] -> restored [N,1,S,S] (S = s x factor)."""
@@ -154,6 +163,25 @@ def _trained_manifest(config: RunConfig, site: str) -> DatasetManifest | None:
         return None
     site_dir = root / "sites" / site
     return site_manifest(site_dir, root=root) if site_dir.is_dir() else site_manifest(root, root=root)
+
+
+def node_training(state_dir: Path) -> tuple[str, Path]:
+    """(site, training data folder) of the deployed hospital node whose ``--state`` is
+    ``state_dir``, from the node-config.toml medgen-client wrote there (client/cli.py)."""
+    path = Path(state_dir) / "node-config.toml"
+    if not path.is_file():
+        raise RestoreError(f"{path} does not exist: --state must be the folder this hospital's "
+                           "`medgen-client --state` used (it holds node-config.toml)")
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise RestoreError(f"{path} is not valid TOML ({err}); start the node once with medgen-client "
+                           "to rewrite it") from None
+    missing = [key for key in ("site", "data-dir") if not isinstance(values.get(key), str)]
+    if missing:
+        raise RestoreError(f"{path} has no {' or '.join(missing)}; start the node once with "
+                           "medgen-client to rewrite it, or pass --site and --trained-units")
+    return values["site"], Path(values["data-dir"])
 
 
 def restore_record(record: SiteRecord, restorer: Restorer) -> np.ndarray:
@@ -267,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("site_dir", type=Path, help="the site folder (images/, dataset.toml) to restore")
     parser.add_argument("--run-dir", type=Path, required=True, help="a finished restore-diffusion/blind-denoise run")
-    parser.add_argument("--site", required=True, help="the site these scans come from (the model's site id)")
+    parser.add_argument("--site", help="the site these scans come from (the model's site id); "
+                        "default: the node's site, with --state")
+    parser.add_argument("--state", type=Path, help="this hospital's node folder (medgen-client --state): "
+                        "the site and the training data's dataset.toml come from its node-config.toml")
     parser.add_argument("--out", type=Path, required=True, help="new output folder (must not exist)")
     parser.add_argument("--series", help="restore only the records whose key starts with this")
     parser.add_argument("--task", choices=RESTORABLE, help="what you expect the run to do (checked)")
@@ -279,9 +310,15 @@ def main(argv: list[str] | None = None) -> int:
             raise RestoreError(f"input {args.site_dir} does not exist or is not a site folder")
         if args.out.exists():
             raise RestoreError(f"{args.out} exists; medgen restore never overwrites: choose a new --out")
-        restorer = Restorer(args.run_dir, args.site, args.task, args.trained_units)
+        site, trained_data = node_training(args.state) if args.state is not None else (args.site, None)
+        if args.site is not None and args.site != site:
+            raise RestoreError(f"--site {args.site}, but {args.state}/node-config.toml is site {site}; "
+                               "leave --site out or pass the node's own --state")
+        if site is None:
+            raise RestoreError("--site or --state is required: which site these scans come from")
+        restorer = Restorer(args.run_dir, site, args.task, args.trained_units, trained_data=trained_data)
         written = restore_site(args.site_dir, args.out, restorer, args.series)
-        print(f"restored ({restorer.task}) {len(written)} record(s) of site {args.site} into {args.out}")
+        print(f"restored ({restorer.task}) {len(written)} record(s) of site {site} into {args.out}")
     except (RestoreError, ValueError) as err:
         print(f"medgen restore: {err}", file=sys.stderr)
         return 2
