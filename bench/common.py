@@ -14,8 +14,34 @@ import torch
 
 import medgen
 from medgen.atomic import atomic_write_json
+from medgen.config import RunConfig
+from medgen.privacy.ledger import PrivacyLedger
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: the non-private ceiling of a recipe: the SAME run (recipe, rounds, steps, batch, clip
+#: bound, DP-SGD code path) at this epsilon with the RDP accountant: noise multiplier ~5e-4
+#: against ~1 at epsilon 10, i.e. no noise to speak of; per-patient clipping is kept (the
+#: product has no switch that turns DP-SGD off, by design). As bench/da_gan.py --noise-free.
+NOISE_FREE_EPSILON = 1e8
+NOISE_FREE_ARM = "non_private_ceiling"
+
+
+def noise_free(config: RunConfig) -> RunConfig:
+    """``config`` as its non-private ceiling arm (NOISE_FREE_EPSILON, RDP; all else equal)."""
+    return config.replace(target_epsilon=NOISE_FREE_EPSILON, accountant="rdp")
+
+
+def privacy_record(state_root: str | Path) -> dict[str, dict]:
+    """What each site's ledger under ``state_root`` planned and spent: the arm's own proof of
+    its noise (the ceiling arm's noise multiplier is ~0, a private arm's is ~1)."""
+    out = {}
+    for path in sorted(Path(state_root).rglob("privacy_ledger.json")):
+        ledger = PrivacyLedger.open(path, site=path.parent.name)
+        plan = ledger.plan
+        out[ledger.site] = {"noise_multiplier": plan.noise_multiplier, "max_grad_norm": plan.max_grad_norm,
+                            "target_epsilon": plan.target_epsilon, "accountant": plan.accountant,
+                            "epsilon_spent": ledger.spent_epsilon(), "unit": plan.unit}
+    return out
 
 
 def machine() -> dict:

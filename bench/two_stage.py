@@ -10,7 +10,9 @@ the public bank's maps (TSTR; docs/recipes/two-stage.md).
 3. TSTR: a segmenter trained ONLY on synthetic pairs for site A, (a) maps from M
    (``sample_pairs``: noise alone) and (b) the same G on public-bank maps, both with the
    same trained model; Dice per tissue on site A's held-out test images (real, never used
-   in training). The non-private ceiling: the segmenter trained on site A's real pairs.
+   in training). Two ceilings: the recipe's non-private ceiling (the same run at epsilon 1e8,
+   bench/common.py ``noise_free``: noise ~0, clipping kept; TSTR of both map sources) and
+   the real-data ceiling (the segmenter trained on site A's real pairs).
    Each arm's segmenter is trained with ``--seg-seeds`` seeds (mean and each).
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import write_result
+from bench.common import NOISE_FREE_ARM, noise_free, write_result
 from bench.redgan import train
 from medgen.config import RunConfig
 from medgen.data.heldout_data import load_heldout
@@ -76,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         return {"mean_tissue_dice": float(np.mean(list(per_class.values()))), "per_class": per_class,
                 "mean_tissue_dice_per_seed": [float(np.mean(list(r.values()))) for r in runs]}
 
-    recipe, model, facts = train(config)
-    gen = torch.Generator().manual_seed(1)
-    fake_gen, maps_gen = recipe.sample_pairs(model, args.synthetic, 0, gen)
-    maps_pub = public[torch.randint(0, public.shape[0], (args.synthetic,), generator=gen)]
-    fake_pub = recipe.sample(model, maps_pub, 0, gen).cpu()
+    def synthetic(config: RunConfig) -> tuple:
+        recipe, model, facts = train(config)
+        gen = torch.Generator().manual_seed(1)
+        fake_gen, maps_gen = recipe.sample_pairs(model, args.synthetic, 0, gen)
+        maps_pub = public[torch.randint(0, public.shape[0], (args.synthetic,), generator=gen)]
+        return facts, fake_gen.cpu(), maps_gen, recipe.sample(model, maps_pub, 0, gen).cpu(), maps_pub
+
+    facts, fake_gen, maps_gen, fake_pub, maps_pub = synthetic(config)
     result = {"federation": sim.to_dict(), "site": "A", "real_pairs": int(site.images.shape[0]),
               "test_images": int(test.images.shape[0]), "synthetic_pairs": args.synthetic,
               "training": facts, "seg_steps": args.seg_steps, "seg_seeds": args.seg_seeds,
@@ -88,10 +93,17 @@ def main(argv: list[str] | None = None) -> int:
                                   "stage1_generated": class_fractions(maps_gen, k)},
               "command": "python -m bench.two_stage " + " ".join(sys.argv[1:] if argv is None else argv),
               "arms": {}}
-    result["arms"]["tstr_generated_maps"] = tstr(fake_gen.cpu(), maps_gen)
+    result["arms"]["tstr_generated_maps"] = tstr(fake_gen, maps_gen)
     print("generated", result["arms"]["tstr_generated_maps"], flush=True)
     result["arms"]["tstr_public_maps"] = tstr(fake_pub, maps_pub)
     print("public", result["arms"]["tstr_public_maps"], flush=True)
+    ceiling = noise_free(config.replace(run_dir=str(root.parent / "ceiling"),
+                                        state_root=str(root.parent / "ceiling" / "state")))
+    facts_c, fake_gen, maps_gen, fake_pub, maps_pub = synthetic(ceiling)
+    result["arms"][NOISE_FREE_ARM] = {
+        "training": facts_c, "class_fraction_stage1_generated": class_fractions(maps_gen, k),
+        "tstr_generated_maps": tstr(fake_gen, maps_gen), "tstr_public_maps": tstr(fake_pub, maps_pub)}
+    print(NOISE_FREE_ARM, result["arms"][NOISE_FREE_ARM], flush=True)
     result["arms"]["real_ceiling_non_private"] = tstr(site.images, site.labels)
     print(result["arms"])
     write_result(NAME, result)
