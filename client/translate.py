@@ -20,9 +20,20 @@ the same map's exact inverse (data/intensity.py), so the output is in the input'
 physical units (HU for CT; outside the window a value comes back as the window's edge).
 A constant slice (dropped by training too) is passed through unchanged.
 
+Another modality out: a recipe whose translation writes another modality declares it as
+data (``translated_output`` -> ``TranslatedOutput``, models/capabilities.py: the output's
+modality, units and the fixed window its [-1, 1] stands for, and the modality it reads;
+da-gan: MR in, CT in HU out). Then the input site must be of the modality it reads, every
+slice (constant ones too: a copy would be in the input's units) is translated and mapped
+to physical values by that window's inverse (a ``WindowMap``), and the output is written
+as that modality: OUT/dataset.toml declares it (units, window normalisation), NIfTI in
+int16 HU for HU, DICOM with Modality and SOP class of that modality and RescaleType HU.
+No branch names a recipe: the declaration is the recipe's, the writing is this module's.
+
 OUT_DIR is written as a site folder of its own, built in a staging folder and renamed into
 place at the end (never half-written, never overwritten; it must not exist):
-- OUT/dataset.toml: the manifest the input was read with;
+- OUT/dataset.toml: the manifest the input was read with (a declared output: its
+  modality and intensity in place of the input's);
 - OUT/images/<subject>.nii.gz for a NIfTI/PNG record: HU as int16 with identity scaling,
   other units float32 (data/nifti_io.py); a NIfTI input's geometry is kept whole (its
   affine, qform and sform with their codes, voxel sizes and units; no free-text field
@@ -46,6 +57,7 @@ import hashlib
 import io
 import sys
 from pathlib import Path
+from dataclasses import replace
 from typing import Callable
 
 import nibabel
@@ -56,7 +68,8 @@ import torch.nn.functional as F
 
 from medgen.config import RunConfig
 from medgen.data.dicom_writer import write_physical_dicom
-from medgen.data.manifest import DatasetManifest
+from medgen.data.intensity import IntensityMap, WindowMap
+from medgen.data.manifest import DatasetManifest, IntensityPolicy
 from medgen.data.nifti_io import hu_to_int16, write_physical_nifti
 from medgen.data.preprocess import normalise, square_resize
 from medgen.data.public_bank_loader import load_public_bank
@@ -65,7 +78,7 @@ from medgen.data.site_data import site_manifest
 from medgen.data.site_folder import SiteFolder, open_regular
 from medgen.data.site_records import SiteReading, SiteRecord
 from medgen.data.staging import staged_folder
-from medgen.models.capabilities import Translation, declares
+from medgen.models.capabilities import TranslatedOutput, Translation, declares, translation_output
 from medgen.models.registry import build_recipe
 from medgen.server.checkpoint import load_checkpoint
 
@@ -104,29 +117,49 @@ class Translator:
         self.source_style = self.recipe.site_style(self.model, public, names.index(source), seed)
         self.target_style = self.recipe.site_style(self.model, public, names.index(target), seed)
         self.target = target
+        self.output = translation_output(self.recipe, names.index(target))  # None: the input's units
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.recipe.translate_images(self.model, images, self.source_style, self.target_style)
 
 
-def translate_record(record: SiteRecord, fn: ImageFn, size: int) -> np.ndarray:
+def translate_record(record: SiteRecord, fn: ImageFn, size: int,
+                     output: IntensityMap | None = None) -> np.ndarray:
     """One record's (H, W, S) physical values -> the translated physical values, same shape.
 
-    Forward and inverse are the record's own intensity map (the manifest's); constant
-    slices are returned as they are."""
+    Forward is the record's own intensity map (the manifest's). ``output`` None: the same
+    map's inverse, constant slices returned as they are. ``output`` given (a declared other
+    modality): every slice translated, mapped back by ``output``'s inverse."""
     volume, scaling = record.volume, record.scaling
     imap = scaling.intensity
     if imap is None:
         raise TranslateError(f"{record.source}: no intensity map (read without a manifest)")
     array = np.asarray(volume.array, np.float64)
-    out = array.copy()
-    if scaling.keep.any():
-        x = square_resize(normalise(array, scaling), size, volume.spacing, "image")[:, None]
+    out = array.copy() if output is None else np.empty_like(array)
+    keep = scaling.keep if output is None else np.ones(array.shape[-1], bool)
+    if keep.any():
+        x = normalise(array, scaling) if output is None else imap.forward(array)
+        x = square_resize(x, size, volume.spacing, "image")[:, None]
         y = fn(x).float().cpu()
         y = _unsquare(y, array.shape[:2], volume.spacing)  # [S_kept, H, W] in [-1, 1]
-        out[..., scaling.keep] = np.moveaxis(imap.inverse(y.numpy()), 0, -1)
+        out[..., keep] = np.moveaxis((output or imap).inverse(y.numpy()), 0, -1)
     return out
+
+
+def output_manifest(manifest: DatasetManifest, output: TranslatedOutput | None,
+                    site_dir: Path) -> DatasetManifest:
+    """The manifest of the translated folder: the input's, or (a declared output) the
+    input's with the output's modality and fixed window, checked like any dataset.toml."""
+    if output is None:
+        return manifest
+    if manifest.modality != output.reads:
+        raise TranslateError(f"{site_dir}: its dataset.toml says modality {manifest.modality}, but "
+                             f"this run translates {output.reads} to {output.modality}; give a "
+                             f"{output.reads} site folder")
+    intensity = IntensityPolicy(units=output.units, normalisation="window", window=output.window)
+    declared = replace(manifest, modality=output.modality, intensity=intensity, paired=None)
+    return DatasetManifest.from_tables(declared.to_tables(), ())  # the data model's checks
 
 
 def _unsquare(images: torch.Tensor, shape: tuple[int, int], spacing) -> torch.Tensor:
@@ -155,14 +188,18 @@ def read_site_records(site_dir: Path) -> tuple[DatasetManifest, list[SiteRecord]
     return manifest, records, [s.reason for s in reading.skipped]
 
 
-def translate_site(site_dir: Path, out: Path, fn: ImageFn, size: int, target: str) -> list[Path]:
-    """Translate every usable record of ``site_dir`` into the new site folder ``out``."""
+def translate_site(site_dir: Path, out: Path, fn: ImageFn, size: int, target: str,
+                   output: TranslatedOutput | None = None) -> list[Path]:
+    """Translate every usable record of ``site_dir`` into the new site folder ``out``;
+    ``output``: what the translation declares it writes (None: the input's modality)."""
     site_dir, out = Path(site_dir), Path(out)
     if out.exists():
         raise TranslateError(f"{out} exists; medgen translate never overwrites: choose a new --out")
     if out.resolve() == site_dir.resolve() or site_dir.resolve() in out.resolve().parents:
         raise TranslateError(f"--out {out} is inside the input site {site_dir}; choose another folder")
     manifest, records, skipped = read_site_records(site_dir)
+    manifest = output_manifest(manifest, output, site_dir)
+    window_map = None if output is None else WindowMap(*output.window, units=output.units)
     for reason in skipped:
         print(f"skipped {reason}", file=sys.stderr)
     if not records:
@@ -174,7 +211,7 @@ def translate_site(site_dir: Path, out: Path, fn: ImageFn, size: int, target: st
     with staged_folder(out) as staging:
         manifest.write(staging)
         for record in records:
-            physical = translate_record(record, fn, size)
+            physical = translate_record(record, fn, size, window_map)
             spacing = record.volume.spacing or (1.0, 1.0, 1.0)
             name = record.key.replace("#", "_")
             if record.volume.meta.get("format") == "dicom":
@@ -266,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.exists():
             raise TranslateError(f"{args.out} exists; medgen translate never overwrites: choose a new --out")
         translator = Translator(args.run_dir, args.public, args.source_site, args.target_site)
-        written = translate_site(args.site, args.out, translator, translator.size, args.target_site)
+        written = translate_site(args.site, args.out, translator, translator.size, args.target_site,
+                                 translator.output)
         print(f"translated {len(written)} record(s) from site {args.source_site} to "
               f"{args.target_site} into {args.out}")
     except (TranslateError, ValueError) as err:

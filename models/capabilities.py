@@ -8,7 +8,11 @@ need more ask for the ability, never for a recipe class:
   (privacy/audit.py) attacks it. A GAN scores with its discriminator's logit, a diffusion
   model could with its denoising loss; a recipe that declares nothing is refused there.
 - ``Translation``: a site's style and an image translated from one style to another, run
-  by whoever holds the image (``medgen translate``, client/translate.py).
+  by whoever holds the image (``medgen translate``, client/translate.py). What the output
+  IS (modality, physical units, the window that maps the network's [-1, 1] to them) is
+  data the recipe may declare with ``translated_output(target_index) ->
+  TranslatedOutput``; a recipe that declares none translates within the input's modality
+  and its output is written in the input's own units (``translation_output``).
 
 A recipe declares an ability by implementing the protocol's methods; ``require`` checks it
 on the recipe object and says what is missing.
@@ -21,6 +25,8 @@ round opens (client/app.py).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -55,6 +61,28 @@ class Translation(Protocol):
         """Images [N,1,H,W] in [-1,1] from ``source``'s style to ``target``'s."""
 
 
+@dataclass(frozen=True)
+class TranslatedOutput:
+    """What a translation's output images are, as data (no tool names a recipe).
+
+    ``modality`` (a DICOM Modality code) and ``units`` of the output; ``window`` [lo, hi] in
+    those units is the fixed map the network's [-1, 1] output stands for (lo -> -1, hi -> 1,
+    linear: the window the recipe was trained on, identical at every target site of that
+    modality). ``reads`` is the modality the translation takes as input. A fixed window
+    because an output in another modality has no input volume to borrow a scale from."""
+
+    modality: str
+    units: str
+    window: tuple[float, float]
+    reads: str
+
+    def __post_init__(self) -> None:
+        lo, hi = (float(v) for v in self.window)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"TranslatedOutput window {self.window!r} must be finite with lo < hi")
+        object.__setattr__(self, "window", (lo, hi))
+
+
 class MissingCapability(ConfigError):
     """The recipe of a run does not declare an ability a tool needs."""
 
@@ -74,6 +102,13 @@ def require(recipe: Any, capability: type[Capability], purpose: str) -> Capabili
         f"recipe {name!r} does not declare the {capability.__name__} capability "
         f"({', '.join(_methods(capability))}), which {purpose} needs; run it on a recipe that "
         f"does, or give the recipe those methods (models/capabilities.py)")
+
+
+def translation_output(recipe: Any, target_index: int) -> TranslatedOutput | None:
+    """What ``recipe`` declares its translation into site ``target_index`` writes; None (no
+    declaration) means: the input's modality, in the input's own units."""
+    declared = getattr(recipe, "translated_output", None)
+    return declared(int(target_index)) if callable(declared) else None
 
 
 def _methods(capability: type) -> list[str]:

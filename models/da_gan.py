@@ -18,6 +18,10 @@ generator the misregistration. Three networks, per record (MR x, CT y) at CT sit
 ``register = false`` is the ablation: the same G trained by plain L1 on the misaligned pair
 (and D on the unregistered pair). Design and measurements: docs/recipes/da-gan.md.
 
+Translation (models/capabilities.py): MR in, CT out. G's [-1, 1] is the CT window
+``ct-window-lo..hi`` (HU), which ``check_site`` holds every training site to, so
+``translated_output`` declares it as data and `medgen translate` writes HU, Modality CT.
+
 PRIVACY ARGUMENT (DP.md "Which networks need DP-SGD"). Unit: the patient (one dataset item,
 its CT, label map and MR together).
   1. G reads the real MR; R reads the real CT (and G's output); D reads both; the synthesis,
@@ -34,7 +38,8 @@ its CT, label map and MR together).
   3. The true deformation exists only in the simulator's held-out ground truth; nothing
      here reads it. The target site k is the training site's own id (public).
   4. Shared weights are G, R and D (DP releases, FedAvg'd). Synthesis (``synthesize``,
-     ``sample`` on public label maps) is post-processing. Returned metrics are step counts
+     ``sample`` on public label maps, ``medgen translate`` of a hospital's own MR through
+     the Translation capability) is post-processing. Returned metrics are step counts
      and wall time only: no loss on a private batch leaves the site.
 """
 
@@ -52,8 +57,9 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.func import functional_call
 
+from medgen.config import ConfigError
 from medgen.models.blocks import DownBlock, ProjectionHead
-from medgen.models.capabilities import SiteDataRefused
+from medgen.models.capabilities import SiteDataRefused, TranslatedOutput
 from medgen.models.cycle import SiteGenerator
 from medgen.models.dp_cgan import disc_loss, gen_loss
 from medgen.models.options import RecipeOptions, option
@@ -118,6 +124,14 @@ class DAGanOptions(RecipeOptions):
     smoothness_weight: float = option(1.0, at_least=0)
     integration_steps: int = option(5, at_least=0)  # DVF2DDF's scaling-and-squaring steps
     loss: str = option("nonsat", choices=("nonsat", "hinge"))
+    ct_window_lo: float = option(-1000.0, at_least=-32768)  # HU that G's -1 stands for
+    ct_window_hi: float = option(2000.0, at_most=32767)  # HU that G's +1 stands for
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ct_window_lo >= self.ct_window_hi:
+            raise ConfigError(f"options.ct-window-lo ({self.ct_window_lo:g}) must be below "
+                              f"options.ct-window-hi ({self.ct_window_hi:g})")
 
 
 # -- the objective -------------------------------------------------------------------------------
@@ -188,6 +202,13 @@ class DAGan(Recipe):
                 f"site whose dataset.toml declares [paired] modality = \"MR\" with the MR "
                 f"images in that folder (docs/data-model.md); this site serves no such pairs "
                 f"(e.g. build the head federation with --paired-sites)")
+        window = (self.options.ct_window_lo, self.options.ct_window_hi)
+        if tuple(manifest.intensity.window or ()) != window:
+            raise SiteDataRefused(
+                f"recipe {self.name!r}: this site's dataset.toml [intensity] window = "
+                f"{list(manifest.intensity.window or ())} HU differs from the run's CT window "
+                f"{list(window)} (options.ct-window-lo/hi), which translations are written in; "
+                f"set those options to the federation's window")
 
     def build(self) -> DAModel:
         o = self.options
@@ -247,6 +268,23 @@ class DAGan(Recipe):
         with self.inference(model) as device:
             site = self.site_ids(int(site_index), mr.shape[0]).to(device)
             return model.nets.gen(mr.float().to(device), site)
+
+    # -- capability: Translation (MR -> site k's CT, written in HU) ----------------------
+    def site_style(self, model: DAModel, public: Any, site_index: int, seed: int = 0) -> int:
+        """A site's style is its id: G is conditioned on the target CT site alone."""
+        if not 0 <= site_index < self.num_sites:
+            raise ValueError(f"site_index {site_index} out of range for sites {self.config.site_names}")
+        return int(site_index)
+
+    def translate_images(self, model: DAModel, images: torch.Tensor, source: int, target: int) -> torch.Tensor:
+        """MR images [N,1,H,W] in [-1, 1] -> site ``target``'s CT in its window (the source
+        site's MR scanner is implied by the image)."""
+        return self.synthesize(model, images, target)
+
+    def translated_output(self, target_index: int) -> TranslatedOutput:
+        """CT in HU through the window every training site was held to (``check_site``)."""
+        return TranslatedOutput(modality="CT", units="HU", reads=self.paired_modality,
+                                window=(self.options.ct_window_lo, self.options.ct_window_hi))
 
     def sample(self, model: DAModel, label_maps: torch.Tensor, site_index: torch.Tensor | int,
                generator: torch.Generator | None = None) -> torch.Tensor:

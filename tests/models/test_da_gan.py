@@ -9,6 +9,7 @@ misaligned pair). 16 px, 4-channel networks, few steps.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -20,9 +21,10 @@ from opacus.accountants import RDPAccountant
 from torch.utils.data import TensorDataset
 
 from medgen.config import ConfigError, RunConfig
-from medgen.data.manifest import DatasetManifest, PairedModality
+from medgen.data.manifest import DatasetManifest, IntensityPolicy, PairedModality
 from medgen.data.site_data import load_site
-from medgen.models.capabilities import SiteDataRefused, Translation, declares
+from medgen.models.capabilities import (SiteDataRefused, TranslatedOutput, Translation, declares,
+                                       translation_output)
 from medgen.models.da_gan import DAGan
 from medgen.models.recipe import RoundContext
 from medgen.models.registry import build_recipe
@@ -97,9 +99,14 @@ def test_registry_options_and_what_travels():
     model = recipe.build()
     assert {k.split(".")[1] for k in recipe.shared_keys(model)} == {"gen", "reg", "disc"}
     assert set(recipe.shared_keys(model)) == set(model.state_dict())  # every network is a DP release
-    # MR->CT writes another modality than it reads: `medgen translate` (which writes back in
-    # the input's units) must not accept it until it writes the target modality's units
-    assert not declares(recipe, Translation)
+    # MR->CT: the Translation capability, with its output declared as data (CT in HU through
+    # the CT window), so `medgen translate` writes HU (tests/client/test_translate_recipes.py)
+    assert declares(recipe, Translation)
+    assert translation_output(recipe, 1) == TranslatedOutput(modality="CT", units="HU",
+                                                              window=(-1000.0, 2000.0), reads="MR")
+    assert recipe.site_style(model, None, 1) == 1
+    with pytest.raises(ConfigError, match="ct-window-lo"):
+        build_recipe(RunConfig(recipe="da-gan", options={"ct-window-lo": 3000.0}))
     with pytest.raises(ConfigError, match="l1-weight"):
         build_recipe(RunConfig(recipe="da-gan", options={"l1-weight": -1.0}))
 
@@ -113,9 +120,15 @@ def test_refuses_a_site_without_paired_mr_before_any_budget(tmp_path):
         recipe.check_site(unpaired)
     ok = paired_data(1)
     ok.paired, ok.manifest = ok.tensors[2], DatasetManifest(
-        modality="CT", intensity=DatasetManifest.default_brain().intensity, labels=None,
-        paired=PairedModality("MR"))
+        modality="CT", intensity=IntensityPolicy(units="HU", normalisation="window", window=(-1000.0, 2000.0)),
+        labels=None, paired=PairedModality("MR"))
     recipe.check_site(ok)
+    # G's [-1, 1] is the run's CT window, which translations are written in: a site that
+    # trains on another window would make those HU wrong, so it is refused
+    ok.manifest = dataclasses.replace(ok.manifest, intensity=IntensityPolicy(
+        units="HU", normalisation="window", window=(-1024.0, 3071.0)))
+    with pytest.raises(SiteDataRefused, match="ct-window-lo/hi"):
+        recipe.check_site(ok)
 
 
 def test_every_parameter_a_real_data_term_touches_is_inside_the_private_module(monkeypatch):
