@@ -7,6 +7,8 @@
 2. Per site: ``find_control`` (contrast) from generated samples only; the disentanglement
    check along it and along 10 random unit directions, on the same z: change in contrast,
    foreground area, edge map (1 - Canny-edge Dice). Post-processing: epsilon unchanged.
+3. The same on site-gan's non-private ceiling (``non_private_ceiling``): the same training
+   at epsilon 1e8 (bench/common.py ``noise_free``: DP-SGD noise ~0, clipping kept).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import write_result
+from bench.common import NOISE_FREE_ARM, noise_free, write_result
 from bench.redgan import train
 from medgen.config import RunConfig
 from medgen.models.controls import contrast, find_control, traverse
@@ -27,6 +29,21 @@ from medgen.sim.config import SimConfig
 from medgen.sim.federation import build_federation
 
 NAME = "controls"
+
+
+def site_controls(gen: torch.nn.Module, site: int, strength: float, samples: int) -> dict:
+    """The named contrast direction against 10 random unit directions, on the same z."""
+    control = find_control(gen, site, samples=samples, generator=torch.Generator().manual_seed(site))
+    z = torch.randn(64, gen.noise_dim, generator=torch.Generator().manual_seed(100 + site))
+    named = traverse(gen, site, control.direction, z, strength)
+    dirs = torch.randn(10, gen.noise_dim, generator=torch.Generator().manual_seed(200 + site))
+    randoms = [traverse(gen, site, d / d.norm(), z, strength) for d in dirs]
+    rand = {k: float(np.mean([abs(r[k]) for r in randoms])) for k in named}
+    base = float(contrast(gen(torch.full((64,), site), z).detach()).mean())
+    return {"base_contrast": base, "named": named, "random_mean_abs": rand,
+            "contrast_ratio_named_over_random": abs(named["contrast_change"]) / max(rand["contrast_change"], 1e-9),
+            "contrast_per_edge_change": {"named": abs(named["contrast_change"]) / max(named["edge_change"], 1e-3),
+                                         "random": rand["contrast_change"] / max(rand["edge_change"], 1e-3)}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,24 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         "target-epsilon": 10.0, "accountant": "rdp", "eval-every": 0}).replace(
         run_dir=str(work / "run"), state_root=str(work / "run" / "state"))
     _, model, facts = train(config)
-    gen = model.gen.eval()
+    _, ceiling, ceiling_facts = train(noise_free(config.replace(
+        run_dir=str(work / "ceiling"), state_root=str(work / "ceiling" / "state"))))
     result = {"federation": sim.to_dict(), "training": facts, "strength": args.strength,
               "command": "python -m bench.controls " + " ".join(sys.argv[1:] if argv is None else argv),
-              "sites": {}}
+              "sites": {}, NOISE_FREE_ARM: {"training": ceiling_facts, "sites": {}}}
     for site in range(2):
-        control = find_control(gen, site, samples=args.samples, generator=torch.Generator().manual_seed(site))
-        z = torch.randn(64, gen.noise_dim, generator=torch.Generator().manual_seed(100 + site))
-        named = traverse(gen, site, control.direction, z, args.strength)
-        dirs = torch.randn(10, gen.noise_dim, generator=torch.Generator().manual_seed(200 + site))
-        randoms = [traverse(gen, site, d / d.norm(), z, args.strength) for d in dirs]
-        rand = {k: float(np.mean([abs(r[k]) for r in randoms])) for k in named}
-        base = float(contrast(gen(torch.full((64,), site), z).detach()).mean())
-        result["sites"]["AB"[site]] = {
-            "base_contrast": base, "named": named, "random_mean_abs": rand,
-            "contrast_ratio_named_over_random": abs(named["contrast_change"]) / max(rand["contrast_change"], 1e-9),
-            "contrast_per_edge_change": {"named": abs(named["contrast_change"]) / max(named["edge_change"], 1e-3),
-                                         "random": rand["contrast_change"] / max(rand["edge_change"], 1e-3)}}
-        print("AB"[site], result["sites"]["AB"[site]], flush=True)
+        result["sites"]["AB"[site]] = site_controls(model.gen.eval(), site, args.strength, args.samples)
+        result[NOISE_FREE_ARM]["sites"]["AB"[site]] = site_controls(ceiling.gen.eval(), site, args.strength,
+                                                                    args.samples)
+        print("AB"[site], result["sites"]["AB"[site]], result[NOISE_FREE_ARM]["sites"]["AB"[site]], flush=True)
     write_result(NAME, result)
     return 0
 

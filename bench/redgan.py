@@ -7,7 +7,9 @@ synthetic pairs improves that class's Dice (docs/recipes/red-gan.md).
    25-45 mm across: 4-7 pixels at 6.25 mm/pixel, so the rare class is measurable at this
    size; 80 held-out test images at site A).
 2. Train red-gan (and the ablation, seg-weight 0 = dp-cgan) through the product's
-   in-process rounds at epsilon 10 per site (RDP), rare-class lesion.
+   in-process rounds at epsilon 10 per site (RDP), rare-class lesion; and red-gan's
+   non-private ceiling: the same run at epsilon 1e8 (bench/common.py ``noise_free``: noise
+   multiplier ~5e-4, per-patient clipping kept; each arm records its ledgers' plans).
 3. A downstream segmenter trained on site A's real pairs, against one trained on them plus
    synthetic pairs G(lesion-holding public maps, site A); lesion Dice on site A's held-out
    test images (real, never used in training or selection), pooled over the test set;
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import write_result
+from bench.common import NOISE_FREE_ARM, noise_free, privacy_record, write_result
 from medgen.client.simulated_site import simulated_sites
 from medgen.config import RunConfig
 from medgen.data.heldout_data import load_heldout
@@ -52,7 +54,8 @@ def train(config: RunConfig) -> tuple[object, torch.nn.Module, dict]:
     shared = runner.run(initial, config.num_rounds)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in shared.items()}, strict=False)
     return recipe, model, {"seconds": time.perf_counter() - start,
-                           "max_epsilon": max(r.metrics.get("epsilon", 0.0) for r in runner.results)}
+                           "max_epsilon": max(r.metrics.get("epsilon", 0.0) for r in runner.results),
+                           "privacy": privacy_record(config.state_root)}
 
 
 def class_dice(pred: torch.Tensor, truth: torch.Tensor, index: int) -> float:
@@ -107,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python -m bench.redgan " + " ".join(sys.argv[1:] if argv is None else argv), "arms": {}}
     result["arms"]["real_only"] = lesion_dice(site.images, site.labels)
     print("real_only", result["arms"]["real_only"], flush=True)
-    for arm, options in (("red_gan", {}), ("dp_cgan_ablation", {"seg-weight": 0.0})):
+    arms = (("red_gan", {}, False), ("dp_cgan_ablation", {"seg-weight": 0.0}, False),
+            (f"red_gan_{NOISE_FREE_ARM}", {}, True))
+    for arm, options, ceiling in arms:
         config = base.replace(options={**base.options, **options}, run_dir=str(root.parent / arm), state_root=str(root.parent / arm / "state"))
+        config = noise_free(config) if ceiling else config
         recipe, model, facts = train(config)
         gen = torch.Generator().manual_seed(1)
         maps = lesion_maps[torch.randint(0, lesion_maps.shape[0], (args.synthetic,), generator=gen)]
