@@ -19,7 +19,9 @@ in its ledger (docs/evaluation.md, "Federated evaluation").
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import io
 import json
 import os
 import signal
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from medgen.deploy.launch import FlwrClient, OwnedProcess, ServerState, flower_env, wait_for_port
+from medgen.deploy.launch import FlwrClient, OwnedProcess, ServerState, wait_for_port
 from medgen.server.simulate import free_port
 
 pytestmark = pytest.mark.slow
@@ -70,12 +72,21 @@ def _cli(name: str, *args: str) -> list[str]:
     return [str(BIN / name), *map(str, args)]
 
 
-def _run(command: list[str], timeout: float = 600) -> str:  # medgen-server imports torch: minutes on a shared host
-    import subprocess
+def _medgen_server(*args: str) -> str:
+    """``medgen-server ARGS`` for the set-up commands (pki, register-node), in this process:
+    the same ``main`` and argument parsing as the console script, without a Python start
+    that imports torch (~6 s of CPU each, 9 of them before the first test). The server,
+    the hospitals and the runs stay real processes."""
+    from medgen.server.cli import main
 
-    done = subprocess.run(command, env=flower_env(), capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{command[:3]} failed: {done.stdout}\n{done.stderr}"
-    return done.stdout
+    printed, sigterm = io.StringIO(), signal.getsignal(signal.SIGTERM)
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            code = main([str(a) for a in args])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)  # main() turns SIGTERM into SystemExit
+    assert code == 0, f"medgen-server {' '.join(map(str, args[:2]))} failed: {printed.getvalue()}"
+    return printed.getvalue()
 
 
 def _wait(predicate, timeout: float, what: str, processes=()) -> None:
@@ -154,17 +165,16 @@ def federation(tmp_path_factory):
                                heldout_fit=2, heldout_test=2, image_size=32), data)
     pki, keys = root / "pki", root / "keys"
     # docs/deployment.md, coordinator step 1 and hospital step 1
-    _run(_cli("medgen-server", "pki", "ca", "--out", pki / "ca"))
-    _run(_cli("medgen-server", "pki", "server-cert", "--ca", pki / "ca", "--out", pki / "server",
-              "--host", "localhost", "--host", "127.0.0.1"))
+    _medgen_server("pki", "ca", "--out", pki / "ca")
+    _medgen_server("pki", "server-cert", "--ca", pki / "ca", "--out", pki / "server",
+                   "--host", "localhost", "--host", "127.0.0.1")
     for name in [f"site-{s}" for s in SITES] + ["intruder"]:
-        _run(_cli("medgen-server", "pki", "node-key", "--out", keys, "--name", name))
+        _medgen_server("pki", "node-key", "--out", keys, "--name", name)
     fed = Federation(root, data, pki, keys, ServerState(root / "server-state"), free_port())
     try:
         fed.start_server()
         for site in SITES:
-            _run(_cli("medgen-server", "register-node", keys / f"site-{site}.pub",
-                      "--state", fed.state.root))
+            _medgen_server("register-node", keys / f"site-{site}.pub", "--state", fed.state.root)
         yield fed
     finally:
         fed.stop_all()
