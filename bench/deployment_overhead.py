@@ -24,24 +24,35 @@ separately, per component:
   spawning, transport, and the sites competing for the same cores.
 
 Round time = the interval between consecutive train records in metrics.jsonl (round 1:
-from submission). Run by hand: ``.venv/bin/python -m bench.deployment_overhead``
+from submission). ``flower_timeline`` (bench/flower_timeline.py) splits each deployed round
+along the message's path from Flower's own log timestamps (every process runs with
+``FLWR_LOG_LEVEL=DEBUG``, which adds them): the SuperNode's idle pull wait, the SuperExec
+poll + flwr-clientapp start + imports, the ClientApp's run (warm: forward + the trainer's
+round), the SuperNode's reply wait, the ServerApp's reply-poll wait. ``cpu_s``: CPU seconds
+of all the engine's processes (/proc, sampled), per steady round: on a loaded machine the
+wall times stretch, the CPU less so. Run by hand:
+``nice -n 5 .venv/bin/python -m bench.deployment_overhead [--rounds 4] [--trainers warm]``
 -> bench/results/deployment_overhead.json. The machine is shared: the load average at
 start and end is recorded, absolute numbers move with it, the differences less so.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
 
 from bench.common import write_result
+from bench.flower_timeline import ProcessCPU, round_breakdown, summary
 from medgen.config import RunConfig
 from medgen.deploy import pki
 from medgen.deploy.launch import (FlwrClient, OwnedProcess, ServerCerts, ServerState, control_address,
@@ -49,7 +60,8 @@ from medgen.deploy.launch import (FlwrClient, OwnedProcess, ServerCerts, ServerS
 from medgen.server.run_log import read_metrics
 from medgen.server.simulate import free_port, run_simulation, write_app_dir
 
-ROUNDS, SITES = 3, ("A", "B")
+ROUNDS, SITES = 4, ("A", "B")
+MARKER = "MEDGEN_BENCH_PROCESS_MARK"  # in every engine process's environment (ProcessCPU)
 OPTIONS = {"gen-width": 4, "disc-width": 4, "noise-dim": 8, "spade-hidden": 4}
 FLOWER_RUNTIME = "import flwr.supernode.cli.flwr_clientapp"
 PER_MESSAGE_IMPORTS = {  # what each flwr-clientapp process imports (the shim asks for client_app)
@@ -60,17 +72,28 @@ PER_MESSAGE_IMPORTS = {  # what each flwr-clientapp process imports (the shim as
 }
 
 
-def _config(data: Path, work: Path, name: str) -> RunConfig:
-    return RunConfig(recipe="dp-cgan", sites=",".join(SITES), min_sites=len(SITES), num_rounds=ROUNDS,
+def _config(data: Path, work: Path, name: str, rounds: int = ROUNDS) -> RunConfig:
+    return RunConfig(recipe="dp-cgan", sites=",".join(SITES), min_sites=len(SITES), num_rounds=rounds,
                      local_steps=2, batch_size=2, image_size=32, accountant="rdp", target_epsilon=8.0,
                      eval_every=0, round_timeout=600.0, data_root=str(data),
                      state_root=str(work / name / "state"), run_dir=str(work / name / "run"),
                      options=OPTIONS)
 
 
+def _round_ends(run_dir: Path) -> list[float]:
+    return [r["time"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
+
+
 def _round_times(run_dir: Path, started: float) -> list[float]:
-    stamps = [r["time"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
+    stamps = _round_ends(run_dir)
     return [b - a for a, b in zip([started, *stamps], stamps)]
+
+
+def _steady_cpu(cpu: ProcessCPU, ends: list[float]) -> float | None:
+    """CPU seconds of the engine's processes per steady round (rounds 2..N)."""
+    if len(ends) < 2 or cpu.at(ends[0]) is None or cpu.at(ends[-1]) is None:
+        return None
+    return (cpu.at(ends[-1]) - cpu.at(ends[0])) / (len(ends) - 1)
 
 
 def _site_seconds(run_dir: Path) -> list[float]:
@@ -80,12 +103,14 @@ def _site_seconds(run_dir: Path) -> list[float]:
 
 def run_simulated(config: RunConfig, work: Path) -> dict:
     started = time.time()
-    result = run_simulation(config, work / "sim" / "flower", progress=lambda line: None)
+    with ProcessCPU(os.environ[MARKER]) as cpu:
+        result = run_simulation(config, work / "sim" / "flower", progress=lambda line: None)
     rounds = _round_times(Path(config.run_dir), started)
-    return {"total_s": result.seconds, "round_s": rounds, "train_s": _site_seconds(Path(config.run_dir))}
+    return {"total_s": result.seconds, "round_s": rounds, "train_s": _site_seconds(Path(config.run_dir)),
+            "cpu_s_total": cpu.total(), "cpu_s_per_steady_round": _steady_cpu(cpu, _round_ends(Path(config.run_dir)))}
 
 
-def run_deployed(config: RunConfig, work: Path, trainer: str) -> dict:
+def run_deployed(config: RunConfig, work: Path, trainer: str, keep_logs: Path | None = None) -> dict:
     """The federation on the deployment engine, hospitals started with ``medgen-client
     --trainer TRAINER`` (the commands docs/deployment.md gives)."""
     from medgen.server.deploy_cli import submit_and_wait
@@ -99,6 +124,7 @@ def run_deployed(config: RunConfig, work: Path, trainer: str) -> dict:
     state.write_connection(control_address("127.0.0.1", port), certs.ca_cert)
     processes: list[OwnedProcess] = []
     timings: dict[str, float] = {}
+    cpu = ProcessCPU(os.environ[MARKER]).__enter__()
     try:
         start = time.perf_counter()
         link = OwnedProcess(superlink_command(certs, state, "127.0.0.1", port), root / "superlink.log",
@@ -124,11 +150,26 @@ def run_deployed(config: RunConfig, work: Path, trainer: str) -> dict:
         started = time.time()
         result = submit_and_wait(client, app_dir, config, timeout=1800, progress=lambda line: None)
         rounds = _round_times(Path(config.run_dir), started)
+        ends = _round_ends(Path(config.run_dir))
+        try:
+            timeline = round_breakdown(root / "superlink.log", {s: root / f"node-{s}.log" for s in SITES},
+                                       ends, started)
+        except (OSError, ValueError, KeyError) as err:  # the round times above still stand
+            timeline = [{"error": f"{type(err).__name__}: {err}"}]
+        if keep_logs is not None:
+            for log_path in [root / "superlink.log", *(root / f"node-{s}.log" for s in SITES)]:
+                target = Path(keep_logs) / trainer / log_path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log_path, target)
         return {"trainer": trainer, "total_s": result.seconds, "round_s": rounds,
-                "train_s": _site_seconds(Path(config.run_dir)), **timings}
+                "train_s": _site_seconds(Path(config.run_dir)), **timings,
+                "cpu_s_total": cpu.total(), "cpu_s_per_steady_round": _steady_cpu(cpu, ends),
+                "flower_timeline": timeline,
+                "flower_timeline_steady_median": summary(timeline[1:]) if "error" not in timeline[0] else None}
     finally:
         for process in reversed(processes):
             process.stop()
+        cpu.__exit__(None, None, None)
 
 
 def per_message_import_s(repeats: int = 2) -> dict[str, list[float]]:
@@ -203,20 +244,28 @@ def where_the_time_goes(simulated: dict, deployed: dict, components: dict) -> di
             "sites_in_parallel": len(SITES)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from medgen.sim.config import SimConfig
     from medgen.sim.federation import build_federation
 
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--trainers", nargs="+", default=["cold", "warm"], choices=("cold", "warm"))
+    parser.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the Flower logs here")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    os.environ[MARKER] = uuid.uuid4().hex
+    os.environ["FLWR_LOG_LEVEL"] = "DEBUG"  # Flower's only switch for log timestamps (flower_timeline)
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="medgen-bench-deploy-") as tmp:
         work = Path(tmp)
         data = work / "data"
         build_federation(SimConfig(seed=0, sites=",".join(SITES), subjects_per_site=6, public_size=6,
                                    heldout_fit=4, heldout_test=4, image_size=32), data)
-        simulated = run_simulated(_config(data, work, "sim"), work)
-        deployed = {trainer: run_deployed(_config(data, work, f"deploy-{trainer}"), work, trainer)
-                    for trainer in ("cold", "warm")}
+        simulated = run_simulated(_config(data, work, "sim", args.rounds), work)
+        deployed = {trainer: run_deployed(_config(data, work, f"deploy-{trainer}", args.rounds), work, trainer,
+                                          args.keep_logs)
+                    for trainer in args.trainers}
         components = {"per_message_imports_s": per_message_import_s(),
                       "data_load_s": data_load_s(_config(data, work, "deploy-warm")),
                       "aggregation_s": aggregation_s(_config(data, work, "deploy-warm"))}
@@ -224,9 +273,10 @@ def main() -> None:
               **{f"deployment_{k}": _median(v["round_s"][1:]) for k, v in deployed.items()}}
     sim_round = steady["simulation"]
     write_result("deployment_overhead", {
-        "rounds": ROUNDS, "sites": len(SITES), "image_size": 32, "local_steps": 2,
+        "command": "python -m bench.deployment_overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "rounds": args.rounds, "sites": len(SITES), "image_size": 32, "local_steps": 2,
         "transport": "127.0.0.1, TLS (federation CA), SuperNode authentication (registered ECDSA keys)",
-        "simulation": simulated, "deployment_cold": deployed["cold"], "deployment_warm": deployed["warm"],
+        "simulation": simulated, **{f"deployment_{k}": v for k, v in deployed.items()},
         "components_median_s": {"per_message_imports_s": {k: _median(v) for k, v in
                                                           components["per_message_imports_s"].items()},
                                 "data_load_s": _median(components["data_load_s"]),
