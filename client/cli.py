@@ -37,7 +37,7 @@ from medgen.client.worker_channel import TRAINER_KEY, WARM
 from medgen.client.worker_supervisor import run_node
 from medgen.config import ConfigError
 from medgen.deploy.allowlist import AllowList, AllowListError
-from medgen.deploy.launch import NodeLaunch, flower_env, node_config_toml, supernode_command
+from medgen.deploy.launch import NodeLaunch, node_config_toml, node_env, supernode_command
 
 DEFAULT_PORT = 9094
 
@@ -159,8 +159,8 @@ def start(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     if args.trainer == WARM:
-        return run_node(command, flower_env(), state)
-    os.execve(command[0], command, flower_env())
+        return run_node(command, node_env(), state)  # node_env: Flower's task poll (deploy/launch.py)
+    os.execve(command[0], command, node_env())
     return 1  # not reached
 
 

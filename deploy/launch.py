@@ -170,6 +170,22 @@ def flower_env(flwr_home: Path | None = None, base: Mapping[str, str] | None = N
     return env
 
 
+# SuperExec, which the SuperNode spawns with its own environment, asks the SuperNode's local
+# Runtime API for a ClientApp task every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower
+# 1.42's default 1.0; flwr/supercore/superexec/run_superexec.py): every round's message waited
+# up to that long before its flwr-clientapp started. 0.25 s costs a localhost HTTP call four
+# times a second and changes no guarantee (the task, its token, heartbeats, TLS and the
+# SuperNode's authentication to the SuperLink are untouched). An operator's own value wins.
+NODE_TASK_POLL_S = "0.25"
+
+
+def node_env() -> dict[str, str]:
+    """``flower_env`` for a SuperNode (and the SuperExec it spawns)."""
+    env = flower_env()
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", NODE_TASK_POLL_S)
+    return env
+
+
 class OwnedProcess:
     """A process in its own session, stopped by PID with every descendant it spawned.
 
