@@ -9,7 +9,10 @@ brain federation (2 sites), with the same target epsilon, rounds, local steps an
 The adaptive one (``options.schedule = adaptive``) also makes one Gaussian release per
 round (models/adaptive_schedule.py), planned into the SAME budget: its DP-SGD noise is
 larger (the JSON records both plans' noise multipliers). The only other difference is how
-many (free) G steps each round takes.
+many (free) G steps each round takes. Each variant also runs as its non-private ceiling
+(``<variant>_non_private_ceiling``): the same run at epsilon 1e8 (bench/common.py
+``noise_free``: DP-SGD noise ~0, clipping kept), the adaptive one with its per-round
+release at noise multiplier CEILING_WD_NOISE instead of 4 (noise off there too).
 
 Convergence is measured after every round on the global generator: the multi-scale
 Laplacian SWD (evaluation/laplacian_swd.py) between samples of each site and that site's
@@ -31,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import write_result
+from bench.common import NOISE_FREE_ARM, noise_free, privacy_record, write_result
 from medgen.client.simulated_site import simulated_sites
 from medgen.config import RunConfig
 from medgen.data.site_data import load_site
@@ -44,6 +47,10 @@ from medgen.sim.config import SimConfig
 from medgen.sim.federation import build_federation
 
 SITES = "A,B"
+CEILING_WD_NOISE = 0.05  # the adaptive ceiling's release: ~0 noise on a +-2 bounded mean
+VARIANTS = {"fixed": ({"schedule": "fixed"}, False), "adaptive": ({"schedule": "adaptive"}, False),
+            f"fixed_{NOISE_FREE_ARM}": ({"schedule": "fixed"}, True),
+            f"adaptive_{NOISE_FREE_ARM}": ({"schedule": "adaptive", "wd-noise": CEILING_WD_NOISE}, True)}
 
 
 def swd(generated: torch.Tensor, real: torch.Tensor) -> float:
@@ -131,14 +138,15 @@ def main(argv: list[str] | None = None) -> int:
                 "num-rounds": args.rounds, "local-steps": args.local_steps, "batch-size": 8, "seed": seed,
                 "target-epsilon": args.epsilon, "accountant": "rdp", "eval-every": 0})
             results = {}
-            for name in ("fixed", "adaptive"):
+            for name, (options, ceiling) in VARIANTS.items():
                 print(f"seed {seed}, {name}: training", flush=True)
                 config = base.replace(state_root=str(work / f"{seed}-{name}" / "state"),
                                       run_dir=str(work / f"{seed}-{name}" / "run"),
-                                      options={**base.options, "schedule": name})
-                results[name] = train_variant(config, tests)
+                                      options={**base.options, **options})
+                results[name] = train_variant(noise_free(config) if ceiling else config, tests)
                 ledgers = sorted((work / f"{seed}-{name}" / "state").rglob("privacy_ledger.json"))
                 results[name]["plan_site_A"] = json.loads(ledgers[0].read_text()).get("plan") if ledgers else None
+                results[name]["privacy"] = privacy_record(work / f"{seed}-{name}" / "state")
             runs[str(seed)] = {"results": results, "summary": summary(results, floor)}
         payload = {"config": {k: v for k, v in base.to_run_config().items() if k != "data-root"},
                    "federation": {"kind": "brain (default simulator)", "sites": SITES,

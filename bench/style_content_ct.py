@@ -22,6 +22,10 @@ metrics' real set), so no image is compared with itself. Baseline rows: the unto
 content CTs (identity) against each site's reference third (for their own site: the
 real-vs-real floor). Rows "site code s": G on random-contrast renderings of public label
 maps with site s's learnt style code (the style D taught, without the style encoder).
+
+The non-private ceiling (``rows_non_private_ceiling``, unless ``--no-ceiling``): the same
+training at epsilon 1e8 (bench/common.py ``noise_free``: DP-SGD noise ~0, per-patient
+clipping kept), measured on the same parts: is it DP or the design?
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import write_result
+from bench.common import NOISE_FREE_ARM, noise_free, privacy_record, write_result
 from medgen.client.simulated_site import simulated_sites
 from medgen.config import RunConfig
 from medgen.data.manifest import load_manifest
@@ -72,8 +76,26 @@ def train(config: RunConfig) -> tuple:
         f"  round {r}/{config.num_rounds}: max eps {runner.results[-1].metrics.get('epsilon', 0):.2f}", flush=True))
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in shared.items()}, strict=False)
     info = {"seconds": time.perf_counter() - start,
-            "max_epsilon": max(r.metrics.get("epsilon", 0.0) for r in runner.results)}
+            "max_epsilon": max(r.metrics.get("epsilon", 0.0) for r in runner.results),
+            "privacy": privacy_record(config.state_root)}
     return recipe, model, info
+
+
+def measure(recipe, model, parts: dict, maps: torch.Tensor) -> dict:
+    """Every row of the module docstring for one trained model, on the same held-out parts."""
+    rows = {}
+    for c, (content, _, _) in parts.items():
+        rows[f"identity {c}"] = {f"vs_real_{t}": texture(content, parts[t][2]) for t in parts}
+        for s, (_, style, _) in parts.items():
+            out = recipe.transfer(model, content, style)
+            rows[f"content {c} x style {s}"] = {
+                **{f"vs_real_{t}": texture(out, parts[t][2]) for t in parts},
+                "content_edge_l1": float(content_loss(out, content).mean()),
+                "chance_edge_l1": float(content_loss(out, torch.roll(content, 1, dims=0)).mean())}
+    for index, site in enumerate(parts):  # G(public rendering, site code): the adversarially taught style
+        out = recipe.sample(model, maps, index, torch.Generator().manual_seed(index))
+        rows[f"site code {site} on public content"] = {f"vs_real_{t}": texture(out, parts[t][2]) for t in parts}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--epsilon", type=float, default=10.0)
     parser.add_argument("--data-root", type=Path)
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the non-private ceiling run")
     parser.add_argument("--name", default="style_content_ct")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -107,23 +130,19 @@ def main(argv: list[str] | None = None) -> int:
                  for s in SITES.split(",")}
         k = min(t.shape[0] for t in tests.values()) // 3  # thirds: content, style, reference
         parts = {s: (t[:k], t[k:2 * k], t[2 * k:3 * k]) for s, t in tests.items()}
-        rows = {}
-        for c, (content, _, _) in parts.items():
-            rows[f"identity {c}"] = {f"vs_real_{t}": texture(content, parts[t][2]) for t in parts}
-            for s, (_, style, _) in parts.items():
-                out = recipe.transfer(model, content, style)
-                rows[f"content {c} x style {s}"] = {
-                    **{f"vs_real_{t}": texture(out, parts[t][2]) for t in parts},
-                    "content_edge_l1": float(content_loss(out, content).mean()),
-                    "chance_edge_l1": float(content_loss(out, torch.roll(content, 1, dims=0)).mean())}
         maps = load_public_bank(root / "public", args.image_size).label_maps[:k]  # public anatomy only
-        for index, site in enumerate(parts):  # G(public rendering, site code): the adversarially taught style
-            out = recipe.sample(model, maps, index, torch.Generator().manual_seed(index))
-            rows[f"site code {site} on public content"] = {f"vs_real_{t}": texture(out, parts[t][2]) for t in parts}
+        rows = measure(recipe, model, parts, maps)
+        ceiling = {}
+        if not args.no_ceiling:
+            print(f"{NOISE_FREE_ARM}: training", flush=True)
+            c_recipe, c_model, c_info = train(noise_free(config.replace(
+                state_root=str(work / "ceiling" / "state"), run_dir=str(work / "ceiling" / "run"))))
+            ceiling = {f"training_{NOISE_FREE_ARM}": c_info,
+                       f"rows_{NOISE_FREE_ARM}": measure(c_recipe, c_model, parts, maps)}
         payload = {"config": {k: v for k, v in config.to_run_config().items() if k not in ("data-root", "state-root", "run-dir")},
                    "federation": {"kind": "head-ct", "sites": SITES, "subjects_per_site": args.subjects,
                                   "images_per_part": k},
-                   "training": info, "rows": rows}
+                   "training": info, "rows": rows, **ceiling}
         write_result(args.name, payload)
     finally:
         shutil.rmtree(work, ignore_errors=True)

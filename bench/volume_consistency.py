@@ -8,7 +8,9 @@ Both variants train through the product's rounds (server/inprocess.py: every sit
 federation built as volumes (dims = 3; CT sites A and B, HU through one window), with
 the same privacy plan (target epsilon, rounds, steps, batch: the same noise). The only
 difference is the option ``volume-disc`` (3D critic on, or off: the same generator and
-slice critic alone). Generated volumes are compared with the held-out test volumes of
+slice critic alone). ``--ceilings`` (default volume-gan) also runs those variants as their
+non-private ceiling (``<variant>_non_private_ceiling``): the same run at epsilon 1e8
+(bench/common.py ``noise_free``: DP-SGD noise ~0, clipping kept). Generated volumes are compared with the held-out test volumes of
 each site (never trained on); a second real set (the sites' training volumes) gives the
 real-vs-real floor of every distance.
 
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.common import write_result
+from bench.common import NOISE_FREE_ARM, noise_free, privacy_record, write_result
 from medgen.client.simulated_site import simulated_sites
 from medgen.config import RunConfig
 from medgen.data.site_data import load_site
@@ -107,7 +109,8 @@ def train_variant(config: RunConfig) -> tuple[torch.nn.Module, dict]:
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in shared.items()}, strict=False)
     epsilon = max(r.metrics.get("epsilon", 0.0) for r in runner.results)
     return model, {"seconds": time.perf_counter() - start, "max_epsilon": epsilon,
-                   "sites_trained": [len(r.metrics) > 0 for r in runner.results]}
+                   "sites_trained": [len(r.metrics) > 0 for r in runner.results],
+                   "privacy": privacy_record(config.state_root)}
 
 
 def real_volumes(folder: Path, size: int, depth: int, root: Path) -> torch.Tensor:
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=16)
     parser.add_argument("--epsilon", type=float, default=10.0)
     parser.add_argument("--data-root", type=Path, help="reuse a built 3D head federation")
+    parser.add_argument("--ceilings", default="volume-gan",
+                        help="comma-separated variants also run as their non-private ceiling ('' for none)")
     parser.add_argument("--name", default="volume_consistency")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # what each simulated client gets
@@ -144,12 +149,14 @@ def main(argv: list[str] | None = None) -> int:
             "num-rounds": args.rounds, "local-steps": args.local_steps, "batch-size": 8,
             "target-epsilon": args.epsilon, "accountant": "rdp", "eval-every": 0,
             "options.depth": args.depth})
-        results, variants = {}, {"volume-gan": True, "2d-only": False}
-        for name, volume_disc in variants.items():
+        results, variants = {}, {"volume-gan": (True, False), "2d-only": (False, False)}
+        for name in filter(None, args.ceilings.split(",")):
+            variants[f"{name}_{NOISE_FREE_ARM}"] = (variants[name][0], True)
+        for name, (volume_disc, ceiling) in variants.items():
             print(f"{name}: training", flush=True)
             config = base.replace(state_root=str(work / name / "state"), run_dir=str(work / name / "run"),
                                   options={**base.options, "volume-disc": volume_disc})
-            model, info = train_variant(config)
+            model, info = train_variant(noise_free(config) if ceiling else config)
             recipe, per_site = build_recipe(config), {}
             for index, site in enumerate(config.site_names):
                 test = real_volumes(root / "heldout" / "test" / site, args.image_size, args.depth, root)
