@@ -29,17 +29,26 @@ demo: $(STAMP)
 # reproduced with test_pki + tests/evaluation, each green alone), so it runs on its own (2 s).
 # Root cause still open (see the issue notes). Everything else runs in 3 pytest-xdist workers,
 # whole files per worker (module fixtures such as a small federation or a coordinator run stay
-# in one process): much of a Flower test's wall time is processes starting and waiting on each
-# other, so 3 workers on 2 cores overlap that waiting. Every server a test starts binds a free
+# in one process); 3 workers on 2 cores keep both cores busy while a Flower test's processes
+# start one after the other (the worker count was not re-measured). Every server a test starts binds a free
 # port on 127.0.0.1.
 # Order: tests/conftest.py puts the longest files first (the deployment end-to-end test, ~10
 # min of one worker) and --no-loadscope-reorder keeps that order (xdist's default reorders
 # files by their number of tests, which queued the 3-test end-to-end file near the end).
-# Cost of a Flower simulation test (a 2-site, 2-round tiny run; CPU of its whole process tree):
-# ~75 s, of which each Ray actor ~18 s (imports), the ServerApp ~13 s, Ray's own processes
-# ~9 s, SuperLink + SuperExec ~8 s, `flwr run`/`flwr log` ~4 s. Tests therefore run
-# simulate-actors=1 (tests/conftest.py): ~58 s. The harness no longer polls `flwr ls` every
-# 30 s (~2 s of CPU each: it now asks once, when the SuperLink ends the log stream).
+# Cost of a Flower simulation test (a 2-site, 2-round tiny run, simulate-actors=1 as in
+# tests/conftest.py): 69.5 s of CPU for its whole process tree (58.6 user + 10.9 sys, counted
+# by a child subreaper; /usr/bin/time on the same command reports 16.3 s: Ray's processes are
+# reparented and never reaped by it, nor by make, so `time make test`'s 21 min of user time
+# undercounts the suite). Its wall time (90 s
+# on a lightly loaded host) is processes starting, one after the other: medgen-server 6 s,
+# SuperLink + `flwr run` 5 s, SuperExec picking the run up 4 s, flwr-simulation's imports 10 s,
+# Ray 12 s, the ServerApp's set-up and round-0 evaluation 17 s while the Ray actor imports, then
+# round 1 (the actor's imports) 23 s. Polling adds at most ~5 s (SuperExec 1 s, the harness's
+# 1 s loop, `flwr log` <= 2 s; Flower's grid polls every 0.1 s): the suite is CPU-bound on 2
+# cores, so the lever is fewer process starts, not shorter polls or more workers. The
+# harness asks `flwr ls` once, when the SuperLink ends the log stream (not every 30 s).
+# tests/deploy/test_e2e.py runs its 9 set-up commands (pki, register-node) through
+# medgen.server.cli.main in the test process: ~6.7 s of CPU each as a console script.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests/deploy/test_pki.py
 	$(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=20 --ignore=tests/deploy/test_pki.py
