@@ -20,7 +20,8 @@ separately, per component:
 - ``aggregation``: ``weighted_average`` over the sites' replies on the coordinator.
 
 - ``engine``: the rest of a steady round: Flower's polling loops (the ServerApp pulls
-  replies every 3 s, an idle SuperNode pulls every 3 s, SuperExec polls every 1 s), process
+  replies every 3 s, an idle SuperNode pulls every 3 s, the SuperNode's SuperExec polls
+  every 0.25 s: medgen-client sets FLWR_SUPEREXEC_TASK_POLL_INTERVAL, Flower's default 1 s), process
   spawning, transport, and the sites competing for the same cores.
 
 Round time = the interval between consecutive train records in metrics.jsonl (round 1:
@@ -295,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
                 "Warm: it imports Flower and the lean ClientApp only and forwards the round over a Unix "
                 "socket to the hospital's long-lived trainer. Simulation keeps Ray actors alive. The "
                 "floor of a deployed round is Flower's: the ServerApp pulls replies every 3 s, an idle "
-                "SuperNode pulls messages every 3 s, SuperExec polls every 1 s, plus one fresh process "
+                "SuperNode pulls messages every 3 s, the SuperNode's SuperExec polls every 0.25 s "
+                "(medgen-client's FLWR_SUPEREXEC_TASK_POLL_INTERVAL; Flower's default 1 s), plus one fresh process "
                 "importing Flower's runtime per message. 2 shared CPU cores: read the load averages "
                 "with the times.",
     })
