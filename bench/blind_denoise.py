@@ -1,7 +1,7 @@
 """blind-denoise against a Gaussian-only denoiser and the classical denoisers, on each site's REAL noise.
 
     python -m bench.blind_denoise [--federation head-ct|brain] [--rounds 3] [--local-steps 8]
-                                  [--subjects 60] [--heldout 16] [--no-ceiling]
+                                  [--subjects 60] [--heldout 16] [--no-ceiling] [--seeds 3]
 
 Three runs of the recipe through the product's rounds (bench/restoration.py's ``train``:
 server/inprocess.py, every site's real ``train_round``, ledger and DP-SGD):
@@ -13,7 +13,10 @@ server/inprocess.py, every site's real ``train_round``, ledger and DP-SGD):
 Every method then denoises the held-out split's noisy scans (the site's real scanner noise,
 never a synthetic degradation) and is scored against their clean twins (evaluation/
 restoration.py ``evaluate_real_noise``: PSNR/SSIM over the body, HU MAE for CT), beside
-NLM, wavelet and BM3D (if installed) told the true std. Results: bench/results/blind_denoise.json.
+NLM, wavelet and BM3D (if installed) told the true std. Every learned arm is trained and scored
+once per seed (``seed`` = 0..seeds-1: DP noise, Poisson batches, public draws, initialisation);
+per site the mean and std over seeds, and the per-seed dp - gaussian PSNR differences.
+Results: bench/results/blind_denoise.json.
 """
 
 from __future__ import annotations
@@ -50,6 +53,30 @@ def site_facts(config: RunConfig, images: int) -> dict:
     return out
 
 
+def summarise(facts: dict, seeds: list[dict], learned: list[str]) -> dict:
+    """One site over seeds: each method's mean (and std over seeds for the learned arms) and
+    the per-seed PSNR differences dp - gaussian."""
+    methods = {}
+    for name in seeds[0]:
+        runs = [s[name] for s in seeds if name in s]
+        row = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+        if name in learned:
+            row.update({f"{k}_std": float(torch.tensor([r[k] for r in runs], dtype=torch.float64).std(unbiased=False))
+                        for k in ("psnr", "ssim")}, seeds=len(runs))
+        methods[name] = row
+    classical = [m for m in methods if m not in learned and m != "identity"]
+    best = max(classical, key=lambda m: methods[m]["psnr"]) if classical else None
+    diffs = [s["dp"]["psnr"] - s["gaussian"]["psnr"] for s in seeds if "dp" in s and "gaussian" in s]
+    out = {"noise_std": facts["std"], "noise_std_units": facts["std"] * facts["units"] if facts["units"] else None,
+           "units": "HU" if facts["units"] else "normalised [-1, 1]", "methods": methods}
+    if not diffs:  # one arm alone (bench/merge_blind_denoise.py joins the arms)
+        return out
+    return {**out, "dp_minus_gaussian_psnr_db_per_seed": diffs, "dp_minus_gaussian_psnr_db": sum(diffs) / len(diffs),
+            "dp_beats_gaussian_every_seed": all(d > 0 for d in diffs),
+            "dp_minus_best_classical_psnr_db": methods["dp"]["psnr"] - methods[best]["psnr"] if best else None,
+            "best_classical": best}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--federation", default="head-ct", choices=("brain", "head-ct"))
@@ -61,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilon", type=float, default=10.0)
     parser.add_argument("--heldout", type=int, default=16, help="held-out test images per site")
     parser.add_argument("--no-ceiling", action="store_true")
+    parser.add_argument("--seeds", type=int, default=1, help="training seeds per learned arm")
+    parser.add_argument("--arms", default="", help="comma list of the arms to run (default: all; "
+                        "bench/merge_blind_denoise.py joins runs split by arm or seed)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1 "
+                        "(run seeds as parallel processes; the classical rows are scored with seed 0 only)")
     parser.add_argument("--data-root", type=Path, help="reuse a built federation")
     parser.add_argument("--name", default=NAME, help="results file bench/results/<name>.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -83,32 +115,33 @@ def main(argv: list[str] | None = None) -> int:
                     "gaussian": (args.epsilon, base.accountant, {"synth-noise": "gaussian", "gaussian-std": stds})}
         if not args.no_ceiling:
             variants["ceiling"] = (CEILING_EPSILON, CEILING_ACCOUNTANT, {})
-        models, runs = {}, {}
-        for name, (epsilon, accountant, options) in variants.items():
-            print(f"{args.federation} blind-denoise {name}: training at epsilon {epsilon:g}", flush=True)
-            config = base.replace(options={**base.options, **options}, target_epsilon=epsilon, accountant=accountant,
-                                  state_root=str(work / f"state-{name}"), run_dir=str(work / f"run-{name}"))
-            recipe, model, runs[name] = train(config)
-            models[name] = (recipe, model)
-        per_site = {}
-        for k, site in enumerate(base.site_names):
-            f = facts[site]
-            restorers = {name: learned_restorer(r, m, k, 0) for name, (r, m) in models.items()}
-            methods = evaluate_real_noise(f["noisy"], f["clean"], restorers, f["units"])
-            per_site[site] = {"noise_std": f["std"], "noise_std_units": f["std"] * f["units"] if f["units"] else None,
-                              "units": "HU" if f["units"] else "normalised [-1, 1]", "methods": methods}
-            classical = {m: v for m, v in methods.items() if m not in models}
-            best = max(classical, key=lambda m: classical[m]["psnr"])
-            per_site[site]["dp_minus_gaussian_psnr_db"] = methods["dp"]["psnr"] - methods["gaussian"]["psnr"]
-            per_site[site]["dp_minus_best_classical_psnr_db"] = methods["dp"]["psnr"] - methods[best]["psnr"]
-            print(f"  site {site} (noise std {f['std']:.4f}): " + ", ".join(
-                f"{m} {v['psnr']:.2f} dB/{v['ssim']:.3f}" + (f"/{v['mae_units']:.1f} HU" if "mae_units" in v else "")
-                for m, v in methods.items()), flush=True)
+        if args.arms:
+            variants = {k: v for k, v in variants.items() if k in args.arms.split(",")}
+        runs, per_seed = {}, []
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            models = {}
+            for name, (epsilon, accountant, options) in variants.items():
+                print(f"{args.federation} blind-denoise {name} seed {seed}: training at epsilon {epsilon:g}", flush=True)
+                config = base.replace(options={**base.options, **options}, target_epsilon=epsilon, accountant=accountant,
+                                      seed=seed, state_root=str(work / f"state-{name}-{seed}"),
+                                      run_dir=str(work / f"run-{name}-{seed}"))
+                recipe, model, runs[f"{name}-seed{seed}"] = train(config)
+                models[name] = (recipe, model)
+            per_seed.append({site: evaluate_real_noise(
+                facts[site]["noisy"], facts[site]["clean"],
+                {name: learned_restorer(r, m, k, 0) for name, (r, m) in models.items()}, facts[site]["units"],
+                skip=() if seed == 0 else ("identity", "nl_means", "wavelet", "bm3d"))
+                for k, site in enumerate(base.site_names)})
+        per_site = {site: summarise(facts[site], [s[site] for s in per_seed], list(variants)) for site in base.site_names}
+        for site, v in per_site.items():
+            print(f"  site {site} (noise std {v['noise_std']:.4f}): " + ", ".join(
+                f"{m} {r['psnr']:.2f}+-{r.get('psnr_std', 0):.2f} dB" for m, r in v["methods"].items()), flush=True)
         write_result(args.name, {"command": "python -m bench.blind_denoise " + " ".join(sys.argv[1:] if argv is None else argv),
                             "federation": args.federation,
                             "config": base.replace(target_epsilon=args.epsilon).to_run_config(),
                             "training": runs, "per_site": per_site,
-                            "unit": "one patient (one slice per simulated subject)", "accountant": base.accountant})
+                            "seeds": list(range(args.first_seed, args.first_seed + args.seeds)), "unit": "one patient (one slice per simulated subject)",
+                            "accountant": base.accountant})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -6,8 +6,10 @@ anatomy's local mean plus noise, so each record's flattest windows minus their m
 (``flat_noise_patches`` in models/degradations.py: scored on the blurred image, clipped
 windows never chosen) are samples of the site's real noise, whatever its kind (Rician,
 CT grain, sharp-kernel high-pass noise). A noise GAN learns that distribution:
-G(z, site) -> a stationary noise field (valid convolutions over white noise, so it has no
-border and any size); D(noise patch) -> a logit. Then noisy/clean pairs are SYNTHESISED:
+G(z, site) -> a stationary noise field (white noise through the site's learned k x k colouring
+kernel, a valid convolution: no border, any size; its std a separate per-site gain);
+D(noise patch) -> a logit from the patch's second-order statistics (rms and autocorrelation
+at short lags: the noise's grain). Then noisy/clean pairs are SYNTHESISED:
 clean = a random-contrast rendering of a PUBLIC label map (sim/random_contrast.py, noise
 off), noisy = clean + G's noise for the site, and a residual CNN denoiser R(noisy, site)
 learns to remove it. ``synth-noise = "gaussian"`` trains the same denoiser on white
@@ -97,16 +99,16 @@ class BlindDenoiseOptions(RecipeOptions):
     patch: int = option(4, at_least=4)                    # side of a noise window (px)
     patches_per_record: int = option(8, at_least=1)       # flat windows per patient
     flat_blur_px: float = option(2.0, at_least=0)         # blur before scoring flatness
-    noise_scale: float = option(0.02, above=0)            # G's initial std, D's input unit (network units)
-    noise_channels: int = option(4, at_least=1)
-    gen_width: int = option(16, at_least=1)
-    disc_width: int = option(4, at_least=1)          # few parameters: DP noise grows with their number
+    noise_scale: float = option(0.02, above=0)            # G's initial std, D's rms unit (network units)
+    gen_kernel: int = option(5, at_least=1)               # side of G's per-site colouring kernel (px)
+    disc_width: int = option(0, at_least=0)               # 0: D linear in its 7 features (DP noise grows with parameters)
+    denoiser_scale: float = option(0.0, at_least=0)       # the denoiser's residual/detail unit; 0: noise-scale
     site_dim: int = option(4, at_least=1)
     denoiser_width: int = option(32, at_least=1)
     denoiser_depth: int = option(5, at_least=2)
     denoiser_steps: int = option(40, at_least=0)          # public steps per round (free)
-    lr_gen: float = option(1e-3, above=0)
-    lr_disc: float = option(1e-3, above=0)
+    lr_gen: float = option(0.02, above=0)                # G has ~k*k+1 parameters per site: large steps
+    lr_disc: float = option(0.02, above=0)
     lr_denoiser: float = option(1e-3, above=0)
     beta1: float = option(0.5, at_least=0, below=1)
     beta2: float = option(0.999, at_least=0, below=1)
@@ -133,7 +135,7 @@ class BlindDenoise(Recipe):
     Options: ClassVar[type[RecipeOptions]] = BlindDenoiseOptions
     private_modules: ClassVar[tuple[str, ...]] = ("disc",)
     shared_prefixes: ClassVar[tuple[str, ...] | None] = ("gen.", "denoiser.")
-    site_indexed_keys: ClassVar[tuple[str, ...]] = ("gen.site_embed.weight", "gen.log_gain.weight",
+    site_indexed_keys: ClassVar[tuple[str, ...]] = ("gen.kernel.weight", "gen.log_gain.weight",
                                                     "denoiser.site_embed.weight")
     requires_labels: ClassVar[bool] = False
 
@@ -147,9 +149,10 @@ class BlindDenoise(Recipe):
         o = self.options
         with torch.random.fork_rng(devices=[]):  # deterministic, global RNG untouched
             torch.manual_seed(self.config.seed)
-            return BlindDenoiser(NoiseGenerator(self.num_sites, o.noise_channels, o.gen_width, o.site_dim, o.noise_scale),
+            return BlindDenoiser(NoiseGenerator(self.num_sites, o.gen_kernel, o.noise_scale),
                                  NoiseDiscriminator(o.disc_width, o.noise_scale),
-                                 Denoiser(self.num_sites, o.denoiser_width, o.denoiser_depth, o.site_dim, o.noise_scale))
+                                 Denoiser(self.num_sites, o.denoiser_width, o.denoiser_depth, o.site_dim,
+                                          o.denoiser_scale or o.noise_scale))
 
     def degradation(self, intensity: Any = None) -> Degradation:
         """The task this recipe restores (denoise), with the default noise of such data: what

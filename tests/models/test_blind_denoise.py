@@ -7,7 +7,10 @@ Mutations each test was run against (and failed under):
   or a record's loss reading another record's windows;
 - public-only updates: the denoiser's clean images taken from the private batch (its
   weights then differ between two datasets); G's step without ``assert_released``;
-- accounting: a fresh history each round (the ledger's epsilon then falls below Opacus').
+- accounting: a fresh history each round (the ledger's epsilon then falls below Opacus');
+- the noise GAN's grain: G's kernel not normalised (its std then moves with its shape), one
+  kernel for every site (site A's grain leaks into site B), D blind to the lags
+  (``LAGS = ()``: G then learns no correlation from correlated real noise).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
 from torch.utils.data import TensorDataset
@@ -27,7 +31,8 @@ from medgen.client.app import SITE_DATA_REFUSED, app
 from medgen.config import ConfigError, RunConfig
 from medgen.models.blind_denoise import BlindDenoise, record_disc_losses
 from medgen.models.capabilities import SiteDataRefused
-from medgen.models.degradations import flat_noise_patches
+from medgen.models.degradations import flat_noise_patches, gaussian_kernel
+from medgen.models.noise_gan import second_order_features
 from medgen.models.recipe import PublicData, RoundContext
 from medgen.models.registry import build_recipe
 from medgen.privacy.dp_sgd import PrivateTraining
@@ -37,7 +42,7 @@ from medgen.privacy.ledger import PrivacyPlan
 
 torch.set_num_threads(1)
 SIZE, N = 16, 6
-TINY = {"denoiser-width": 8, "denoiser-depth": 3, "denoiser-steps": 2, "gen-width": 8, "disc-width": 8}
+TINY = {"denoiser-width": 8, "denoiser-depth": 3, "denoiser-steps": 2, "gen-kernel": 3, "disc-width": 8}
 
 
 def recipe(**options) -> BlindDenoise:
@@ -84,6 +89,53 @@ def test_flat_windows_are_the_flattest_unclipped_ones_minus_their_mean():
     assert torch.equal(valid, torch.zeros(1, 2))  # all clipped: no usable window, weight 0
     with pytest.raises(ValueError, match="patches-per-record"):
         flat_noise_patches(noisy, patch=8, count=10)
+
+
+# -- the noise GAN speaks grain -------------------------------------------------------
+def lag1(x: torch.Tensor, diagonal: bool = False) -> float:
+    x = x.detach()
+    y = x[..., 1:, 1:] if diagonal else x[..., :, 1:]
+    return float((y * (x[..., :-1, :-1] if diagonal else x[..., :, :-1])).mean() / x.pow(2).mean())
+
+
+def grainy(n=N, seed=0, std=0.02) -> torch.Tensor:
+    """Flat images (0.3) plus correlated noise (white through a Gaussian of 1 px): lag-1 ~0.6."""
+    z = torch.randn(n, 1, SIZE + 6, SIZE + 6, generator=torch.Generator().manual_seed(seed))
+    noise = F.conv2d(z, gaussian_kernel(1.0))
+    return 0.3 + std * noise / noise.std()
+
+
+def test_generator_colours_white_noise_per_site_with_its_std_held_apart():
+    r = recipe(**{"gen-kernel": 3, "noise-scale": 0.02, "denoiser-scale": 0.05})
+    model = r.build()
+    assert model.gen.scale == 0.02 and model.denoiser.scale == 0.05  # two units, two options
+    with torch.no_grad():
+        model.gen.kernel.weight[1] = torch.tensor([0.0, 0, 0, 0, 1, 1, 0, 0, 0]) * 3.0  # site 1: 2-tap blur
+        model.gen.log_gain.weight[1] = 0.5
+    g = torch.Generator().manual_seed(0)
+    white = model.gen.field(64, SIZE, torch.zeros(64, dtype=torch.long), g, torch.device("cpu"))
+    grain = model.gen.field(64, SIZE, torch.ones(64, dtype=torch.long), g, torch.device("cpu"))
+    assert abs(lag1(white)) < 0.05 and abs(lag1(grain) - 0.5) < 0.05  # the kernel is the grain, per site
+    assert float(white.std()) == pytest.approx(0.02, rel=0.05)
+    assert float(grain.std()) == pytest.approx(0.02 * torch.e ** 0.5, rel=0.05)  # the gain alone sets the std
+    feats = second_order_features(grainy(n=64)[..., :4, :4] - 0.3, 0.02)
+    assert float(feats[:, 1].mean()) > 0.2 > float(second_order_features(white[..., :4, :4], 0.02)[:, 1].mean())
+
+
+def test_the_gan_learns_the_real_noise_grain_under_dp():
+    """Real records hold correlated noise (lag-1 0.77, diagonal 0.61); G starts white. 40 DP
+    steps of the GAN (D on second-order features, sigma 0.5) must bring G's correlation to the
+    real one, the diagonal too (0.63 measured; with D blind to the lags, ``LAGS = ()``, its
+    windowed rms alone still taught lag-1 0.60 but the diagonal only 0.42)."""
+    r = recipe(**{"denoiser-steps": 0, "disc-width": 0, "patch": 4, "patches-per-record": 4})
+    model, x = r.build(), grainy(n=12)
+    before = lag1(model.gen.field(32, SIZE, torch.ones(32, dtype=torch.long), torch.Generator().manual_seed(1), "cpu"))
+    private = PrivateTraining(plan(sigma=0.5, q=0.5), [], seed=0)
+    train(r, model, x, private, steps=40)
+    field = model.gen.field(32, SIZE, torch.ones(32, dtype=torch.long), torch.Generator().manual_seed(1), "cpu")
+    real = x - 0.3
+    assert abs(before) < 0.05 and lag1(field) > 0.5, (before, lag1(field))
+    assert abs(lag1(field, diagonal=True) - lag1(real, diagonal=True)) < 0.1, (lag1(field, True), lag1(real, True))
 
 
 # -- the DP argument -----------------------------------------------------------------
@@ -207,7 +259,7 @@ def test_two_flower_rounds_on_a_federation_with_an_unlabelled_site(unlabelled_fe
     trains = simulate(unlabelled_federation, tmp_path / "run",
                       ["recipe=blind-denoise", "num-rounds=2", "local-steps=2", "image-size=32", "batch-size=4",
                        "accountant=rdp", "target-epsilon=8.0", "eval-every=0", "options.denoiser-steps=2",
-                       "options.denoiser-width=8", "options.gen-width=8", "options.disc-width=8"], timeout=600)
+                       "options.denoiser-width=8", "options.gen-kernel=3", "options.disc-width=8"], timeout=600)
     assert [t["round"] for t in trains] == [1, 2]
     for site in ("A", "B"):
         eps = [t["per_site"][site]["epsilon"] for t in trains]
