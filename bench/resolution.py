@@ -221,7 +221,9 @@ def markdown_table(rows: list[dict]) -> str:
             notes.append("paired (CT, label, MR) items")
         if dp.get("process") == "shared":
             notes.append("shared process")
-        unit = f"{size}^3" if consumes_volumes(name) else f"{size} px"
+        if dp.get("includes_one_time_costs") or plain.get("includes_one_time_costs"):
+            notes.append("first case of its process: incl. one-time costs")
+        unit = f"{size}^3" if dp.get("size", plain.get("size")) == VOLUME_SIZE and name.startswith("volume") else f"{size} px"
         lines.append(f"| {name} | {unit} | {cell(dp, 'cpu_s_per_step')} | {cell(plain, 'cpu_s_per_step')} | "
                      f"{cell(dp, 'peak_rss_gib')} ({cell(dp, 'step_rss_growth_gib')}) | "
                      f"{cell(plain, 'peak_rss_gib')} | {'; '.join(notes)} |")
