@@ -84,6 +84,6 @@ def test_committed_result_has_a_noise_free_ceiling_and_private_arms(bench):
 
 def test_unistable_ceiling_is_named_and_trained_on_real_pairs():
     """unistable is public-only (epsilon 0): its ceiling is S on the sites' real pairs."""
-    result = json.loads((RESULTS / "unistable.json").read_text())
+    result = json.loads((RESULTS / "unistable_300steps.json").read_text())
     assert result["epsilon"] == 0.0 and result["real_pairs_for_ceiling"] > 0
     assert {"plain", "high_contrast", "real_pairs_non_private"} <= set(result["arms"])
