@@ -188,3 +188,35 @@ def test_wrong_runs_tasks_units_and_grids_are_refused_naming_what_to_do(runs, tm
         assert not out.exists()  # refused before anything is written
     assert "dataset.toml" in err  # the mismatch names the file and field
     assert "restore" in COMMANDS  # `medgen restore` dispatches here
+
+
+def test_a_deployed_hospital_restores_with_its_node_state_and_is_held_to_its_training_folder(runs, tmp_path, capsys):
+    """--state: the site comes from the node's node-config.toml and the input must match the
+    dataset.toml of the folder that node trained on. Mutations: ignoring the node's site (the
+    run is then asked for no site and refuses), or checking against the run's data-root instead
+    of the node's folder (the window case then passes) fail this test."""
+    clean, spacing = real_ct_hu(SIZE, 2)
+    trained = ct_site(tmp_path / "trained", np.rint(clean), spacing)  # the node's own training folder
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "node-config.toml").write_text(f'site = "B"\ndata-dir = "{trained}"\n')
+    site = ct_site(tmp_path / "site", np.rint(clean), spacing)
+    before = digests(site)
+
+    out = tmp_path / "restored"
+    assert main([str(site), "--run-dir", str(runs["denoise"]), "--state", str(state), "--out", str(out)]) == 0
+    restored, datasets = read_series(out / "images" / "patient1")
+    assert restored.shape == clean.shape and datasets[0].Modality == "CT"
+    assert digests(site) == before  # the input is never modified
+
+    soft = CT_TOML.replace("window = [-1000, 2000]", "window = [-160, 240]")
+    other = ct_site(tmp_path / "other-window", np.rint(clean), spacing, soft)
+    refusals = [([str(other), "--state", str(state)], str(trained / "dataset.toml")),  # the node's folder, named
+                ([str(site), "--state", str(state), "--site", "A"], "--site A"),
+                ([str(site), "--state", str(tmp_path / "no-such-node")], "node-config.toml")]
+    for k, (args, expected) in enumerate(refusals):
+        target = tmp_path / f"refused{k}"
+        assert main([*args, "--run-dir", str(runs["denoise"]), "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert expected in err, err
+        assert not target.exists()
