@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in range(1, args.seeds):  # the classical rows are deterministic: seed 0's
         for site in sites:
             per_seed[k][site] = {n: r for n, r in per_seed[k][site].items() if n in arms}
-    facts = site_facts(RunConfig.from_run_config(first["config"]), first["per_site"][sites[0]]["methods"]["dp" if "dp" in arms else arms[0]]["n"])
+    facts = site_facts(RunConfig.from_run_config(first["config"]), int(first["per_site"][sites[0]]["methods"]["dp" if "dp" in arms else arms[0]]["n"]))
     per_site = {site: summarise(facts[site], [s[site] for s in per_seed], arms) for site in sites}
     for site in sites:  # classical rows once (seed 0), every arm averaged over the seeds
         per_site[site]["methods"] = {**{n: per_seed[0][site][n] for n in classical}, **{
